@@ -1,0 +1,321 @@
+"""Layers shared by every mmjax model: attention, MLPs, norms, embeddings.
+
+Einsum letters:
+  B batch          T query (text) length   S key/value length
+  N query heads    K key/value heads       G query heads per kv head (N = K * G)
+  H head dim       D width                 F MLP hidden width
+  V vocabulary
+
+dtype policy: parameters are float32 (`param_dtype`); matmuls run in the
+module's `dtype` (bfloat16 on accelerators); softmax and norms run in float32.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
+`vocab`, `layers`) and the main activations carry `act_batch`, `act_len`,
+`act_embed`. Without logical-axis rules in scope these annotations do nothing.
+"""
+from collections.abc import Callable
+import math
+from typing import Any
+
+from flax import linen as nn
+from flax import struct
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+ACT_AXES = ("act_batch", "act_len", "act_embed")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+
+# cuDNN's fused attention rejects lengths such as 197 or 577 (see DESIGN.md):
+# the fused path pads both lengths to this multiple and masks the padded keys.
+CUDNN_LENGTH_MULTIPLE = 64
+
+
+def constrain(x: jax.Array) -> jax.Array:
+  """Pins a float[B, T, D] activation to the activation sharding."""
+  return nn.with_logical_constraint(x, ACT_AXES)
+
+
+def partitioned(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
+  return nn.with_logical_partitioning(init, axes)
+
+
+# ----------------------------------------------------------------------------
+# Masks.
+# ----------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Mask:
+  """What each query position may attend to; fields left None impose nothing.
+
+  Kept as a description rather than a dense array so the fused kernel can use
+  its native causal and key-length masking instead of a [B, T, S] tensor.
+  """
+
+  causal: bool = struct.field(pytree_node=False, default=False)
+  prefix_len: jax.Array | None = None  # int32[B]: bidirectional over the first prefix_len positions
+  segment_ids: jax.Array | None = None  # int32[B, T]: packed examples never attend to each other
+  kv_segment_ids: jax.Array | None = None  # int32[B, S]: defaults to segment_ids
+  kv_lengths: jax.Array | None = None  # int32[B]: keys at positions >= kv_lengths are padding
+  explicit: jax.Array | None = None  # bool[B, T, S]: anything else, e.g. a media mask
+
+  @property
+  def only_causal_and_lengths(self) -> bool:
+    return self.prefix_len is None and self.segment_ids is None and self.explicit is None
+
+  def dense(self, q_len: int, kv_len: int) -> jax.Array | None:
+    """Materialises the mask as bool[B or 1, 1, T, S], or None when it allows all."""
+    q = jnp.arange(q_len)[:, None]
+    k = jnp.arange(kv_len)[None, :]
+    parts = []
+    if self.causal:
+      allowed = k <= q
+      if self.prefix_len is not None:
+        allowed = allowed | (k < self.prefix_len[:, None, None])
+      parts.append(allowed)
+    elif self.prefix_len is not None:
+      raise ValueError("Mask.prefix_len needs causal=True: it relaxes a causal mask")
+    if self.segment_ids is not None:
+      kv_segments = self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
+      parts.append(self.segment_ids[:, :, None] == kv_segments[:, None, :])
+    if self.kv_lengths is not None:
+      parts.append(k < self.kv_lengths[:, None, None])
+    if self.explicit is not None:
+      parts.append(self.explicit)
+    if not parts:
+      return None
+    mask = parts[0]
+    for part in parts[1:]:
+      mask = mask & part
+    return jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, q_len, kv_len))[:, None]
+
+
+# ----------------------------------------------------------------------------
+# Attention kernels.
+# ----------------------------------------------------------------------------
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+  """Reference attention in plain einsums.
+
+  q: float[B, T, N, H]; k, v: float[B, S, K, H] -> float[B, T, N, H].
+  A query whose keys are all masked gets exactly zero, not a uniform average,
+  so text before any image gets nothing from cross-attention.
+  """
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  q = q.reshape(B, T, K, N // K, H)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(H)
+  allowed = mask.dense(T, S)
+  if allowed is not None:
+    allowed = allowed[:, :, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  if allowed is not None:
+    probs = probs * jnp.any(allowed, axis=-1, keepdims=True)
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
+  return out.reshape(B, T, N, H)
+
+
+def fused_attention(q, k, v, mask: Mask, implementation: str = "cudnn") -> jax.Array:
+  """`jax.nn.dot_product_attention` with lengths padded to what cuDNN accepts.
+
+  Shapes as in `xla_attention`. Padded keys are masked through
+  `key_value_seq_lengths` and padded queries are sliced off, so results equal
+  the unpadded computation. `implementation="xla"` runs the same padding on
+  any backend (the tests use it on the CPU).
+  """
+  if not mask.only_causal_and_lengths:
+    raise ValueError("fused attention takes only causal and key-length masks")
+  B, T, S = q.shape[0], q.shape[1], k.shape[1]
+  if mask.causal and T != S:
+    raise ValueError(f"fused causal attention needs equal lengths, got T={T}, S={S}")
+  pad_t = -T % CUDNN_LENGTH_MULTIPLE
+  pad_s = -S % CUDNN_LENGTH_MULTIPLE
+  kv_lengths = mask.kv_lengths
+  if pad_s and kv_lengths is None:
+    kv_lengths = jnp.full((B,), S, jnp.int32)
+  q = jnp.pad(q, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+  k = jnp.pad(k, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
+  out = jax.nn.dot_product_attention(
+      q, k, v,
+      is_causal=mask.causal,
+      key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
+      implementation=implementation)
+  return out[:, :T]
+
+
+def cudnn_qualifies(q: jax.Array, mask: Mask) -> bool:
+  """Whether the cuDNN kernel can run these shapes exactly."""
+  return (jax.default_backend() == "gpu"
+          and q.dtype in (jnp.bfloat16, jnp.float16)
+          and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+          and mask.only_causal_and_lengths)
+
+
+def dot_product_attention(q, k, v, mask: Mask, impl: str) -> jax.Array:
+  """Dispatches on `impl` ("auto" | "xla" | "cudnn"); shapes as in `xla_attention`."""
+  if impl == "xla":
+    return xla_attention(q, k, v, mask)
+  if impl == "cudnn":
+    if not cudnn_qualifies(q, mask):
+      raise ValueError(
+          "attention_impl='cudnn' needs a GPU, bfloat16/float16 compute, head dim <= 128 "
+          f"(multiple of 8) and only causal/key-length masks; got backend "
+          f"{jax.default_backend()}, {q.dtype}, head dim {q.shape[-1]}. Use 'auto'.")
+    return fused_attention(q, k, v, mask)
+  if impl == "auto":
+    if cudnn_qualifies(q, mask) and (not mask.causal or q.shape[1] == k.shape[1]):
+      return fused_attention(q, k, v, mask)
+    return xla_attention(q, k, v, mask)
+  raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+# ----------------------------------------------------------------------------
+# Rotary position embeddings (Llama's half-split convention).
+# ----------------------------------------------------------------------------
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotates x: float[B, T, N, H] by positions: int[B, T]; math in float32."""
+  H = x.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Modules.
+# ----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm over the last axis, in float32."""
+
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(x.dtype)
+
+
+def Norm(kind: str, eps: float, name: str | None = None) -> nn.Module:  # pylint: disable=invalid-name
+  """LayerNorm or RMSNorm with float32 math, scale/bias on the `embed` axis."""
+  if kind == "layernorm":
+    return nn.LayerNorm(
+        epsilon=eps, dtype=jnp.float32, name=name,
+        scale_init=partitioned(nn.initializers.ones, ("embed",)),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)))
+  if kind == "rmsnorm":
+    return RMSNorm(eps=eps, name=name)
+  raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class Attention(nn.Module):
+  """Multi-head, grouped-query or multi-query attention; self or cross.
+
+  Self-attention when `kv` is None; cross-attention (queries from x, keys and
+  values from kv) otherwise. RoPE is applied inside when `rope_theta` is set.
+  """
+
+  num_heads: int
+  num_kv_heads: int | None = None  # None: = num_heads (MHA); 1: MQA
+  head_dim: int | None = None  # None: width // num_heads
+  use_bias: bool = False
+  qk_norm: bool = False  # RMSNorm over the head dim of q and k
+  rope_theta: float | None = None  # None: the caller handles positions
+  attention_impl: str = "xla"  # or "auto", "cudnn"
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  out_init: Initializer | None = None  # None: kernel_init
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
+               mask: Mask = Mask(), positions: jax.Array | None = None,
+               kv_positions: jax.Array | None = None) -> jax.Array:
+    """x: float[B, T, D]; kv: float[B, S, Dkv]; positions: int[B, T] -> float[B, T, D]."""
+    D = x.shape[-1]
+    N = self.num_heads
+    K = self.num_kv_heads or N
+    H = self.head_dim or D // N
+    if N % K:
+      raise ValueError(f"num_heads={N} is not a multiple of num_kv_heads={K}")
+    context = x if kv is None else kv
+
+    def proj(name, heads, inputs):
+      return nn.DenseGeneral(
+          (heads, H), use_bias=self.use_bias, dtype=self.dtype, name=name,
+          kernel_init=partitioned(self.kernel_init, ("embed", "heads", "kv")),
+          bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))(inputs)
+
+    q = proj("query", N, x)
+    k = proj("key", K, context)
+    v = proj("value", K, context)
+    if self.qk_norm:
+      q = RMSNorm(name="query_norm")(q)
+      k = RMSNorm(name="key_norm")(k)
+    if self.rope_theta is not None:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      if kv_positions is None:
+        kv_positions = positions if kv is None else jnp.broadcast_to(
+            jnp.arange(context.shape[1]), context.shape[:2])
+      q = apply_rope(q, positions, self.rope_theta)
+      k = apply_rope(k, kv_positions, self.rope_theta)
+
+    out = dot_product_attention(q, k, v, mask, self.attention_impl)
+    return nn.DenseGeneral(
+        D, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
+        kernel_init=partitioned(self.out_init or self.kernel_init, ("heads", "kv", "embed")),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
+
+
+class Mlp(nn.Module):
+  """Feed-forward block: GELU variants (two matrices) or SwiGLU (three)."""
+
+  hidden_dim: int
+  activation: str = "gelu"  # or "gelu_tanh" (GPT-2), "quick_gelu" (CLIP), "swiglu" (Llama)
+  use_bias: bool = True
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  out_init: Initializer | None = None  # None: kernel_init
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: float[B, T, D] -> float[B, T, D]."""
+    D = x.shape[-1]
+
+    def dense(name, features, axes, init):
+      return nn.Dense(
+          features, use_bias=self.use_bias, dtype=self.dtype, name=name,
+          kernel_init=partitioned(init, axes),
+          bias_init=partitioned(nn.initializers.zeros, axes[-1:]))
+
+    up = dense("up", self.hidden_dim, ("embed", "mlp"), self.kernel_init)(x)
+    if self.activation == "swiglu":
+      gate = dense("gate", self.hidden_dim, ("embed", "mlp"), self.kernel_init)(x)
+      hidden = nn.silu(gate) * up
+    elif self.activation == "gelu":
+      hidden = nn.gelu(up, approximate=False)
+    elif self.activation == "gelu_tanh":
+      hidden = nn.gelu(up, approximate=True)
+    elif self.activation == "quick_gelu":
+      hidden = up * nn.sigmoid(1.702 * up)
+    else:
+      raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+    return dense("down", D, ("mlp", "embed"), self.out_init or self.kernel_init)(hidden)
