@@ -1,0 +1,189 @@
+"""Vision Transformer (Dosovitskiy et al. 2020), big_vision-style.
+
+Einsum letters as in `layers`: B batch, P patches (+1 with a cls token),
+D width. `Model(variant="B/16")` builds ViT-B with 16 px patches.
+
+Returns `(out, aux)`: out is the logits when `num_classes` is set, else the
+pooled vector; aux holds
+  "tokens":   float[B, P, D] final tokens (after the final norm),
+  "pooled":   float[B, D],
+  "block_i":  float[B, P, D] output of block i (before any final norm), so a
+              fusion model can read an earlier layer, as LLaVA does.
+"""
+import dataclasses
+import re
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+VARIANTS = {  # width, depth, mlp_dim, num_heads
+    "Ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, num_heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, num_heads=16),
+    # Tiny towers for tests and CPU configs.
+    "mu": dict(width=32, depth=2, mlp_dim=64, num_heads=2),
+    "nano": dict(width=64, depth=2, mlp_dim=128, num_heads=4),
+}
+POOLS = ("cls", "gap", "map", "none")
+
+
+def decode_variant(variant: str) -> dict:
+  """"B/16" -> the ViT-B fields with patch_size=16."""
+  match = re.fullmatch(r"(\w+)/(\d+)", variant)
+  if not match or match.group(1) not in VARIANTS:
+    raise ValueError(f"ViT variant must look like 'B/16' with a size in {sorted(VARIANTS)}, "
+                     f"got {variant!r}")
+  return {**VARIANTS[match.group(1)], "patch_size": int(match.group(2))}
+
+
+class Block(nn.Module):
+  """Pre-norm encoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  num_heads: int
+  mlp_dim: int
+  mlp_activation: str
+  norm_eps: float
+  attention_impl: str
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: float[B, P, D] -> float[B, P, D]."""
+    y = layers.Norm("layernorm", self.norm_eps, name="attn_norm")(x)
+    y = layers.Attention(
+        num_heads=self.num_heads, use_bias=True, attention_impl=self.attention_impl,
+        dtype=self.dtype, name="attn")(y)
+    x = layers.constrain(x + y.astype(x.dtype))
+    y = layers.Norm("layernorm", self.norm_eps, name="mlp_norm")(x)
+    y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, dtype=self.dtype, name="mlp")(y)
+    return layers.constrain(x + y.astype(x.dtype))
+
+
+class MapHead(nn.Module):
+  """Multihead attention pooling (big_vision's MAP): one learned probe queries the tokens."""
+
+  num_heads: int
+  mlp_dim: int
+  mlp_activation: str
+  norm_eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: float[B, P, D] -> float[B, D]."""
+    D = x.shape[-1]
+    probe = self.param("probe", layers.partitioned(nn.initializers.xavier_uniform(),
+                                                   (None, None, "embed")), (1, 1, D))
+    probe = jnp.broadcast_to(probe, (x.shape[0], 1, D)).astype(x.dtype)
+    x = layers.Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
+                         name="attn")(probe, x)
+    y = layers.Norm("layernorm", self.norm_eps, name="norm")(x)
+    x = x + layers.Mlp(self.mlp_dim, activation=self.mlp_activation, dtype=self.dtype,
+                       name="mlp")(y).astype(x.dtype)
+    return x[:, 0]
+
+
+class _Model(nn.Module):
+  """ViT encoder; build it through `Model(variant=...)`."""
+
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  num_classes: int | None = None  # None: no classification head
+  image_size: int = 224  # resolution the position embeddings are laid out for
+  pool: str = "cls"  # or "gap", "map", "none"
+  pre_norm: bool = False  # a norm before the blocks, as in CLIP
+  mlp_activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP
+  norm_eps: float = 1e-6  # HF ViT uses 1e-12, CLIP 1e-5
+  attention_impl: str = "xla"  # or "auto", "cudnn"
+  dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict]:
+    """images: float[B, H, W, 3] -> (logits float[B, C] or pooled float[B, D], aux)."""
+    if self.pool not in POOLS:
+      raise ValueError(f"ViT pool must be one of {POOLS}, got {self.pool!r}")
+    p = self.patch_size
+    if images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch size {p}")
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="embedding",
+                kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                               (None, None, None, "embed")),
+                bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(images)
+    B, gh, gw, D = x.shape
+    x = x.reshape(B, gh * gw, D)
+
+    has_cls = self.pool == "cls"
+    if has_cls:
+      cls = self.param("cls", layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, D))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)).astype(x.dtype), x], axis=1)
+    grid = self.image_size // p
+    pos = self.param("pos_embedding",
+                     layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+                     (1, int(has_cls) + grid * grid, D))
+    x = x + interpolate_positions(pos, has_cls, grid, (gh, gw)).astype(x.dtype)
+    if self.pre_norm:
+      x = layers.Norm("layernorm", self.norm_eps, name="pre_norm")(x)
+    x = layers.constrain(x)
+
+    aux = {}
+    for i in range(self.depth):
+      x = Block(self.num_heads, self.mlp_dim, self.mlp_activation, self.norm_eps,
+                self.attention_impl, self.dtype, name=f"block_{i}")(x)
+      aux[f"block_{i}"] = x
+    x = layers.Norm("layernorm", self.norm_eps, name="final_norm")(x)
+    aux["tokens"] = x
+
+    if self.pool == "cls":
+      pooled = x[:, 0]
+    elif self.pool == "gap":
+      pooled = jnp.mean(x, axis=1)
+    elif self.pool == "map":
+      pooled = MapHead(self.num_heads, self.mlp_dim, self.mlp_activation, self.norm_eps,
+                       self.dtype, name="map_head")(x)
+    else:
+      return x, aux
+    aux["pooled"] = pooled
+    if self.num_classes is None:
+      return pooled, aux
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                      kernel_init=layers.partitioned(nn.initializers.zeros, ("embed", None)),
+                      bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(pooled)
+    return logits.astype(jnp.float32), aux
+
+
+def interpolate_positions(pos: jax.Array, has_cls: bool, grid: int,
+                          target: tuple[int, int]) -> jax.Array:
+  """Resizes float[1, (1+) grid*grid, D] position embeddings to a target patch grid.
+
+  Bilinear, as DeiT/timm do when fine-tuning at another resolution; the cls
+  position (if any) is kept as is.
+  """
+  if target == (grid, grid):
+    return pos
+  cls_pos, patch_pos = pos[:, :int(has_cls)], pos[:, int(has_cls):]
+  D = pos.shape[-1]
+  patch_pos = jax.image.resize(patch_pos.reshape(1, grid, grid, D), (1, *target, D),
+                               method="bilinear")
+  return jnp.concatenate([cls_pos, patch_pos.reshape(1, target[0] * target[1], D)], axis=1)
+
+
+def Model(variant: str | None = None, num_classes: int | None = None, **overrides) -> _Model:  # pylint: disable=invalid-name
+  """ViT from a variant name ("Ti/16", "B/16", "L/14", ...) and field overrides."""
+  fields = decode_variant(variant) if variant else {}
+  fields.update(overrides)
+  known = {f.name for f in dataclasses.fields(_Model)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"unknown ViT field(s) {unknown}; known: {sorted(known - {'parent', 'name'})}")
+  return _Model(num_classes=num_classes, **fields)

@@ -1,0 +1,114 @@
+"""Tests of the ViT: parameter count, pooling, patch embedding values, resolution changes."""
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.models import vit
+
+
+def count_params(model, *inputs):
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+def test_vit_b16_parameter_count():
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  assert count_params(vit.Model("B/16", num_classes=1000), images) == 86_567_656
+
+
+@pytest.mark.parametrize("variant,width,depth", [("Ti/16", 192, 12), ("S/32", 384, 12),
+                                                 ("L/14", 1024, 24), ("H/14", 1280, 32)])
+def test_variants_decode(variant, width, depth):
+  model = vit.Model(variant)
+  assert (model.width, model.depth, model.patch_size) == (width, depth,
+                                                          int(variant.split("/")[1]))
+
+
+def test_bad_variant_and_field_errors():
+  with pytest.raises(ValueError, match="ViT variant must look like 'B/16'"):
+    vit.Model("X/16")
+  with pytest.raises(ValueError, match=r"unknown ViT field\(s\) \['widht'\]"):
+    vit.Model("B/16", widht=3)
+
+
+def tiny(**overrides):
+  return vit.Model("mu/8", image_size=32, **overrides)
+
+
+@pytest.mark.parametrize("pool,num_tokens", [("cls", 17), ("gap", 16), ("map", 16)])
+def test_pooling_shapes(pool, num_tokens):
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  model = tiny(pool=pool, num_classes=5)
+  variables = model.init(jax.random.key(1), images)
+  logits, aux = model.apply(variables, images)
+  assert logits.shape == (2, 5)
+  assert aux["tokens"].shape == (2, num_tokens, 32)
+  assert aux["pooled"].shape == (2, 32)
+  assert aux["block_1"].shape == (2, num_tokens, 32)
+  if pool == "gap":
+    np.testing.assert_allclose(aux["pooled"], aux["tokens"].mean(1), atol=1e-6)
+  if pool == "cls":
+    np.testing.assert_array_equal(aux["pooled"], aux["tokens"][:, 0])
+
+
+def test_patch_embedding_values():
+  # With no blocks, the tokens are LayerNorm(patchify(x) @ W + b + pos): computed by hand here.
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  model = vit.Model(width=8, depth=0, mlp_dim=8, num_heads=2, patch_size=8, image_size=16,
+                    pool="gap", norm_eps=1e-6)
+  variables = model.init(jax.random.key(1), images)
+  p = jax.tree.map(np.asarray, nn.unbox(variables)["params"])
+  _, aux = model.apply(variables, images)
+  x = np.asarray(images).reshape(2, 2, 8, 2, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 192)
+  tokens = x @ p["embedding"]["kernel"].reshape(192, 8) + p["embedding"]["bias"]
+  tokens = tokens + p["pos_embedding"]
+  mean, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
+  expected = (tokens - mean) / np.sqrt(var + 1e-6) * p["final_norm"]["scale"] + p[
+      "final_norm"]["bias"]
+  np.testing.assert_allclose(aux["tokens"], expected, atol=1e-5)
+
+
+def test_other_resolution_interpolates_positions():
+  model = tiny(pool="cls")
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  for size, grid in [(48, 6), (24, 3), (40, 5)]:
+    _, aux = model.apply(variables, jax.random.normal(jax.random.key(2), (2, size, size, 3)))
+    assert aux["tokens"].shape == (2, 1 + grid * grid, 32)
+    assert jnp.all(jnp.isfinite(aux["tokens"]))
+
+
+def test_interpolate_positions_values():
+  D = 4
+  pos = jnp.concatenate([jnp.full((1, 1, D), 7.0),  # cls
+                         jnp.broadcast_to(jnp.arange(D, dtype=jnp.float32), (1, 9, D))], axis=1)
+  out = vit.interpolate_positions(pos, True, 3, (5, 5))
+  assert out.shape == (1, 26, D)
+  np.testing.assert_array_equal(out[0, 0], 7.0)  # cls position untouched
+  np.testing.assert_allclose(out[0, 1:], jnp.broadcast_to(jnp.arange(D), (25, D)), atol=1e-6)
+  assert vit.interpolate_positions(pos, True, 3, (3, 3)) is pos
+
+
+def test_image_size_not_multiple_of_patch():
+  model = tiny()
+  with pytest.raises(ValueError, match="not a multiple of patch size 8"):
+    model.init(jax.random.key(0), jnp.zeros((1, 30, 30, 3)))
+
+
+def test_bf16_close_to_float32():
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  model = tiny(pool="map")
+  variables = model.init(jax.random.key(1), images)
+  out32, _ = model.apply(variables, images)
+  out16, _ = tiny(pool="map", dtype=jnp.bfloat16).apply(variables, images)
+  assert out16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=0.1, rtol=0.05)
+
+
+def test_parameters_are_float32_and_partitioned():
+  variables = tiny(pool="map", num_classes=3, dtype=jnp.bfloat16).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  leaves = jax.tree.leaves(variables, is_leaf=lambda a: isinstance(a, nn.Partitioned))
+  assert all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
+  assert all(a.value.dtype == jnp.float32 for a in leaves)
