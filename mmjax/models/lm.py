@@ -1,0 +1,244 @@
+"""Decoder-only language model: GPT-2 and Llama flavours chosen by fields.
+
+Einsum letters as in `layers`: B batch, T length, D width, V vocabulary.
+
+GPT-2: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings.
+Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied output head.
+
+`Model` is set up (not compact) because fusion models drive it piece by piece:
+`embed_tokens` -> (splice image embeddings) -> `add_positions` -> `blocks` ->
+`final_norm` -> `logits`. Fusion models hold it under the name "lm", so its
+parameters keep the plain LM's names and an LM checkpoint loads unchanged.
+
+Returns `(logits float32[B, T, V], aux)` with aux["hidden"] the final hidden
+states float[B, T, D] (after the final norm).
+"""
+import dataclasses
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+
+VARIANTS = {
+    "gpt2-124m": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "gpt2-350m": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "gpt2-774m": dict(width=1280, depth=36, num_heads=20, mlp_dim=5120),
+    # TinyLlama-1.1B's shape: the 1B-class Llama for the GPU benchmarks.
+    "llama-1b": dict(flavour="llama", width=2048, depth=22, num_heads=32, num_kv_heads=4,
+                     mlp_dim=5632, vocab_size=32000, max_len=2048),
+    # Tiny models for tests and CPU configs; byte-level vocabulary.
+    "gpt2-tiny": dict(width=64, depth=2, num_heads=4, mlp_dim=256, vocab_size=512, max_len=256),
+    "llama-tiny": dict(flavour="llama", width=64, depth=2, num_heads=4, num_kv_heads=2,
+                       mlp_dim=192, vocab_size=512, max_len=256),
+}
+
+FLAVOURS = {  # fields that a flavour sets unless overridden
+    "gpt2": dict(positions="learned", norm="layernorm", norm_eps=1e-5, mlp_activation="gelu_tanh",
+                 use_bias=True, tie_embeddings=True),
+    "llama": dict(positions="rope", norm="rmsnorm", norm_eps=1e-5, mlp_activation="swiglu",
+                  use_bias=False, tie_embeddings=False),
+}
+REMAT_POLICIES = {  # name -> jax.checkpoint policy; "none" means no remat
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Embedder(nn.Module):
+  """Token embedding table, also the output projection when tied (as in gemma)."""
+
+  vocab_size: int
+  width: int
+  dtype: jnp.dtype
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
+        (self.vocab_size, self.width), jnp.float32)
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int[B, T] -> float[B, T, D]."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def decode(self, x: jax.Array) -> jax.Array:
+    """x: float[B, T, D] -> float32[B, T, V]."""
+    return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block. Returns (x, None) so the same module can be scanned."""
+
+  num_heads: int
+  num_kv_heads: int | None
+  head_dim: int | None
+  mlp_dim: int
+  norm: str
+  norm_eps: float
+  mlp_activation: str
+  use_bias: bool
+  rope_theta: float | None
+  depth: int  # of the whole stack: scales the residual projections' init (GPT-2)
+  attention_impl: str
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: layers.Mask,
+               positions: jax.Array) -> tuple[jax.Array, None]:
+    """x: float[B, T, D]; positions: int[B, T] -> (float[B, T, D], None)."""
+    init = nn.initializers.normal(0.02)
+    residual_init = nn.initializers.normal(0.02 / (2 * self.depth) ** 0.5)
+    y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
+    y = layers.Attention(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        use_bias=self.use_bias, rope_theta=self.rope_theta, attention_impl=self.attention_impl,
+        kernel_init=init, out_init=residual_init, dtype=self.dtype, name="attn",
+    )(y, mask=mask, positions=positions)
+    x = layers.constrain(x + y.astype(x.dtype))
+    y = layers.Norm(self.norm, self.norm_eps, name="mlp_norm")(x)
+    y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=self.use_bias,
+                   kernel_init=init, out_init=residual_init, dtype=self.dtype, name="mlp")(y)
+    return layers.constrain(x + y.astype(x.dtype)), None
+
+
+class _Model(nn.Module):
+  """Decoder LM; build it through `Model(variant=...)`."""
+
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  flavour: str = "gpt2"  # or "llama"; sets the defaults of the fields below
+  vocab_size: int = 50257
+  max_len: int = 1024  # learned positions' table size; RoPE models only check it
+  num_kv_heads: int | None = None  # None: = num_heads
+  head_dim: int | None = None  # None: width // num_heads
+  positions: str = "learned"  # or "rope"
+  rope_theta: float = 10000.0
+  norm: str = "layernorm"  # or "rmsnorm"
+  norm_eps: float = 1e-5
+  mlp_activation: str = "gelu_tanh"  # or "swiglu", "gelu"
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  scan_layers: bool = False  # one scanned block (faster compiles) or depth unrolled ones
+  remat_policy: str = "none"  # or a key of REMAT_POLICIES
+  attention_impl: str = "xla"  # or "auto", "cudnn"
+  dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
+
+  def setup(self):
+    if self.positions not in ("learned", "rope"):
+      raise ValueError(f"LM positions must be 'learned' or 'rope', got {self.positions!r}")
+    if self.remat_policy != "none" and self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"LM remat_policy must be 'none' or one of {sorted(REMAT_POLICIES)}, "
+                       f"got {self.remat_policy!r}")
+    self.embedder = Embedder(self.vocab_size, self.width, self.dtype)
+    if self.positions == "learned":
+      self.pos_embedding = self.param(
+          "pos_embedding", layers.partitioned(nn.initializers.normal(0.01), (None, "embed")),
+          (self.max_len, self.width), jnp.float32)
+    block = Block
+    if self.remat_policy != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy],
+                       prevent_cse=not self.scan_layers)  # scan already stops CSE
+    block_fields = dict(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        mlp_dim=self.mlp_dim, norm=self.norm, norm_eps=self.norm_eps,
+        mlp_activation=self.mlp_activation, use_bias=self.use_bias,
+        rope_theta=self.rope_theta if self.positions == "rope" else None, depth=self.depth,
+        attention_impl=self.attention_impl, dtype=self.dtype)
+    if self.scan_layers:
+      self.scanned_blocks = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"})(**block_fields, name="blocks")
+    else:
+      self.blocks = [block(**block_fields, name=f"block_{i}") for i in range(self.depth)]
+    self.final_norm = layers.Norm(self.norm, self.norm_eps)
+    if not self.tie_embeddings:
+      self.head = nn.Dense(
+          self.vocab_size, use_bias=False, dtype=self.dtype,
+          kernel_init=layers.partitioned(nn.initializers.normal(0.02), ("embed", "vocab")))
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
+               prefix_len: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """tokens: int[B, T] -> (logits float32[B, T, V], aux).
+
+    positions: int[B, T], default 0..T-1 (packed data restarts them per example).
+    segment_ids: int[B, T], packed examples never attend to each other.
+    prefix_len: int[B], bidirectional attention over the first prefix_len tokens.
+    """
+    mask = layers.Mask(causal=True, prefix_len=prefix_len, segment_ids=segment_ids)
+    return self.from_embeddings(self.embed_tokens(tokens), mask=mask, positions=positions)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int[B, T] -> float[B, T, D], before positions are added."""
+    return self.embedder.encode(tokens)
+
+  def add_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Adds learned position embeddings (RoPE models rotate inside attention instead).
+
+    x: float[B, T, D]; positions: int[B, T] -> float[B, T, D].
+    """
+    if x.shape[1] > self.max_len:
+      raise ValueError(f"sequence length {x.shape[1]} exceeds the LM's max_len={self.max_len}")
+    if self.positions == "learned":
+      x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(x.dtype)
+    return layers.constrain(x)
+
+  def from_embeddings(self, x: jax.Array, *, mask: layers.Mask,
+                      positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """x: float[B, T, D] input embeddings -> (logits float32[B, T, V], aux)."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    x = self.add_positions(x, positions)
+    if self.scan_layers:
+      x, _ = self.scanned_blocks(x, mask, positions)
+    else:
+      for block in self.blocks:
+        x, _ = block(x, mask, positions)
+    x = self.final_norm(x)
+    return self.logits(x), {"hidden": x}
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """x: float[B, T, D] normed hidden states -> float32[B, T, V]."""
+    if self.tie_embeddings:
+      return self.embedder.decode(x)
+    return self.head(x).astype(jnp.float32)
+
+
+def Model(variant: str | None = None, **overrides) -> _Model:  # pylint: disable=invalid-name
+  """Decoder LM from a variant name ("gpt2-124m", "llama-1b", ...) and field overrides."""
+  if variant is not None and variant not in VARIANTS:
+    raise ValueError(f"unknown LM variant {variant!r}; known: {sorted(VARIANTS)}")
+  fields = dict(VARIANTS[variant]) if variant else {}
+  fields.update(overrides)
+  flavour = fields.get("flavour", "gpt2")
+  if flavour not in FLAVOURS:
+    raise ValueError(f"LM flavour must be one of {sorted(FLAVOURS)}, got {flavour!r}")
+  fields = {**FLAVOURS[flavour], **fields}
+  known = {f.name for f in dataclasses.fields(_Model)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f"unknown LM field(s) {unknown}; known: {sorted(known - {'parent', 'name'})}")
+  return _Model(**fields)
+
+
+def stack_layers(params: dict, depth: int) -> dict:
+  """Unrolled params (block_0 ... block_{depth-1}) -> scanned params (blocks, leading axis)."""
+  params = dict(params)
+  blocks = [params.pop(f"block_{i}") for i in range(depth)]
+  params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return params
+
+
+def unstack_layers(params: dict, depth: int) -> dict:
+  """Scanned params -> unrolled params; the inverse of `stack_layers`."""
+  params = dict(params)
+  blocks = params.pop("blocks")
+  for i in range(depth):
+    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  return params
