@@ -319,3 +319,27 @@ class Mlp(nn.Module):
     else:
       raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
     return dense("down", D, ("mlp", "embed"), self.out_init or self.kernel_init)(hidden)
+
+
+class Projector(nn.Module):
+  """Maps vision tokens to the LM width: Dense, then (GELU, Dense) for each extra layer.
+
+  One layer is LLaVA's "linear" projector, two its "mlp2x_gelu".
+  """
+
+  out_dim: int
+  num_layers: int = 2
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: float[..., Dv] -> float[..., D]."""
+    if self.num_layers < 1:
+      raise ValueError(f"a projector needs at least one layer, got {self.num_layers}")
+    for i in range(self.num_layers):
+      if i:
+        x = nn.gelu(x, approximate=False)
+      x = nn.Dense(self.out_dim, dtype=self.dtype, name=f"dense_{i}",
+                   kernel_init=partitioned(nn.initializers.xavier_uniform(), (None, "embed")),
+                   bias_init=partitioned(nn.initializers.zeros, ("embed",)))(x)
+    return x

@@ -1,0 +1,101 @@
+"""Early fusion (LLaVA, PaliGemma): image tokens spliced into the text sequence.
+
+Einsum letters as in `layers`: B batch, T text length, D LM width,
+I image slots per sample, P image tokens per image.
+
+images float[B, I, H, W, 3] -> ViT -> tokens of one ViT layer (cls dropped or
+not) -> projector -> float[B, I, P, D]. The text carries P placeholder tokens
+(`image_token_id`) per image; the k-th run of P placeholders in a sample
+receives image k of that sample, and every other position keeps its text
+embedding. Samples may carry zero or several images; unused image slots are
+never read. The LM then reads the sequence as text, with a causal mask, or a
+prefix-LM mask (PaliGemma) when `prefix_len` covers image + prompt.
+
+Parameters: "vit" and "lm" are exactly `vit.Model`'s and `lm.Model`'s, so
+pretrained towers load unchanged; "projector" is new.
+"""
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models import lm as lm_lib
+from mmjax.models import vit as vit_lib
+
+PROJECTORS = {"linear": 1, "mlp2x_gelu": 2}  # LLaVA's names -> number of Dense layers
+
+
+class Model(nn.Module):
+  """LLaVA-style vision-language model."""
+
+  vit: dict  # vit.Model(**vit), e.g. {"variant": "B/16", "pool": "cls"}
+  lm: dict  # lm.Model(**lm), e.g. {"variant": "gpt2-124m"}
+  image_token_id: int  # placeholder token: P of them per image in the text
+  projector: str = "mlp2x_gelu"  # or "linear"
+  vision_layer: int | None = None  # None: final normed ViT tokens; i: block i's output (-2: LLaVA)
+  drop_cls: bool = True  # drop the cls token (when the ViT has one) before projecting
+  dtype: jnp.dtype = jnp.float32  # compute dtype of both towers and the projector
+
+  def setup(self):
+    if self.projector not in PROJECTORS:
+      raise ValueError(f"projector must be one of {sorted(PROJECTORS)}, got {self.projector!r}")
+    self.vision = vit_lib.Model(**{"dtype": self.dtype, **self.vit}, name="vit")
+    self.language = lm_lib.Model(**{"dtype": self.dtype, **self.lm}, name="lm")
+    self.project = layers.Projector(self.language.width, PROJECTORS[self.projector],
+                                    dtype=self.dtype, name="projector")
+
+  def __call__(self, tokens: jax.Array, images: jax.Array | None, *,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               prefix_len: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """tokens: int[B, T]; images: float[B, I, H, W, 3] or None -> (logits float32[B, T, V], aux).
+
+    aux["img/tokens"]: float[B, I, P, D] projected image tokens.
+    """
+    x = self.language.embed_tokens(tokens)
+    aux = {}
+    if images is not None:
+      image_embeddings = self.embed_images(images)
+      aux["img/tokens"] = image_embeddings
+      x = splice(x, image_embeddings, tokens == self.image_token_id)
+    mask = layers.Mask(causal=True, prefix_len=prefix_len, segment_ids=segment_ids)
+    logits, lm_aux = self.language.from_embeddings(x, mask=mask, positions=positions)
+    return logits, {**aux, **lm_aux}
+
+  def embed_images(self, images: jax.Array) -> jax.Array:
+    """images: float[B, I, H, W, 3] -> float[B, I, P, D] in the LM width."""
+    B, I = images.shape[:2]
+    _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
+    if self.vision_layer is None:
+      tokens = vit_aux["tokens"]
+    else:
+      tokens = vit_aux[f"block_{self.vision_layer % self.vision.depth}"]
+    if self.drop_cls and self.vision.pool == "cls":
+      tokens = tokens[:, 1:]
+    embeddings = self.project(tokens)
+    return embeddings.reshape(B, I, *embeddings.shape[1:]).astype(self.dtype)
+
+
+def splice(text: jax.Array, images: jax.Array, is_placeholder: jax.Array) -> jax.Array:
+  """Writes image tokens into the placeholder positions, in order, per sample.
+
+  text: float[B, T, D]; images: float[B, I, P, D]; is_placeholder: bool[B, T] -> float[B, T, D].
+  The n-th placeholder of a sample (counting from 0) takes token n % P of image n // P.
+  """
+  B, I, P, D = images.shape
+  flat = images.reshape(B, I * P, D)
+  index = jnp.cumsum(is_placeholder, axis=1) - 1  # [B, T]
+  index = jnp.clip(index, 0, I * P - 1)  # non-placeholders read any row; it is discarded below
+  gathered = jnp.take_along_axis(flat, index[..., None], axis=1)
+  return jnp.where(is_placeholder[..., None], gathered.astype(text.dtype), text)
+
+
+def loss_weights(targets: jax.Array, weights: jax.Array, image_token_id: int) -> jax.Array:
+  """Zeroes the loss where the target is an image placeholder: int[B, T], float[B, T] -> float[B, T]."""
+  return weights * (targets != image_token_id)
+
+
+def num_image_tokens(vit_fields: dict, image_size: int, drop_cls: bool = True) -> int:
+  """P, the number of placeholders one image of image_size px needs."""
+  model = vit_lib.Model(**vit_fields)
+  grid = image_size // model.patch_size
+  return grid * grid + int(model.pool == "cls" and not drop_cls)
