@@ -1,0 +1,216 @@
+"""Deep fusion (Flamingo, Llama 3.2 Vision): gated cross-attention from text to image.
+
+Einsum letters as in `layers`: B batch, T text length, D LM width,
+I image slots per sample, R visual tokens per image (ViT patches, or
+resampler latents), S = I * R cross-attention keys.
+
+images float[B, I, H, W, 3] -> ViT -> adapter (feed-forward layers into the
+LM width) -> optional Perceiver resampler (R learned latents) -> visual tokens
+float[B, I, R, D]. They are computed from the images alone: the text never
+reaches them. Before chosen LM blocks sits a gated cross-attention block:
+
+  x = x + tanh(attn_gate) * CrossAttn(norm(x), visual) * has_media
+  x = x + tanh(mlp_gate)  * Mlp(norm(x))               * has_media
+
+The gates start at 0, so at initialisation the model IS the plain LM. Each
+image is marked in the text by one `image_token_id` token; a text position
+sees the images marked at or before it ("previous") or only the latest one
+("latest", Flamingo's choice). Rows that see no image (text before the first
+image, samples without images) get exactly zero (`has_media`), as in Llama
+3.2 Vision. Image resolution changes R, never the text length.
+
+Parameters: "vit" and "lm" are exactly `vit.Model`'s and `lm.Model`'s;
+"adapter", "resampler" and "xattn_<i>" (before LM block i) are new.
+"""
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.models import layers
+from mmjax.models import lm as lm_lib
+from mmjax.models import vit as vit_lib
+
+MEDIA_ATTENTION = ("previous", "latest")
+GATES = ("scalar", "channel")
+
+
+class PerceiverResampler(nn.Module):
+  """Flamingo's resampler: R learned latents cross-attend to [tokens; latents]."""
+
+  num_latents: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: float[B, P, D] -> float[B, R, D]."""
+    B, _, D = x.shape
+    latents = self.param("latents", layers.partitioned(nn.initializers.normal(0.02),
+                                                       (None, "embed")), (self.num_latents, D))
+    y = jnp.broadcast_to(latents, (B, self.num_latents, D)).astype(self.dtype)
+    for i in range(self.depth):
+      context = jnp.concatenate([layers.Norm("layernorm", 1e-5, name=f"context_norm_{i}")(x),
+                                 layers.Norm("layernorm", 1e-5, name=f"latent_norm_{i}")(y)],
+                                axis=1).astype(self.dtype)
+      query = layers.Norm("layernorm", 1e-5, name=f"query_norm_{i}")(y)
+      y = y + layers.Attention(num_heads=self.num_heads, dtype=self.dtype,
+                               name=f"attn_{i}")(query, context).astype(y.dtype)
+      h = layers.Norm("layernorm", 1e-5, name=f"mlp_norm_{i}")(y)
+      y = y + layers.Mlp(self.mlp_dim, activation="gelu", use_bias=False, dtype=self.dtype,
+                         name=f"mlp_{i}")(h).astype(y.dtype)
+    return layers.Norm("layernorm", 1e-5, name="final_norm")(y)
+
+
+class GatedCrossAttention(nn.Module):
+  """Text queries attend to visual keys/values; tanh gates start closed."""
+
+  num_heads: int
+  num_kv_heads: int | None
+  mlp_dim: int
+  norm: str
+  norm_eps: float
+  mlp_activation: str
+  qk_norm: bool
+  gate: str  # "scalar" or "channel"
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, visual: jax.Array, media: jax.Array) -> tuple[jax.Array, dict]:
+    """x: float[B, T, D]; visual: float[B, S, D]; media: bool[B, T, S] -> (float[B, T, D], aux)."""
+    if self.gate not in GATES:
+      raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+    D = x.shape[-1]
+    gate_shape = () if self.gate == "scalar" else (D,)
+    gate_axes = () if self.gate == "scalar" else ("embed",)
+    attn_gate = jnp.tanh(self.param("attn_gate", layers.partitioned(
+        nn.initializers.zeros, gate_axes), gate_shape))
+    mlp_gate = jnp.tanh(self.param("mlp_gate", layers.partitioned(
+        nn.initializers.zeros, gate_axes), gate_shape))
+    has_media = jnp.any(media, axis=-1, keepdims=True).astype(x.dtype)  # [B, T, 1]
+
+    y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
+    y = layers.Attention(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
+        kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="attn",
+    )(y, visual, mask=layers.Mask(explicit=media))
+    x = x + (attn_gate * y * has_media).astype(x.dtype)
+    y = layers.Norm(self.norm, self.norm_eps, name="mlp_norm")(x)
+    y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=False,
+                   kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="mlp")(y)
+    x = x + (mlp_gate * y * has_media).astype(x.dtype)
+    return layers.constrain(x), {"attn_gate": attn_gate, "mlp_gate": mlp_gate}
+
+
+class Model(nn.Module):
+  """Flamingo-style vision-language model."""
+
+  vit: dict  # vit.Model(**vit), e.g. {"variant": "B/16", "pool": "none"}
+  lm: dict  # lm.Model(**lm); must not scan its layers (cross blocks sit between them)
+  image_token_id: int  # one per image in the text, where the image appears
+  cross_layers: tuple[int, ...] = ()  # LM blocks with a cross block before them; () = every Nth
+  cross_every: int = 4  # N when cross_layers is empty: blocks N-1, 2N-1, ...
+  adapter_layers: int = 2  # Dense layers from the ViT width into the LM width
+  resampler_latents: int | None = None  # R; None: no resampler, R = number of ViT tokens
+  resampler_depth: int = 2
+  media_attention: str = "previous"  # or "latest" (Flamingo)
+  gate: str = "scalar"  # or "channel": one tanh gate per width channel
+  qk_norm: bool = False
+  cross_kv_heads: int | None = None  # None: the LM's num_kv_heads
+  dtype: jnp.dtype = jnp.float32  # compute dtype of every part
+
+  def setup(self):
+    self.vision = vit_lib.Model(**{"dtype": self.dtype, **self.vit}, name="vit")
+    self.language = lm_lib.Model(**{"dtype": self.dtype, **self.lm}, name="lm")
+    if self.language.scan_layers:
+      raise ValueError("deep fusion needs lm.scan_layers=False: cross-attention blocks sit "
+                       "between the LM blocks")
+    depth, width = self.language.depth, self.language.width
+    self.cross_at = self.cross_layers or tuple(range(self.cross_every - 1, depth, self.cross_every))
+    bad = [i for i in self.cross_at if not 0 <= i < depth]
+    if bad:
+      raise ValueError(f"cross_layers {bad} outside the LM's blocks 0..{depth - 1}")
+    self.adapter = layers.Projector(width, self.adapter_layers, dtype=self.dtype, name="adapter")
+    if self.resampler_latents:
+      self.resampler = PerceiverResampler(
+          self.resampler_latents, self.resampler_depth, self.language.num_heads,
+          4 * width, self.dtype, name="resampler")
+    self.xattn = {i: GatedCrossAttention(
+        num_heads=self.language.num_heads,
+        num_kv_heads=self.cross_kv_heads or self.language.num_kv_heads,
+        mlp_dim=self.language.mlp_dim, norm=self.language.norm,
+        norm_eps=self.language.norm_eps, mlp_activation=self.language.mlp_activation,
+        qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype, name=f"xattn_{i}")
+                  for i in self.cross_at}
+
+  def __call__(self, tokens: jax.Array, images: jax.Array | None, *,
+               positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """tokens: int[B, T]; images: float[B, I, H, W, 3] or None -> (logits float32[B, T, V], aux).
+
+    aux: "img/tokens" float[B, I, R, D], "xattn/gate_<i>" the tanh gates, "hidden".
+    """
+    if images is None:  # All text: the cross blocks would add exactly zero.
+      return self.language(tokens, positions=positions, segment_ids=segment_ids)
+    visual = self.encode_images(images)
+    B, I, R, D = visual.shape
+    media = media_mask(tokens == self.image_token_id, I, R, self.media_attention, segment_ids)
+    logits, aux = self.decode(tokens, visual.reshape(B, I * R, D), media, positions=positions,
+                              segment_ids=segment_ids)
+    return logits, {"img/tokens": visual, **aux}
+
+  def encode_images(self, images: jax.Array) -> jax.Array:
+    """images: float[B, I, H, W, 3] -> visual tokens float[B, I, R, D]; text plays no part."""
+    B, I = images.shape[:2]
+    _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
+    tokens = vit_aux["tokens"]
+    if self.vision.pool == "cls":
+      tokens = tokens[:, 1:]
+    visual = self.adapter(tokens)
+    if self.resampler_latents:
+      visual = self.resampler(visual)
+    return visual.reshape(B, I, *visual.shape[1:]).astype(self.dtype)
+
+  def decode(self, tokens: jax.Array, visual: jax.Array, media: jax.Array, *,
+             positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """The LM with cross blocks: tokens int[B, T]; visual float[B, S, D]; media bool[B, T, S]."""
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.language.add_positions(self.language.embed_tokens(tokens), positions)
+    mask = layers.Mask(causal=True, segment_ids=segment_ids)
+    aux = {}
+    for i, block in enumerate(self.language.blocks):
+      if i in self.xattn:
+        x, gates = self.xattn[i](x, visual, media)
+        aux[f"xattn/gate_{i}"] = gates["attn_gate"]
+        aux[f"xattn/mlp_gate_{i}"] = gates["mlp_gate"]
+      x, _ = block(x, mask, positions)
+    x = self.language.final_norm(x)
+    return self.language.logits(x), {**aux, "hidden": x}
+
+
+def media_mask(is_marker: jax.Array, num_images: int, tokens_per_image: int, rule: str,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+  """Which visual tokens each text position may attend to.
+
+  is_marker: bool[B, T], True where an image is marked; image k of a sample is
+  its k-th marker. -> bool[B, T, I * R], I = num_images, R = tokens_per_image.
+  "previous": images marked at or before t; "latest": only the last of them.
+  With segment_ids (packed examples), a position sees only the images marked
+  inside its own example.
+  """
+  seen = jnp.cumsum(is_marker, axis=1)[..., None]  # [B, T, 1]: images marked at or before t
+  image = jnp.arange(num_images)  # [I]
+  if rule == "previous":
+    visible = image < seen
+  elif rule == "latest":
+    visible = image == seen - 1
+  else:
+    raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}, got {rule!r}")
+  if segment_ids is not None:
+    marks_image = is_marker[..., None] & (image == seen - 1)  # [B, T, I]: t marks image k
+    image_segment = jnp.sum(marks_image * segment_ids[..., None], axis=1)  # [B, I]
+    visible = visible & (image_segment[:, None, :] == segment_ids[..., None])
+  return jnp.repeat(visible, tokens_per_image, axis=-1)

@@ -1,0 +1,173 @@
+"""Tests that define deep fusion: closed gates, media masks, zero rows, resolutions, packing."""
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax.models import deep_fusion
+from mmjax.models import lm
+
+IMG = 9  # image marker id in these tests
+VIT = dict(variant="mu/8", image_size=16, pool="none")  # 4 tokens per 16 px image
+LM = dict(variant="llama-tiny", vocab_size=32)
+
+
+def make(**overrides):
+  return deep_fusion.Model(vit=overrides.pop("vit", VIT), lm=overrides.pop("lm", LM),
+                           image_token_id=IMG, cross_every=1, **overrides)
+
+
+def random_images(key, B, I, size=16):
+  return jax.random.normal(key, (B, I, size, size, 3))
+
+
+def open_gates(params, value=1.0):
+  """Sets every tanh gate's alpha to `value` (they start at 0)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.full_like(x, value) if "gate" in jax.tree_util.keystr(path) else x,
+      params)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = make()
+  tokens = jnp.array([[1, IMG, 5, 6, IMG, 7]])
+  return model, nn.unbox(model.init(jax.random.key(0), tokens,
+                                    random_images(jax.random.key(1), 1, 2)))["params"]
+
+
+def lm_logits(params, tokens, **kwargs):
+  return lm.Model(**LM).apply({"params": params["lm"]}, tokens, **kwargs)[0]
+
+
+def test_closed_gates_give_exactly_the_lm(model_and_params):
+  model, params = model_and_params
+  tokens = jnp.array([[1, IMG, 5, 6, IMG, 7], [2, 3, IMG, 4, 5, 6]])
+  for seed in range(2):
+    logits, aux = model.apply({"params": params}, tokens, random_images(jax.random.key(seed), 2, 2))
+    np.testing.assert_array_equal(logits, lm_logits(params, tokens))
+    assert float(aux["xattn/gate_0"]) == 0.0 and float(aux["xattn/gate_1"]) == 0.0
+
+
+def test_all_text_batches_match_the_lm_even_with_open_gates(model_and_params):
+  model, params = model_and_params
+  params = open_gates(params)
+  tokens = jnp.array([[1, 2, 5, 6, 3, 7]])
+  expected = lm_logits(params, tokens)
+  np.testing.assert_array_equal(model.apply({"params": params}, tokens, None)[0], expected)
+  # Images given but never marked in the text: every row has no media and gets exactly zero.
+  logits, _ = model.apply({"params": params}, tokens, random_images(jax.random.key(2), 1, 2))
+  np.testing.assert_array_equal(logits, expected)
+
+
+def test_text_before_the_first_image_gets_nothing(model_and_params):
+  model, params = model_and_params
+  params = open_gates(params)
+  tokens = jnp.array([[1, 2, 3, IMG, 5, 6]])
+  logits, _ = model.apply({"params": params}, tokens, random_images(jax.random.key(3), 1, 2))
+  assert jnp.all(jnp.isfinite(logits))
+  expected = lm_logits(params, tokens)
+  np.testing.assert_array_equal(logits[:, :3], expected[:, :3])
+  assert not np.allclose(logits[:, 3:], expected[:, 3:], atol=1e-3)
+
+
+@pytest.mark.parametrize("rule,expected", [
+    ("previous", [[0, 0, 0], [1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 0], [1, 1, 1]]),
+    ("latest", [[0, 0, 0], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1]]),
+])
+def test_media_mask_by_hand(rule, expected):
+  is_marker = jnp.array([[0, 1, 0, 1, 0, 1]], bool)
+  mask = deep_fusion.media_mask(is_marker, num_images=3, tokens_per_image=2, rule=rule)
+  np.testing.assert_array_equal(mask[0], np.repeat(np.array(expected, bool), 2, axis=-1))
+
+
+def test_media_mask_with_packed_examples():
+  # Example 1 = positions 0-2 (image 0 marked at 1), example 2 = positions 3-5 (image 1 at 4).
+  is_marker = jnp.array([[0, 1, 0, 0, 1, 0]], bool)
+  segments = jnp.array([[1, 1, 1, 2, 2, 2]])
+  mask = deep_fusion.media_mask(is_marker, 2, 1, "previous", segments)
+  expected = [[0, 0], [1, 0], [1, 0], [0, 0], [0, 1], [0, 1]]
+  np.testing.assert_array_equal(mask[0], np.array(expected, bool))
+
+
+def test_unknown_media_rule():
+  with pytest.raises(ValueError, match="media_attention must be one of"):
+    deep_fusion.media_mask(jnp.zeros((1, 2), bool), 1, 1, "all")
+
+
+def test_visual_tokens_never_see_text(model_and_params):
+  model, params = model_and_params
+  images = random_images(jax.random.key(4), 1, 2)
+  params = open_gates(params)
+  _, aux_a = model.apply({"params": params}, jnp.array([[1, IMG, 5, 6, IMG, 7]]), images)
+  _, aux_b = model.apply({"params": params}, jnp.array([[4, IMG, 2, IMG, 3, 3]]), images)
+  np.testing.assert_array_equal(aux_a["img/tokens"], aux_b["img/tokens"])
+  direct = model.apply({"params": params}, images, method="encode_images")
+  np.testing.assert_array_equal(direct, aux_a["img/tokens"])
+
+
+def test_image_gradient_only_through_cross_attention(model_and_params):
+  model, params = model_and_params
+  tokens = jnp.array([[1, IMG, 5, 6, IMG, 7]])
+  images = random_images(jax.random.key(5), 1, 2)
+
+  def loss(images, params):
+    return jnp.sum(model.apply({"params": params}, tokens, images)[0] ** 2)
+
+  np.testing.assert_array_equal(jax.grad(loss)(images, params), 0.0)  # closed gates
+  assert jnp.any(jax.grad(loss)(images, open_gates(params)) != 0)
+
+
+def test_resolutions_change_keys_not_text(model_and_params):
+  model, params = model_and_params
+  params = open_gates(params)
+  tokens = jnp.array([[1, IMG, 5, 6, 7, 8]])
+  for size, tokens_per_image in [(16, 4), (32, 16), (24, 9)]:
+    logits, aux = model.apply({"params": params}, tokens,
+                              random_images(jax.random.key(6), 1, 1, size=size))
+    assert logits.shape == (1, 6, 32)
+    assert aux["img/tokens"].shape == (1, 1, tokens_per_image, 64)
+    assert jnp.all(jnp.isfinite(logits))
+
+
+def test_packed_examples_see_only_their_own_images(model_and_params):
+  model, params = model_and_params
+  params = open_gates(params)
+  images = random_images(jax.random.key(7), 1, 2)
+  a, b = jnp.array([[1, IMG, 5, 6]]), jnp.array([[2, IMG, 7]])
+  packed = jnp.concatenate([a, b], axis=1)
+  segments = jnp.array([[1] * 4 + [2] * 3])
+  positions = jnp.array([[0, 1, 2, 3, 0, 1, 2]])
+  logits, _ = model.apply({"params": params}, packed, images, segment_ids=segments,
+                          positions=positions)
+  alone_a, _ = model.apply({"params": params}, a, images[:, :1])
+  alone_b, _ = model.apply({"params": params}, b, images[:, 1:])
+  np.testing.assert_allclose(logits[:, :4], alone_a, atol=1e-5)
+  np.testing.assert_allclose(logits[:, 4:], alone_b, atol=1e-5)
+
+
+def test_resampler_channel_gates_and_gqa():
+  model = make(resampler_latents=3, gate="channel", cross_kv_heads=1, qk_norm=True,
+               cross_layers=(1,))
+  tokens = jnp.array([[1, IMG, 5]])
+  images = random_images(jax.random.key(8), 1, 1)
+  params = nn.unbox(model.init(jax.random.key(0), tokens, images))["params"]
+  assert sorted(k for k in params if k.startswith("xattn")) == ["xattn_1"]
+  assert params["xattn_1"]["attn_gate"].shape == (64,)
+  assert params["xattn_1"]["attn"]["key"]["kernel"].shape == (64, 1, 16)
+  assert "query_norm" in params["xattn_1"]["attn"]
+  _, aux = model.apply({"params": params}, tokens, images)
+  assert aux["img/tokens"].shape == (1, 1, 3, 64)
+  np.testing.assert_array_equal(model.apply({"params": params}, tokens, images)[0],
+                                lm_logits(params, tokens))
+
+
+def test_configuration_errors():
+  tokens, images = jnp.array([[1, IMG]]), random_images(jax.random.key(0), 1, 1)
+  with pytest.raises(ValueError, match="lm.scan_layers=False"):
+    make(lm={**LM, "scan_layers": True}).init(jax.random.key(0), tokens, images)
+  with pytest.raises(ValueError, match=r"cross_layers \[5\] outside the LM's blocks 0..1"):
+    make(cross_layers=(5,)).init(jax.random.key(0), tokens, images)
+  with pytest.raises(ValueError, match="gate must be one of"):
+    make(gate="vector").init(jax.random.key(0), tokens, images)
