@@ -1,0 +1,63 @@
+"""Optax optimizers from config: schedule, clipping, weight-decay mask, freezing.
+
+Parameters are addressed by their "/"-joined path, e.g. "lm/block_3/attn/query/kernel".
+Frozen parameters get `optax.set_to_zero` under `optax.multi_transform`, so
+their updates are exactly zero and they carry no optimizer state.
+"""
+import re
+
+import jax
+import ml_collections
+import optax
+
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant")
+# Matched against the path: no weight decay on norms, biases, embeddings, gates, latents.
+NO_DECAY = r"(norm|bias|embedding|cls|probe|gate|latents)"
+
+
+def param_paths(params) -> dict:
+  """A tree like params whose leaves are their "/"-joined paths."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), params)
+
+
+def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+  lr, warmup = config.learning_rate, config.warmup_steps
+  if config.schedule == "constant":
+    after = optax.constant_schedule(lr)
+  elif config.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, config.decay_steps - warmup)
+  else:
+    after = optax.linear_schedule(lr, 0.0, config.decay_steps - warmup)
+  if not warmup:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+  """The optimizer for `params` (a tree of arrays or shapes) described by config.optimizer."""
+  if config.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {config.name!r}")
+  lr = schedule(config)
+  paths = param_paths(params)
+  decay_mask = jax.tree.map(lambda p: re.search(NO_DECAY, p) is None, paths)
+  if config.name == "adamw":
+    tx = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+                     mask=decay_mask)
+  elif config.name == "sgd":
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask),
+                     optax.sgd(lr, momentum=config.momentum))
+  else:
+    tx = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
+                         weight_decay_mask=decay_mask)
+  tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
+  if not config.get("frozen"):
+    return tx
+  frozen = re.compile(config.frozen)
+  labels = jax.tree.map(lambda p: "frozen" if frozen.search(p) else "trained", paths)
+  if "trained" not in jax.tree.leaves(labels):
+    raise ValueError(f"optimizer.frozen={config.frozen!r} freezes every parameter")
+  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)

@@ -1,0 +1,96 @@
+"""Tests of the optimizer builder: freezing, weight-decay mask, schedules, choices."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from mmjax import optim
+
+
+def params_tree():
+  return {"vit": {"block_0": {"mlp": {"up": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}}},
+          "lm": {"embedder": {"embedding": jnp.ones((8, 4))},
+                 "final_norm": {"scale": jnp.ones(4)}},
+          "projector": {"dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}}
+
+
+def config(**overrides):
+  cfg = common.optimizer(total_steps=100, learning_rate=0.1)
+  cfg.warmup_steps = 0
+  cfg.update(overrides)
+  return cfg
+
+
+def run_steps(tx, params, n=3):
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  for _ in range(n):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def test_param_paths():
+  paths = optim.param_paths(params_tree())
+  assert paths["vit"]["block_0"]["mlp"]["up"]["kernel"] == "vit/block_0/mlp/up/kernel"
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_frozen_params_unchanged_and_stateless(name):
+  params = params_tree()
+  tx = optim.make_optimizer(config(name=name, frozen=r"^(vit|lm)/"), params)
+  new, state = run_steps(tx, params)
+  for tower in ("vit", "lm"):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new[tower], params[tower])
+  assert not np.array_equal(new["projector"]["dense_0"]["kernel"],
+                            params["projector"]["dense_0"]["kernel"])
+  # Optimizer state holds arrays for the projector only.
+  state_sizes = sum(x.size for x in jax.tree.leaves(state) if x.ndim > 0)
+  trained_size = sum(x.size for x in jax.tree.leaves(params["projector"]))
+  assert 0 < state_sizes <= 2 * trained_size  # Adam's two moments at most
+
+
+def test_freezing_everything_is_an_error():
+  with pytest.raises(ValueError, match="freezes every parameter"):
+    optim.make_optimizer(config(frozen="."), params_tree())
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings():
+  params = params_tree()
+  tx = optim.make_optimizer(config(weight_decay=0.5), params)
+  state = tx.init(params)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, state, params)
+  paths = optim.param_paths(params)
+  for path, update in zip(jax.tree.leaves(paths), jax.tree.leaves(updates)):
+    decayed = bool(jnp.any(update != 0))
+    assert decayed == path.endswith("kernel"), path
+
+
+def test_schedules():
+  cosine = optim.schedule(config(warmup_steps=10, decay_steps=110))
+  assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(0.1)
+  assert float(cosine(60)) == pytest.approx(0.05, rel=1e-3)
+  linear = optim.schedule(config(schedule="linear", warmup_steps=10, decay_steps=110))
+  assert float(linear(60)) == pytest.approx(0.05) and float(linear(110)) == pytest.approx(0.0)
+  constant = optim.schedule(config(schedule="constant", warmup_steps=10))
+  assert float(constant(5)) == pytest.approx(0.05) and float(constant(1000)) == pytest.approx(0.1)
+
+
+def test_unknown_names():
+  with pytest.raises(ValueError, match="optimizer.name must be one of"):
+    optim.make_optimizer(config(name="lion"), params_tree())
+  with pytest.raises(ValueError, match="optimizer.schedule must be one of"):
+    optim.make_optimizer(config(schedule="step"), params_tree())
+
+
+def test_clipping_by_global_norm():
+  params = {"w": jnp.zeros(4)}
+  tx = optim.make_optimizer(config(name="sgd", momentum=0.0, weight_decay=0.0, clip_norm=1.0,
+                                   schedule="constant", warmup_steps=0), params)
+  assert isinstance(tx, optax.GradientTransformation)
+  updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1 * np.full(4, 0.5), rtol=1e-6)
