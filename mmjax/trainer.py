@@ -1,8 +1,8 @@
 """train_and_evaluate(config, workdir): the training loop.
 
-This first version trains the decoder LM on one device from the in-memory
-synthetic source: model -> optimizer -> jitted step with donated state ->
-loop -> metrics.jsonl. Meshes, checkpoints and real data plug in here.
+This version trains on one device from the in-memory synthetic sources:
+model -> data -> optimizer -> jit(init) -> jitted step with donated state ->
+loop -> metrics.jsonl. Meshes, checkpoints and tfds data plug in here.
 """
 import json
 import os
@@ -15,8 +15,38 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mmjax import optim
 from mmjax.data import synthetic
+from mmjax.models import deep_fusion
+from mmjax.models import early_fusion
 from mmjax.models import lm
+
+MODELS = {"lm": lm.Model, "early_fusion": early_fusion.Model, "deep_fusion": deep_fusion.Model}
+# Batch keys passed to the model as keyword arguments when present.
+MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+  if config.family not in MODELS:
+    raise ValueError(f"family must be one of {sorted(MODELS)}, got {config.family!r}")
+  return MODELS[config.family](**config.model.to_dict())
+
+
+def build_data(config: ml_collections.ConfigDict):
+  data = config.data
+  if data.name == "arithmetic":
+    return synthetic.ArithmeticText(config.batch_size, data.seq_len, config.seed)
+  if data.name == "shapes":
+    return synthetic.ShapeCaptions(config.batch_size, data.seq_len, data.image_size,
+                                   data.image_tokens, config.seed)
+  raise ValueError(f"data.name must be 'arithmetic' or 'shapes', got {data.name!r}")
+
+
+def apply_model(model: nn.Module, params, batch: dict) -> tuple[jax.Array, dict]:
+  """Runs any model family on a batch: tokens (+ images) (+ packing/prefix fields)."""
+  images = (batch["images"],) if "images" in batch else ()
+  kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
+  return model.apply({"params": params}, batch["tokens"], *images, **kwargs)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
@@ -29,35 +59,31 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps, config.decay_steps)
-  return optax.chain(
-      optax.clip_by_global_norm(config.clip_norm),
-      optax.adamw(schedule, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains config.model on config.data for config.total_steps; returns the last metrics."""
   os.makedirs(workdir, exist_ok=True)
-  model = lm.Model(**config.model)
-  data = synthetic.ArithmeticText(config.batch_size, config.data.seq_len, config.seed)
-  optimizer = make_optimizer(config.optimizer)
+  model = build_model(config)
+  data = build_data(config)
+  example = jax.tree.map(lambda x: x[:1], data.batch(0))
 
   def init(rng):
-    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-    params = nn.unbox(model.init(rng, tokens)["params"])
+    return nn.unbox(model.init(rng, example["tokens"],
+                               *((example["images"],) if "images" in example else ()))["params"])
+
+  abstract_params = jax.eval_shape(init, jax.random.key(config.seed))
+  optimizer = optim.make_optimizer(config.optimizer, abstract_params)
+
+  def init_state(rng):
+    params = init(rng)
     return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
-  state = jax.jit(init)(jax.random.key(config.seed))
+  state = jax.jit(init_state)(jax.random.key(config.seed))
 
   def train_step(state, batch):
-    inputs, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
-
     def loss_fn(params):
-      logits, _ = model.apply({"params": params}, inputs)
-      total, count = cross_entropy(logits, targets, jnp.ones(targets.shape, jnp.float32))
-      return total / count
+      logits, _ = apply_model(model, params, batch)
+      total, count = cross_entropy(logits, batch["targets"], batch["loss_weights"])
+      return total / jnp.maximum(count, 1.0)
 
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])

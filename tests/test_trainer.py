@@ -4,7 +4,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from configs import deep_fusion as deep_fusion_config
+from configs import early_fusion as early_fusion_config
 from configs import lm as lm_config
 from mmjax import trainer
 from mmjax.data import synthetic
@@ -27,11 +30,15 @@ def test_cross_entropy_sum_and_count_split_invariant():
 
 def test_arithmetic_text_is_deterministic_and_correct():
   source = synthetic.ArithmeticText(batch_size=3, seq_len=40, seed=1)
-  a, b = source.batch(7)["tokens"], source.batch(7)["tokens"]
-  np.testing.assert_array_equal(a, b)
-  assert a.shape == (3, 41)
-  assert not np.array_equal(a, source.batch(8)["tokens"])
-  for sentence in bytes(a[0]).decode().split(". ")[:-1]:
+  batch = source.batch(7)
+  np.testing.assert_array_equal(batch["tokens"], source.batch(7)["tokens"])
+  assert batch["tokens"].shape == batch["targets"].shape == (3, 40)
+  np.testing.assert_array_equal(batch["tokens"][:, 1:], batch["targets"][:, :-1])
+  np.testing.assert_array_equal(batch["loss_weights"], 1.0)
+  assert not np.array_equal(batch["tokens"], source.batch(8)["tokens"])
+  assert np.all(batch["tokens"][:, 0] == source.tokenizer.bos_id)
+  text = source.tokenizer.decode(batch["targets"][0])
+  for sentence in text.split(". ")[:-1]:
     lhs, rhs = sentence.split("=")
     x, y = lhs.split("+")
     assert int(x) + int(y) == int(rhs)
@@ -48,3 +55,17 @@ def test_tiny_lm_trains(tmp_path):
   # Uniform over 256 bytes is 5.5 nats; the digit/symbol alphabet alone gets below 2.6.
   assert rows[0]["loss"] < 5.5 and rows[-1]["loss"] < 2.0
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+
+
+@pytest.mark.parametrize("config_module", [early_fusion_config, deep_fusion_config])
+def test_fusion_models_learn_from_the_image(tmp_path, config_module):
+  config = config_module.get_config("tiny")
+  config.total_steps = 250
+  config.log_every = 50
+  config.optimizer.decay_steps = 250
+  last = trainer.train_and_evaluate(config, str(tmp_path))
+  # A model blind to the image pays at least log(16) nats per caption (4 colours x 4 places);
+  # spread over the caption's tokens, that bounds its mean token loss from below.
+  batch = trainer.build_data(config).batch(config.total_steps)
+  blind_bound = np.log(16) * config.batch_size / batch["loss_weights"].sum()
+  assert last["loss"] < 0.6 * blind_bound, (last["loss"], blind_bound)

@@ -1,0 +1,51 @@
+"""Pieces every config file shares: the common keys, the optimizer, paired backbones."""
+import ml_collections
+
+# Fusion configs pair the two schemes on these: an early-vs-deep comparison changes only the fusion.
+BACKBONES = {
+    # ViT-mu/8 at 32 px (16 patches) + a 2-block byte-level GPT-2: trains on a CPU in minutes.
+    "tiny": dict(vit=dict(variant="mu/8", image_size=32, pool="none"),
+                 lm=dict(variant="gpt2-tiny", vocab_size=320, max_len=128), image_size=32),
+    # The benchmark pair: ViT-B/16 at 224 px + GPT-2 124M.
+    "base": dict(vit=dict(variant="B/16", image_size=224, pool="none"),
+                 lm=dict(variant="gpt2-124m"), image_size=224),
+}
+
+
+def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.family = family  # which mmjax.models module builds config.model
+  config.seed = 0
+  config.total_steps = total_steps
+  config.batch_size = batch_size  # global
+  config.log_every = 25
+  config.optimizer = optimizer(total_steps)
+  return config
+
+
+def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
+  """Parses "BACKBONE[,STAGE]" -> (base config with the stage's freezing, backbone pair)."""
+  backbone, _, stage = arg.partition(",")
+  stage = stage or "all"
+  if backbone not in BACKBONES or stage not in stages:
+    raise ValueError(f"configs/{family}.py takes BACKBONE[,STAGE] with BACKBONE in "
+                     f"{sorted(BACKBONES)} and STAGE in {sorted(stages)}, got {arg!r}")
+  config = base_config(family=family, total_steps=600, batch_size=16)
+  config.optimizer.frozen = stages[stage]
+  return config, BACKBONES[backbone]
+
+
+def optimizer(total_steps: int, learning_rate: float = 3e-3) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="adamw",  # or "sgd", "adafactor"
+      learning_rate=learning_rate,
+      schedule="cosine",  # or "linear", "constant"
+      warmup_steps=min(100, total_steps // 10),
+      decay_steps=total_steps,
+      b1=0.9,
+      b2=0.95,  # GPT-2/3 practice, steadier than 0.999 at small batch
+      momentum=0.9,  # sgd only
+      weight_decay=0.1,
+      clip_norm=1.0,
+      frozen="",  # regex over parameter paths ("lm/block_0/attn/query/kernel"); "" = none
+  ))

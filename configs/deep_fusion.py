@@ -1,0 +1,31 @@
+"""Deep fusion (Flamingo-style) configs: `configs/deep_fusion.py:tiny[,stage]`.
+
+"flamingo" freezes both towers and trains the adapter and the cross-attention
+blocks only; "all" (the default) trains everything.
+"""
+import ml_collections
+
+from configs import common
+from mmjax.data import tokenizers
+
+STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  config, pair = common.fusion_config(arg, family="deep_fusion", stages=STAGES)
+  config.model = ml_collections.ConfigDict(dict(
+      vit=pair["vit"], lm=pair["lm"],
+      image_token_id=tokenizers.ByteTokenizer.image_id,
+      cross_every=1,  # a cross block before every LM block: the tiny LM has only 2
+      adapter_layers=2,
+      resampler_latents=ml_collections.config_dict.placeholder(int),  # 64: Flamingo resampler
+      media_attention="previous",  # or "latest"
+      gate="scalar",  # or "channel"
+  ))
+  if pair["lm"]["variant"] == "gpt2-124m":
+    config.model.cross_every = 4  # 3 cross blocks in GPT-2's 12
+  config.data = ml_collections.ConfigDict(dict(
+      name="shapes", image_size=pair["image_size"],
+      image_tokens=1,  # one marker per image: resolution never changes the text length
+      seq_len=64))
+  return config
