@@ -226,6 +226,42 @@ def Norm(kind: str, eps: float, name: str | None = None) -> nn.Module:  # pylint
   raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
+class HeadProjection(nn.Module):
+  """Into heads, "BTD,DNH->BTNH" (features=(N, H)), or out of them, "BTNH,NHD->BTD" (features=(D,)).
+
+  The kernel is initialised as the 2-d matrix a Dense layer would have, so
+  fan-in and fan-out mean the same. (flax's DenseGeneral does the same but
+  applies the 3-d axis names to the 2-d matrix when logical rules are in scope.)
+  """
+
+  features: tuple[int, ...]
+  use_bias: bool
+  kernel_init: Initializer
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    into_heads = len(self.features) == 2
+    if into_heads:
+      shape, axes, fan_in_ndim = (x.shape[-1], *self.features), ("embed", "heads", "kv"), 1
+      bias_axes, equation = ("heads", "kv"), "...D,DNH->...NH"
+    else:
+      shape, axes, fan_in_ndim = (*x.shape[-2:], *self.features), ("heads", "kv", "embed"), 2
+      bias_axes, equation = ("embed",), "...NH,NHD->...D"
+
+    def init(rng, shape, dtype):
+      flat = (math.prod(shape[:fan_in_ndim]), math.prod(shape[fan_in_ndim:]))
+      return self.kernel_init(rng, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", partitioned(init, axes), shape, jnp.float32)
+    y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros, bias_axes),
+                        self.features, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class Attention(nn.Module):
   """Multi-head, grouped-query or multi-query attention; self or cross.
 
@@ -258,10 +294,8 @@ class Attention(nn.Module):
     context = x if kv is None else kv
 
     def proj(name, heads, inputs):
-      return nn.DenseGeneral(
-          (heads, H), use_bias=self.use_bias, dtype=self.dtype, name=name,
-          kernel_init=partitioned(self.kernel_init, ("embed", "heads", "kv")),
-          bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))(inputs)
+      return HeadProjection((heads, H), use_bias=self.use_bias, kernel_init=self.kernel_init,
+                            dtype=self.dtype, name=name)(inputs)
 
     q = proj("query", N, x)
     k = proj("key", K, context)
@@ -279,10 +313,9 @@ class Attention(nn.Module):
       k = apply_rope(k, kv_positions, self.rope_theta)
 
     out = dot_product_attention(q, k, v, mask, self.attention_impl)
-    return nn.DenseGeneral(
-        D, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype, name="out",
-        kernel_init=partitioned(self.out_init or self.kernel_init, ("heads", "kv", "embed")),
-        bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
+    return HeadProjection((D,), use_bias=self.use_bias,
+                          kernel_init=self.out_init or self.kernel_init, dtype=self.dtype,
+                          name="out")(out)
 
 
 class Mlp(nn.Module):
