@@ -1,5 +1,114 @@
-"""Checkpoint helpers: loading pretrained parts into a larger model."""
+"""Checkpoints: an Orbax CheckpointManager under DIR/checkpoints, and loading pretrained parts.
+
+A checkpoint holds the train state (params, optimizer state, step, RNG), the
+data iterator's state and the config, each as an Orbax item. Orbax lists a
+step folder even without its commit marker and raises on a corrupt latest
+step; `Checkpointer.restore_latest` checks and falls back to older steps
+itself, warning with the name of each step it passes over.
+"""
+import os
+
+from absl import logging
 import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+COMMIT_MARKER = "commit_success.txt"
+
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+@jax.jit
+def _finite_leaves(tree):
+  return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.bool_(True), tree)
+
+
+class Checkpointer:
+  """Saves and restores train state + data state + config under workdir/checkpoints."""
+
+  def __init__(self, workdir: str, *, max_to_keep: int, keep_every: int | None,
+               async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_every or None,
+            enable_async_checkpointing=async_save))
+
+  def save(self, step: int, state, data_state: dict, config: dict):
+    """Saves asynchronously; a non-finite state is refused, never written."""
+    finite = jax.device_get(_finite_leaves(state))  # one transfer of one bool per leaf
+    if not all(jax.tree.leaves(finite)):
+      bad = [_path(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
+      raise FloatingPointError(f"refusing to save checkpoint step {step}: non-finite values in "
+                               f"{bad[:3]}")
+    saved = self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        config=ocp.args.JsonSave(config)), force=True)
+    if not saved and step not in self.manager.all_steps():
+      raise RuntimeError(f"Orbax declined to save checkpoint step {step} in {self.directory} "
+                         f"(latest is {self.manager.latest_step()})")
+
+  def restore_latest(self, abstract_state):
+    """-> (state, data_state, step) from the newest restorable step, or None when there is none.
+
+    abstract_state: jax.ShapeDtypeStructs carrying the target shardings, so a
+    checkpoint written on another mesh or device count restores onto this one.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      step_dir = os.path.join(self.directory, str(step))
+      if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
+        logging.warning("checkpoint step %d (%s) is incomplete (no commit marker); "
+                        "falling back to an older step", step, step_dir)
+        continue
+      self.check_tree(step, abstract_state)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d (%s) is unreadable (%s: %s); falling back to an "
+                        "older step", step, step_dir, type(e).__name__, str(e).splitlines()[0])
+        continue
+      return restored["state"], restored["data"], step
+    if steps:
+      raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {steps}); "
+                         "move them away to start afresh")
+    return None
+
+  def check_tree(self, step: int, abstract_state):
+    """Raises, naming the parameter, when the checkpoint's tree differs from the model's."""
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return  # unreadable metadata: the restore itself reports and falls back
+    saved = getattr(saved, "tree", saved)
+    if saved is None:
+      return
+    saved_paths = {_path(p): m.shape for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+      name = _path(path)
+      if name not in saved_paths:
+        raise ValueError(f"checkpoint step {step} lacks {name!r}, which the model has")
+      if tuple(saved_paths.pop(name)) != tuple(leaf.shape):
+        raise ValueError(f"checkpoint step {step}: {name!r} has another shape than the model's "
+                         f"{leaf.shape}")
+    if saved_paths:
+      raise ValueError(f"checkpoint step {step} has {sorted(saved_paths)[0]!r}, which the "
+                       "model lacks")
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    """Waits for pending saves; their errors surface here, never swallowed."""
+    self.manager.close()
 
 
 def graft(params: dict, parts: dict) -> dict:
@@ -16,7 +125,7 @@ def graft(params: dict, parts: dict) -> dict:
     want = dict(jax.tree_util.tree_flatten_with_path(params[name])[0])
     got = dict(jax.tree_util.tree_flatten_with_path(part)[0])
     for path in [*want, *(p for p in got if p not in want)]:  # model order: first error first
-      where = f"{name}/{jax.tree_util.keystr(path, simple=True, separator='/')}"
+      where = f"{name}/{_path(path)}"
       if path not in got:
         raise ValueError(f"pretrained {name!r} lacks parameter {where}")
       if path not in want:
