@@ -1,7 +1,17 @@
-"""Trains an mmjax model: python train.py --config configs/lm.py:tiny --workdir /tmp/mmjax."""
+"""Trains an mmjax model.
+
+  python train.py --config configs/lm.py:tiny --workdir /tmp/mmjax [--config.key=value ...]
+
+Several processes: set --config.distributed.coordinator_address=host:port with
+num_processes and process_id, or run under a cluster that jax detects itself
+(TPU pods, SLURM), where jax.distributed.initialize() needs no arguments.
+"""
+import os
+
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from mmjax import trainer
@@ -11,11 +21,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant]
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Environments in which jax.distributed.initialize() finds its settings on its own.
+CLUSTER_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  distributed = _CONFIG.value.distributed
+  # Before anything touches a device: every process must join first.
+  if distributed.coordinator_address:
+    jax.distributed.initialize(distributed.coordinator_address, distributed.num_processes,
+                               distributed.process_id)
+  elif any(os.environ.get(v) for v in CLUSTER_ENV_VARS):
+    jax.distributed.initialize()
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

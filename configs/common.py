@@ -12,14 +12,40 @@ BACKBONES = {
 }
 
 
+def variant(variants: dict, arg: str, file: str) -> dict:
+  """The preset named by `arg`, or an error listing the known ones."""
+  if arg not in variants:
+    raise ValueError(f"unknown {file} variant {arg!r}; known: {sorted(variants)}")
+  return variants[arg]
+
+
 def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.family = family  # which mmjax.models module builds config.model
   config.seed = 0
   config.total_steps = total_steps
   config.batch_size = batch_size  # global
+  config.microbatches = 1  # gradient accumulation: the same update as one batch, less memory
+  config.nan_policy = "skip"  # non-finite loss/grads: "skip" the update (counted) or "stop"
   config.log_every = 25
+  config.eval_every = 200
+  config.eval_steps = 4  # validation batches per evaluation
   config.optimizer = optimizer(total_steps)
+  config.mesh = ml_collections.ConfigDict(dict(
+      shape=dict(data=1, fsdp=-1, tensor=1),  # -1: all remaining devices
+      rules="fsdp",  # or "dp", "fsdp_tp", or a list of (logical axis, mesh axes) pairs
+  ))
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every=200,  # steps between saves; the last step and SIGTERM always save
+      max_to_keep=3,
+      keep_every=0,  # also keep every k-th step for good; 0: off
+      async_save=True,
+  ))
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address="",  # "host:port" to start jax.distributed; "" = environment/auto
+      num_processes=1,
+      process_id=0,
+  ))
   return config
 
 

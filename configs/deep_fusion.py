@@ -16,6 +16,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       vit=pair["vit"], lm=pair["lm"],
       image_token_id=tokenizers.ByteTokenizer.image_id,
+      dtype="float32",  # compute dtype of both towers; "bfloat16" on accelerators
       cross_every=1,  # a cross block before every LM block: the tiny LM has only 2
       adapter_layers=2,
       resampler_latents=ml_collections.config_dict.placeholder(int),  # 64: Flamingo resampler

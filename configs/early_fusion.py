@@ -16,6 +16,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       vit=pair["vit"], lm=pair["lm"],
       image_token_id=tokenizers.ByteTokenizer.image_id,
+      dtype="float32",  # compute dtype of both towers; "bfloat16" on accelerators
       projector="mlp2x_gelu",  # or "linear"
       vision_layer=ml_collections.config_dict.placeholder(int),  # None: final tokens; -2: LLaVA
       drop_cls=True,

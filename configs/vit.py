@@ -1,0 +1,27 @@
+"""ViT classification configs: `--config configs/vit.py:tiny`."""
+import ml_collections
+
+from configs import common
+from mmjax.data import synthetic
+
+VARIANTS = {
+    # ViT-mu/8 on 32 px synthetic shapes, 16 classes (colour x quadrant).
+    "tiny": dict(variant="mu/8", image_size=32, total_steps=400, batch_size=32),
+    # ViT-B/16 at 224 px, the benchmark shape.
+    "base": dict(variant="B/16", image_size=224, total_steps=10000, batch_size=256),
+}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  preset = common.variant(VARIANTS, arg, "configs/vit.py")
+  config = common.base_config(family="vit", total_steps=preset["total_steps"],
+                              batch_size=preset["batch_size"])
+  config.model = ml_collections.ConfigDict(dict(
+      variant=preset["variant"], image_size=preset["image_size"],
+      num_classes=synthetic.ShapeClasses.num_classes, pool="gap",
+      dtype="float32",  # "bfloat16" on accelerators
+      attention_impl="xla"))  # "auto": cuDNN on GPUs
+  config.data = ml_collections.ConfigDict(dict(name="shape_classes",
+                                               image_size=preset["image_size"]))
+  config.optimizer.learning_rate = 1e-3
+  return config

@@ -1,0 +1,278 @@
+"""Tests of the trainer: learning, sharding presets, accumulation, NaN guard, checkpoints, processes."""
+import importlib
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from mmjax import trainer
+from mmjax.models import lm
+import train_cli
+
+
+def config_for(name: str, arg: str = "tiny", **overrides):
+  config = importlib.import_module(f"configs.{name}").get_config(arg)
+  config.update_from_flattened_dict({"total_steps": 8, "log_every": 2, "eval_every": 0,
+                                     "checkpoint.every": 0, "checkpoint.async_save": False,
+                                     **overrides})
+  return config
+
+
+def losses(rows):
+  return [r["loss"] for r in rows if "loss" in r]
+
+
+def final_params(workdir) -> dict:
+  directory = pathlib.Path(workdir) / "checkpoints"
+  step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  path = directory / str(step) / "state"
+  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckpt:
+    saved = ckpt.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one_device),
+                          saved)
+    return jax.device_get(ckpt.restore(path, target)["params"])
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def assert_trees_close(a, b, rtol, atol):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def test_loss_terms_are_sums_that_split_exactly():
+  model = lm.Model("gpt2-tiny", vocab_size=11)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 11, (4, 6)))
+  batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1),
+           "loss_weights": jnp.asarray(np.random.RandomState(2).rand(4, 6) > 0.3, jnp.float32)}
+  params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
+  total, count, correct = trainer.loss_terms(model, params, batch)
+  logits, _ = model.apply({"params": params}, tokens)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  np.testing.assert_allclose(total, np.sum(per_token * batch["loss_weights"]), rtol=1e-6)
+  assert count == np.sum(batch["loss_weights"])
+  hits = (np.argmax(logits, -1) == batch["targets"]) * batch["loss_weights"]
+  assert correct == np.sum(hits)
+  # Summing over two halves and dividing once gives the full-batch mean.
+  halves = [trainer.loss_terms(model, params, jax.tree.map(lambda x, i=i: x[i:i + 2], batch))
+            for i in (0, 2)]
+  np.testing.assert_allclose(sum(h[0] for h in halves) / sum(h[1] for h in halves),
+                             total / count, rtol=1e-6)
+
+
+def test_tiny_lm_trains(tmp_path, run_train):
+  rows = run_train(tmp_path, "lm.py:tiny", {"total_steps": 120, "log_every": 20,
+                                            "eval_every": 120, "optimizer.decay_steps": 120})
+  assert [r["step"] for r in rows] == [20, 40, 60, 80, 100, 120]
+  assert all("loss" in r and "learning_rate" in r and "items_per_sec" in r for r in rows)
+  # Uniform over 256 bytes is 5.5 nats; the digit/symbol alphabet alone gets below 2.6.
+  assert rows[0]["loss"] < 5.5 and rows[-1]["loss"] < 2.0
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+  assert rows[-1]["eval_loss"] < 2.0 and rows[-1]["eval_accuracy"] > 0.3
+  assert list((tmp_path / "tensorboard").iterdir())  # event files
+
+
+@pytest.mark.parametrize("name", ["early_fusion", "deep_fusion"])
+def test_fusion_models_learn_from_the_image(tmp_path, run_train, name):
+  rows = run_train(tmp_path, f"{name}.py:tiny", {"total_steps": 250, "log_every": 50,
+                                                  "eval_every": 250, "optimizer.decay_steps": 250})
+  # A model blind to the image pays at least log(16) nats per caption (4 colours x 4 places);
+  # spread over the caption's tokens, that bounds its mean token loss from below.
+  config = config_for(name)
+  batch = trainer.build_data(config, "validation").batch(0)
+  blind_bound = np.log(16) * config.batch_size / batch["loss_weights"].sum()
+  assert rows[-1]["eval_loss"] < 0.6 * blind_bound, (rows[-1], blind_bound)
+
+
+# ----------------------------------------------------------------------------
+# Sharding presets on 8 fake devices reproduce one device.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,presets", [
+    ("lm", [("dp", dict(data=-1, fsdp=1, tensor=1)), ("fsdp", dict(data=1, fsdp=-1, tensor=1)),
+            ("fsdp_tp", dict(data=2, fsdp=-1, tensor=2))]),
+    ("early_fusion", [("fsdp_tp", dict(data=1, fsdp=-1, tensor=2))]),
+    ("deep_fusion", [("fsdp_tp", dict(data=2, fsdp=-1, tensor=2))]),
+])
+def test_sharded_runs_match_one_device(tmp_path, run_train, name, presets):
+  reference = losses(run_train(tmp_path / "one", f"{name}.py:tiny", {
+      "total_steps": 8, "log_every": 2, "eval_every": 0, "checkpoint.every": 0}, devices=1))
+  assert jax.device_count() == 8
+  for rules, shape in presets:
+    config = config_for(name, **{"mesh.rules": rules, **{f"mesh.shape.{k}": v
+                                                        for k, v in shape.items()}})
+    workdir = tmp_path / rules
+    trainer.train_and_evaluate(config, str(workdir))
+    np.testing.assert_allclose(losses(train_cli.read_metrics(workdir)), reference, rtol=2e-5,
+                               err_msg=f"{name} with {rules} {shape}")
+
+
+def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
+  whole = trainer.train_and_evaluate(config_for("lm"), str(tmp_path / "whole"))
+  accumulated = trainer.train_and_evaluate(config_for("lm", microbatches=2),
+                                           str(tmp_path / "micro"))
+  np.testing.assert_allclose(losses(train_cli.read_metrics(tmp_path / "micro")),
+                             losses(train_cli.read_metrics(tmp_path / "whole")), rtol=2e-5)
+  assert accumulated["step"] == whole["step"] == 8
+  assert_trees_close(final_params(tmp_path / "micro"), final_params(tmp_path / "whole"),
+                     rtol=1e-4, atol=1e-6)
+
+
+def test_vit_family_trains(tmp_path):
+  config = config_for("vit", total_steps=60, log_every=20, eval_every=60, eval_steps=2)
+  last = trainer.train_and_evaluate(config, str(tmp_path))
+  rows = losses(train_cli.read_metrics(tmp_path))
+  assert rows[-1] < rows[0] - 0.5  # from ~ln(16) = 2.77
+  assert last["eval_accuracy"] > 1 / 16
+
+
+# ----------------------------------------------------------------------------
+# Non-finite updates.
+# ----------------------------------------------------------------------------
+
+
+def test_nan_skip_policy_skips_and_counts(tmp_path):
+  # A learning rate of 1e30 makes the second step's loss non-finite.
+  config = config_for("lm", **{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0,
+                               "nan_policy": "skip", "checkpoint.every": 4})
+  last = trainer.train_and_evaluate(config, str(tmp_path))
+  assert last["skipped_steps"] >= 1
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final_params(tmp_path)))
+
+
+def test_nan_stop_policy_names_the_step(tmp_path):
+  config = config_for("lm", **{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0,
+                               "nan_policy": "stop"})
+  with pytest.raises(FloatingPointError, match=r"non-finite loss or gradients at step \d+"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() or not any(
+      p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
+# ----------------------------------------------------------------------------
+# Bad configs fail before compiling, naming the key.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.num_heads": 5}, r"config.model.num_heads=5 does not divide config.model.width=64"),
+    ({"model.num_kv_heads": 3}, r"config.model.num_kv_heads=3 does not divide"),
+    ({"mesh.shape.data": 3}, r"config.mesh.shape .* does not divide 8 devices"),
+    ({"batch_size": 12}, r"config.batch_size=12 .* not divisible by the data-parallel size 8"),
+    ({"microbatches": 3}, r"config.microbatches=3 must be >= 1 and divide"),
+    ({"optimizer.name": "lion"}, r"config.optimizer.name must be one of"),
+    ({"nan_policy": "ignore"}, r"config.nan_policy must be one of"),
+    ({"model.variant": "gpt5"}, r"unknown LM variant 'gpt5'"),
+    ({"family": "rnn"}, r"config.family must be one of"),
+])
+def test_bad_configs(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    trainer.validate(config_for("lm", **overrides), 8)
+
+
+def test_fusion_tower_heads_are_checked():
+  config = config_for("deep_fusion", **{"model.vit.num_heads": 3})
+  with pytest.raises(ValueError, match=r"config.model.vit.num_heads=3 does not divide "
+                                       r"config.model.vit.width=32"):
+    trainer.validate(config, 8)
+
+
+def test_bad_config_on_the_command_line(tmp_path):
+  result = subprocess.run(
+      train_cli.command(tmp_path, "lm.py:tiny", {"optimizer.name": "lion"}),
+      env=train_cli.env(1), capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "config.optimizer.name must be one of" in result.stderr.splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------
+# Resume, preemption, determinism, several processes.
+# ----------------------------------------------------------------------------
+
+LONG = {"total_steps": 300, "log_every": 10, "eval_every": 0, "checkpoint.every": 20}
+
+
+def start_train(workdir, overrides):
+  return subprocess.Popen(train_cli.command(workdir, "lm.py:tiny", overrides),
+                          env=train_cli.env(1), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: pathlib.Path, timeout=300):
+  """Waits until the file exists and has content."""
+  deadline = time.time() + timeout
+  while not (path.exists() and path.stat().st_size):
+    assert time.time() < deadline, f"{path} never appeared"
+    time.sleep(0.05)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train):
+  run_train(tmp_path / "straight", "lm.py:tiny", LONG)
+  process = start_train(tmp_path / "killed", LONG)
+  wait_for(tmp_path / "killed" / "checkpoints" / "40" / "commit_success.txt")
+  process.kill()
+  process.wait()
+  assert 300 not in [int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
+                     if p.name.isdigit()], "the run finished before it was killed"
+  run_train(tmp_path / "killed", "lm.py:tiny", LONG)
+  assert_trees_equal(final_params(tmp_path / "killed"), final_params(tmp_path / "straight"))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, run_train):
+  process = start_train(tmp_path, {**LONG, "checkpoint.every": 1000})
+  wait_for(tmp_path / "metrics.jsonl")
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-2000:]
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 10 <= steps[0] < 300
+  assert "stopped at step" in stderr
+  rows = run_train(tmp_path, "lm.py:tiny", LONG)  # resumes from the preemption checkpoint
+  logged = [r["step"] for r in rows]
+  assert logged == sorted(set(logged)) and logged[-1] == 300  # continued, not restarted
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(workdir, overrides):
+  port = free_port()
+  processes = [subprocess.Popen(
+      train_cli.command(workdir, "lm.py:tiny", {
+          **overrides, "distributed.coordinator_address": f"127.0.0.1:{port}",
+          "distributed.num_processes": 2, "distributed.process_id": i}),
+      env=train_cli.env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+  for p in processes:
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+  return train_cli.read_metrics(workdir)
+
+
+def test_two_processes_match_one_and_resume(tmp_path, run_train):
+  short = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint.every": 10}
+  single = run_train(tmp_path / "single", "lm.py:tiny", {**short, "total_steps": 30})
+  run_two_processes(tmp_path / "two", short)
+  # Resume the two-process run from its step-20 checkpoint and go on to 30.
+  two = run_two_processes(tmp_path / "two", {**short, "total_steps": 30})
+  assert [r["step"] for r in two] == [5, 10, 15, 20, 25, 30]
+  np.testing.assert_allclose(losses(two), losses(single), rtol=2e-5)
+  # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into ~1e-6 moves.
+  assert_trees_close(final_params(tmp_path / "two"), final_params(tmp_path / "single"),
+                     rtol=1e-4, atol=2e-5)
