@@ -89,19 +89,8 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       return  # unreadable metadata: the restore itself reports and falls back
     saved = getattr(saved, "tree", saved)
-    if saved is None:
-      return
-    saved_paths = {_path(p): m.shape for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
-      name = _path(path)
-      if name not in saved_paths:
-        raise ValueError(f"checkpoint step {step} lacks {name!r}, which the model has")
-      if tuple(saved_paths.pop(name)) != tuple(leaf.shape):
-        raise ValueError(f"checkpoint step {step}: {name!r} has another shape than the model's "
-                         f"{leaf.shape}")
-    if saved_paths:
-      raise ValueError(f"checkpoint step {step} has {sorted(saved_paths)[0]!r}, which the "
-                       "model lacks")
+    if saved is not None:
+      _compare_trees(f"checkpoint step {step}", saved, abstract_state)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -109,6 +98,36 @@ class Checkpointer:
   def close(self):
     """Waits for pending saves; their errors surface here, never swallowed."""
     self.manager.close()
+
+
+def save_params(directory: str, params) -> None:
+  """A params-only Orbax checkpoint (for serving, or to start another run from)."""
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.abspath(directory), params)
+
+
+def load_params(directory: str, target):
+  """Reads a params-only checkpoint into target (ShapeDtypeStructs with shardings).
+
+  A tree that differs from the model's is an error naming the parameter.
+  """
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckpt:
+    saved = ckpt.metadata(directory).item_metadata.tree
+    _compare_trees(f"params checkpoint {directory}", saved, target)
+    return ckpt.restore(directory, target)
+
+
+def _compare_trees(what: str, saved, target):
+  saved_shapes = {_path(p): m.shape for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = _path(path)
+    if name not in saved_shapes:
+      raise ValueError(f"{what} lacks {name!r}, which the model has")
+    if tuple(saved_shapes.pop(name)) != tuple(leaf.shape):
+      raise ValueError(f"{what}: {name!r} has another shape than the model's {leaf.shape}")
+  if saved_shapes:
+    raise ValueError(f"{what} has {sorted(saved_shapes)[0]!r}, which the model lacks")
 
 
 def graft(params: dict, parts: dict) -> dict:

@@ -10,6 +10,7 @@
   8. the loop: step, log, evaluate, checkpoint, stop cleanly on SIGTERM
 """
 import functools
+import os
 import signal
 import time
 
@@ -59,7 +60,8 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
     return synthetic.ArithmeticText(config.batch_size, data.seq_len, **common)
   if data.name == "shapes":
     return synthetic.ShapeCaptions(config.batch_size, data.seq_len, data.image_size,
-                                   data.image_tokens, **common)
+                                   data.image_tokens, image_token_id=config.model.image_token_id,
+                                   **common)
   if data.name == "shape_classes":
     return synthetic.ShapeClasses(config.batch_size, data.image_size, **common)
   raise ValueError(f"config.data.name must be 'arithmetic', 'shapes' or 'shape_classes', "
@@ -107,6 +109,15 @@ def validate(config: ml_collections.ConfigDict, num_devices: int):
     if kv_heads and tower.num_heads % kv_heads:
       raise ValueError(f"config.{key}.num_kv_heads={kv_heads} does not divide "
                        f"config.{key}.num_heads={tower.num_heads}")
+  lm_fields = {"lm": config.get("model"), "early_fusion": config.model.get("lm"),
+               "deep_fusion": config.model.get("lm")}.get(config.family)
+  if config.data.name in ("arithmetic", "shapes") and lm_fields is not None:
+    vocab = lm.Model(**lm_fields.to_dict()).vocab_size
+    if vocab < synthetic.tokenizers.ByteTokenizer.vocab_size:
+      key = "config.model.vocab_size" if config.family == "lm" else "config.model.lm.vocab_size"
+      raise ValueError(f"{key}={vocab} is smaller than the byte tokenizer's "
+                       f"{synthetic.tokenizers.ByteTokenizer.vocab_size} ids (config.data.name="
+                       f"{config.data.name!r})")
   data_size, fsdp_size, _ = sharding.mesh_shape(config.mesh.shape, num_devices)
   sharding.rules(config.mesh.rules)
   parallel = data_size * fsdp_size
@@ -269,6 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("resumed from checkpoint step %d", start)
     else:
       state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+      if config.init_from:  # pretrained weights, e.g. from tools/import_hf.py
+        state["params"] = checkpoint.load_params(os.path.join(config.init_from, "params"),
+                                                 target["params"])
+        logging.info("initialised the parameters from %s", config.init_from)
       data_state, start = {"next_step": 1}, 0
 
     # 7. The step: explicit shardings; the old state's buffers are donated to the new one.

@@ -180,6 +180,15 @@ class TestAttention:
     assert score(0, 0) == pytest.approx(score(77, 77), abs=1e-4)
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
 
+  def test_linear_rope_scaling_divides_positions(self):
+    x = jax.random.normal(jax.random.key(0), (1, 3, 2, 8))
+    scaled = layers.apply_rope(x, jnp.array([[0, 4, 8]]), 10000.0,
+                               {"rope_type": "linear", "factor": 4.0})
+    plain = layers.apply_rope(x, jnp.array([[0, 1, 2]]), 10000.0)
+    np.testing.assert_allclose(scaled, plain, atol=1e-5)
+    with pytest.raises(ValueError, match="rope_type must be one of"):
+      layers.rope_frequencies(8, 10000.0, {"rope_type": "yarn"})
+
   def test_rope_position_zero_is_identity_and_norm_preserved(self):
     x = jax.random.normal(jax.random.key(0), (2, 4, 3, 8))
     pos = jnp.broadcast_to(jnp.arange(4), (2, 4))

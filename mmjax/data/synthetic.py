@@ -86,11 +86,12 @@ class ShapeCaptions(Source):
   """
 
   def __init__(self, batch_size: int, seq_len: int, image_size: int, image_tokens: int,
-               **kwargs):
+               image_token_id: int | None = None, **kwargs):
     super().__init__(batch_size, **kwargs)
     self.seq_len = seq_len
     self.image_size = image_size
     self.image_tokens = image_tokens  # P per image for early fusion, 1 for deep fusion
+    self.image_token_id = self.tokenizer.image_id if image_token_id is None else image_token_id
 
   def __repr__(self):
     return (f"ShapeCaptions(batch_size={self.batch_size}, seq_len={self.seq_len}, "
@@ -102,7 +103,7 @@ class ShapeCaptions(Source):
     for rng in self.rngs(step):
       image, colour, place = draw_square(rng, self.image_size)
       images.append(image[None])
-      prompt = [self.tokenizer.bos_id] + [self.tokenizer.image_id] * self.image_tokens
+      prompt = [self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
       caption = self.tokenizer.encode(f"a {colour} square, {place}.")
       rows.append(prompt + caption + [self.tokenizer.eos_id])
       prompt_lens.append(len(prompt) - 1)  # the first target is the caption's first byte

@@ -183,10 +183,38 @@ def dot_product_attention(q, k, v, mask: Mask, impl: str) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> jax.Array:
+  """float32[H/2] rotation frequencies, optionally rescaled for longer contexts.
+
+  scaling: {"rope_type": "linear", "factor": f} divides every frequency by f;
+  {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+  "original_max_position_embeddings"} rescales only the low frequencies (Llama 3.1).
+  """
+  inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  kind = (scaling or {}).get("rope_type", "default")
+  if kind not in ROPE_TYPES:
+    raise ValueError(f"rope_scaling rope_type must be one of {ROPE_TYPES}, got {kind!r}")
+  if kind == "linear":
+    return inv_freq / scaling["factor"]
+  if kind == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               scaling: dict | None = None) -> jax.Array:
   """Rotates x: float[B, T, N, H] by positions: int[B, T]; math in float32."""
-  H = x.shape[-1]
-  inv_freq = 1.0 / theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+  inv_freq = rope_frequencies(x.shape[-1], theta, scaling)
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -275,6 +303,7 @@ class Attention(nn.Module):
   use_bias: bool = False
   qk_norm: bool = False  # RMSNorm over the head dim of q and k
   rope_theta: float | None = None  # None: the caller handles positions
+  rope_scaling: dict | None = None  # see rope_frequencies
   attention_impl: str = "xla"  # or "auto", "cudnn"
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   out_init: Initializer | None = None  # None: kernel_init
@@ -309,8 +338,8 @@ class Attention(nn.Module):
       if kv_positions is None:
         kv_positions = positions if kv is None else jnp.broadcast_to(
             jnp.arange(context.shape[1]), context.shape[:2])
-      q = apply_rope(q, positions, self.rope_theta)
-      k = apply_rope(k, kv_positions, self.rope_theta)
+      q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+      k = apply_rope(k, kv_positions, self.rope_theta, self.rope_scaling)
 
     out = dot_product_attention(q, k, v, mask, self.attention_impl)
     return HeadProjection((D,), use_bias=self.use_bias,

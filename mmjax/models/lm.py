@@ -81,6 +81,7 @@ class Block(nn.Module):
   mlp_activation: str
   use_bias: bool
   rope_theta: float | None
+  rope_scaling: dict | None
   depth: int  # of the whole stack: scales the residual projections' init (GPT-2)
   attention_impl: str
   dtype: jnp.dtype
@@ -94,7 +95,8 @@ class Block(nn.Module):
     y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
     y = layers.Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        use_bias=self.use_bias, rope_theta=self.rope_theta, attention_impl=self.attention_impl,
+        use_bias=self.use_bias, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+        attention_impl=self.attention_impl,
         kernel_init=init, out_init=residual_init, dtype=self.dtype, name="attn",
     )(y, mask=mask, positions=positions)
     x = layers.constrain(x + y.astype(x.dtype))
@@ -118,6 +120,7 @@ class _Model(nn.Module):
   head_dim: int | None = None  # None: width // num_heads
   positions: str = "learned"  # or "rope"
   rope_theta: float = 10000.0
+  rope_scaling: dict | None = None  # e.g. Llama 3.1's {"rope_type": "llama3", ...}
   norm: str = "layernorm"  # or "rmsnorm"
   norm_eps: float = 1e-5
   mlp_activation: str = "gelu_tanh"  # or "swiglu", "gelu"
@@ -147,7 +150,8 @@ class _Model(nn.Module):
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, norm=self.norm, norm_eps=self.norm_eps,
         mlp_activation=self.mlp_activation, use_bias=self.use_bias,
-        rope_theta=self.rope_theta if self.positions == "rope" else None, depth=self.depth,
+        rope_theta=self.rope_theta if self.positions == "rope" else None,
+        rope_scaling=self.rope_scaling, depth=self.depth,
         attention_impl=self.attention_impl, dtype=self.dtype)
     if self.scan_layers:
       self.scanned_blocks = nn.scan(

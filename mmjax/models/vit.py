@@ -101,6 +101,7 @@ class _Model(nn.Module):
   image_size: int = 224  # resolution the position embeddings are laid out for
   pool: str = "cls"  # or "gap", "map", "none"
   pre_norm: bool = False  # a norm before the blocks, as in CLIP
+  patch_bias: bool = True  # CLIP's patch embedding has no bias
   mlp_activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP
   norm_eps: float = 1e-6  # HF ViT uses 1e-12, CLIP 1e-5
   attention_impl: str = "xla"  # or "auto", "cudnn"
@@ -115,7 +116,7 @@ class _Model(nn.Module):
     if images.shape[1] % p or images.shape[2] % p:
       raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch size {p}")
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="embedding",
+                use_bias=self.patch_bias, name="embedding",
                 kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                (None, None, None, "embed")),
                 bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(images)

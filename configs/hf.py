@@ -1,0 +1,40 @@
+"""Fine-tune an imported HuggingFace model: `--config configs/hf.py:/path/from/import_hf`.
+
+The family and model fields come from the import's mmjax_config.json, and the
+run starts from its params/. Until the tfds pipeline lands, the data is the
+synthetic task of that family, tokenised bytes (the model's vocabulary must
+hold 320 ids).
+"""
+import json
+import os
+
+import ml_collections
+
+from configs import common
+from mmjax.models import early_fusion
+
+
+def get_config(arg: str) -> ml_collections.ConfigDict:
+  path = os.path.join(arg, "mmjax_config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"configs/hf.py needs a directory written by tools/import_hf.py; "
+                     f"{path} does not exist")
+  with open(path) as f:
+    imported = json.load(f)
+  config = common.base_config(family=imported["family"], total_steps=200, batch_size=8)
+  config.model = ml_collections.ConfigDict(imported["model"])
+  config.init_from = os.path.abspath(arg)
+  config.optimizer = common.optimizer(config.total_steps, learning_rate=1e-4)  # fine-tuning
+  model = imported["model"]
+  if imported["family"] == "lm":
+    config.data = ml_collections.ConfigDict(dict(name="arithmetic",
+                                                 seq_len=min(128, model["max_len"])))
+  elif imported["family"] == "vit":
+    config.data = ml_collections.ConfigDict(dict(name="shape_classes",
+                                                 image_size=model["image_size"]))
+  else:
+    image_size = model["vit"]["image_size"]
+    tokens = early_fusion.num_image_tokens(model["vit"], image_size, model["drop_cls"])
+    config.data = ml_collections.ConfigDict(dict(name="shapes", image_size=image_size,
+                                                 image_tokens=tokens, seq_len=tokens + 48))
+  return config

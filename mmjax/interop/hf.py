@@ -1,0 +1,527 @@
+"""HuggingFace safetensors <-> mmjax: ViT, CLIP and SigLIP towers, GPT-2, Llama, LLaVA.
+
+One table per architecture lists, for every HuggingFace tensor (by its name on
+disk), the mmjax parameter paths it becomes and the two conversions, so import
+and export cannot drift apart. The mmjax config is derived from `config.json`;
+a field mmjax cannot reproduce is an error naming it. Neither direction needs
+torch or transformers: tensors are read and written with safetensors.
+
+Layout conventions: torch Linear weights are [out, in], mmjax kernels [in, out];
+attention kernels are split into heads, [D, N, H] in and [N, H, D] out; conv
+kernels are [D, 3, p, p] in torch and [p, p, 3, D] here.
+"""
+from collections.abc import Callable
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from mmjax.models import lm
+from mmjax.models import vit
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One HuggingFace tensor <-> one or more mmjax parameters."""
+  hf: str
+  paths: tuple[str, ...]  # "/"-joined mmjax parameter paths
+  to_mmjax: Callable  # hf array -> tuple of mmjax arrays
+  to_hf: Callable  # tuple of mmjax arrays -> hf array
+
+
+def same(hf, path):
+  return Entry(hf, (path,), lambda t: (t,), lambda a: a[0])
+
+
+def linear(hf, path):  # torch [out, in] <-> [in, out]
+  return Entry(hf, (path,), lambda t: (t.T,), lambda a: a[0].T)
+
+
+def reshaped(hf, path, shape, hf_shape=(-1,)):
+  return Entry(hf, (path,), lambda t: (t.reshape(shape),), lambda a: a[0].reshape(hf_shape))
+
+
+def heads_in(hf, path, heads, head_dim):  # [N*H, D] <-> [D, N, H]
+  return Entry(hf, (path,), lambda t: (t.T.reshape(-1, heads, head_dim),),
+               lambda a: a[0].reshape(a[0].shape[0], -1).T)
+
+
+def heads_out(hf, path, heads, head_dim):  # [D, N*H] <-> [N, H, D]
+  return Entry(hf, (path,), lambda t: (t.T.reshape(heads, head_dim, -1),),
+               lambda a: a[0].reshape(heads * head_dim, -1).T)
+
+
+def fused_qkv(hf, paths, heads, head_dim, transpose):
+  """One [3D, D] (torch) or [D, 3D] (GPT-2's Conv1D) tensor <-> query/key/value [D, N, H]."""
+  def to_mmjax(t):
+    t = t.T if transpose else t  # -> [D, 3D] for matrices; biases stay [3D]
+    return tuple(part.reshape(*part.shape[:-1], heads, head_dim)
+                 for part in np.split(t, 3, axis=-1))
+
+  def to_hf(parts):
+    t = np.concatenate([p.reshape(*p.shape[:-2], -1) for p in parts], axis=-1)
+    return t.T if transpose else t
+
+  return Entry(hf, tuple(paths), to_mmjax, to_hf)
+
+
+def conv(hf, path):  # [D, 3, p, p] <-> [p, p, 3, D]
+  return Entry(hf, (path,), lambda t: (t.transpose(2, 3, 1, 0),),
+               lambda a: a[0].transpose(3, 2, 0, 1))
+
+
+def norm(hf, path, bias=True):
+  entries = [same(f"{hf}.weight", f"{path}/scale")]
+  if bias:
+    entries.append(same(f"{hf}.bias", f"{path}/bias"))
+  return entries
+
+
+def dense(hf, path, bias=True):
+  entries = [linear(f"{hf}.weight", f"{path}/kernel")]
+  if bias:
+    entries.append(same(f"{hf}.bias", f"{path}/bias"))
+  return entries
+
+
+def attention(hf, path, names, heads, kv_heads, head_dim, bias):
+  """Separate q/k/v/o projections (ViT, CLIP, SigLIP, Llama)."""
+  q, k, v, o = names
+  entries = [heads_in(f"{hf}.{q}.weight", f"{path}/query/kernel", heads, head_dim),
+             heads_in(f"{hf}.{k}.weight", f"{path}/key/kernel", kv_heads, head_dim),
+             heads_in(f"{hf}.{v}.weight", f"{path}/value/kernel", kv_heads, head_dim),
+             heads_out(f"{hf}.{o}.weight", f"{path}/out/kernel", heads, head_dim)]
+  if bias:
+    entries += [reshaped(f"{hf}.{q}.bias", f"{path}/query/bias", (heads, head_dim)),
+                reshaped(f"{hf}.{k}.bias", f"{path}/key/bias", (kv_heads, head_dim)),
+                reshaped(f"{hf}.{v}.bias", f"{path}/value/bias", (kv_heads, head_dim)),
+                same(f"{hf}.{o}.bias", f"{path}/out/bias")]
+  return entries
+
+
+# ----------------------------------------------------------------------------
+# Configs: HuggingFace config.json <-> mmjax model fields.
+# ----------------------------------------------------------------------------
+
+VISION_TYPES = ("vit", "clip_vision_model", "siglip_vision_model")
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "quick_gelu": "quick_gelu", "silu": "swiglu"}
+
+
+def _require(cfg: dict, field: str, allowed, what: str):
+  value = cfg.get(field)
+  if value not in allowed:
+    raise ValueError(f"{what}: config.json field {field!r}={value!r} is not supported "
+                     f"(mmjax handles {list(allowed)})")
+  return value
+
+
+def _activation(cfg: dict, field: str, what: str, allowed: tuple) -> str:
+  return ACTIVATIONS[_require(cfg, field, allowed, what)]
+
+
+def vit_fields(cfg: dict) -> dict:
+  """ViT / CLIP / SigLIP vision config.json -> vit.Model fields."""
+  kind = _require(cfg, "model_type", VISION_TYPES, "vision tower")
+  fields = dict(width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
+                mlp_dim=cfg["intermediate_size"], num_heads=cfg["num_attention_heads"],
+                patch_size=cfg["patch_size"], image_size=cfg["image_size"])
+  if cfg.get("num_channels", 3) != 3:
+    raise ValueError(f"vision tower: config.json field 'num_channels'={cfg['num_channels']} "
+                     "is not supported (mmjax handles [3])")
+  if kind == "vit":
+    if not cfg.get("qkv_bias", True):
+      raise ValueError("vision tower: config.json field 'qkv_bias'=False is not supported")
+    fields.update(pool="cls", norm_eps=cfg.get("layer_norm_eps", 1e-12),
+                  mlp_activation=_activation(cfg, "hidden_act", "ViT", ("gelu",)))
+  elif kind == "clip_vision_model":
+    fields.update(pool="cls", pre_norm=True, patch_bias=False,
+                  norm_eps=cfg.get("layer_norm_eps", 1e-5),
+                  mlp_activation=_activation(cfg, "hidden_act", "CLIP", ("quick_gelu", "gelu")))
+  else:
+    fields.update(pool="map" if cfg.get("vision_use_head", True) else "gap",
+                  norm_eps=cfg.get("layer_norm_eps", 1e-6),
+                  mlp_activation=_activation(cfg, "hidden_act", "SigLIP",
+                                             ("gelu_pytorch_tanh", "gelu")))
+  return fields
+
+
+def lm_fields(cfg: dict) -> dict:
+  """GPT-2 / Llama config.json -> lm.Model fields."""
+  kind = _require(cfg, "model_type", ("gpt2", "llama"), "language model")
+  if kind == "gpt2":
+    for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+      if cfg.get(flag):
+        raise ValueError(f"GPT-2: config.json field {flag!r}=True is not supported")
+    if not cfg.get("scale_attn_weights", True):
+      raise ValueError("GPT-2: config.json field 'scale_attn_weights'=False is not supported")
+    return dict(flavour="gpt2", width=cfg["n_embd"], depth=cfg["n_layer"],
+                num_heads=cfg["n_head"], mlp_dim=cfg.get("n_inner") or 4 * cfg["n_embd"],
+                vocab_size=cfg["vocab_size"], max_len=cfg["n_positions"],
+                norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                mlp_activation=_activation(cfg, "activation_function", "GPT-2",
+                                           ("gelu_new", "gelu")),
+                tie_embeddings=cfg.get("tie_word_embeddings", True))
+  for flag in ("attention_bias", "mlp_bias"):
+    if cfg.get(flag):
+      raise ValueError(f"Llama: config.json field {flag!r}=True is not supported")
+  _activation(cfg, "hidden_act", "Llama", ("silu",))
+  rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+  theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind not in ("default", "linear", "llama3"):
+    raise ValueError(f"Llama: config.json field 'rope_parameters.rope_type'={kind!r} is not "
+                     "supported (mmjax handles ['default', 'linear', 'llama3'])")
+  scaling = None if kind == "default" else {"rope_type": kind, **{
+      k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings") if k in rope}}
+  heads = cfg["num_attention_heads"]
+  return dict(flavour="llama", width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
+              num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+              head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+              mlp_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+              max_len=cfg.get("max_position_embeddings", 2048), rope_theta=float(theta),
+              rope_scaling=scaling, norm_eps=cfg.get("rms_norm_eps", 1e-6),
+              tie_embeddings=cfg.get("tie_word_embeddings", False))
+
+
+def mmjax_config(cfg: dict) -> dict:
+  """config.json -> {"family": ..., "model": fields} for trainer.build_model."""
+  kind = cfg.get("model_type")
+  if kind in VISION_TYPES:
+    fields = vit_fields(cfg)
+    if kind == "vit" and "ViTForImageClassification" in cfg.get("architectures", []):
+      fields["num_classes"] = len(cfg.get("id2label") or {}) or cfg.get("num_labels", 2)
+    return {"family": "vit", "model": fields}
+  if kind in ("gpt2", "llama"):
+    return {"family": "lm", "model": lm_fields(cfg)}
+  if kind == "llava":
+    strategy = _require(cfg, "vision_feature_select_strategy", ("default", "full"), "LLaVA")
+    layer = cfg.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+      raise ValueError(f"LLaVA: config.json field 'vision_feature_layer'={layer!r} is not "
+                       "supported (one layer index)")
+    _require(cfg, "projector_hidden_act", ("gelu",), "LLaVA")
+    if not cfg.get("multimodal_projector_bias", True):
+      raise ValueError("LLaVA: config.json field 'multimodal_projector_bias'=False is not "
+                       "supported")
+    vision = vit_fields(cfg["vision_config"])
+    if vision["pool"] != "cls":
+      raise ValueError("LLaVA: only a ViT or CLIP vision_config (with a cls token) is supported")
+    return {"family": "early_fusion", "model": dict(
+        vit=vision, lm=lm_fields(cfg["text_config"]),
+        image_token_id=cfg.get("image_token_index", cfg.get("image_token_id")),
+        projector="mlp2x_gelu", vision_layer=layer, drop_cls=strategy == "default")}
+  raise ValueError(f"config.json field 'model_type'={kind!r} is not supported; mmjax imports "
+                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava']}")
+
+
+# ----------------------------------------------------------------------------
+# Tables: which HuggingFace tensor becomes which mmjax parameter.
+# ----------------------------------------------------------------------------
+
+
+def vit_table(fields: dict, kind: str, hf: str = "", mm: str = "") -> list[Entry]:
+  D, N, L = fields["width"], fields["num_heads"], fields["depth"]
+  H = D // N
+  e = []
+  if kind == "vit":
+    e += [conv(f"{hf}embeddings.patch_embeddings.projection.weight", f"{mm}embedding/kernel"),
+          same(f"{hf}embeddings.patch_embeddings.projection.bias", f"{mm}embedding/bias"),
+          same(f"{hf}embeddings.cls_token", f"{mm}cls"),
+          same(f"{hf}embeddings.position_embeddings", f"{mm}pos_embedding"),
+          *norm(f"{hf}layernorm", f"{mm}final_norm")]
+    for i in range(L):
+      p, b = f"{mm}block_{i}", f"{hf}encoder.layer.{i}"
+      e += [*norm(f"{b}.layernorm_before", f"{p}/attn_norm"),
+            *attention(f"{b}.attention", f"{p}/attn",
+                       ("attention.query", "attention.key", "attention.value", "output.dense"),
+                       N, N, H, bias=True),
+            *norm(f"{b}.layernorm_after", f"{p}/mlp_norm"),
+            *dense(f"{b}.intermediate.dense", f"{p}/mlp/up"),
+            *dense(f"{b}.output.dense", f"{p}/mlp/down")]
+    return e
+  e += [conv(f"{hf}embeddings.patch_embedding.weight", f"{mm}embedding/kernel"),
+        reshaped(f"{hf}embeddings.position_embedding.weight", f"{mm}pos_embedding",
+                 (1, -1, D), (-1, D)),
+        *norm(f"{hf}post_layernorm", f"{mm}final_norm")]
+  if kind == "clip_vision_model":  # no patch bias; a class embedding; a pre-norm
+    e += [reshaped(f"{hf}embeddings.class_embedding", f"{mm}cls", (1, 1, D)),
+          *norm(f"{hf}pre_layrnorm", f"{mm}pre_norm")]
+  else:
+    e.append(same(f"{hf}embeddings.patch_embedding.bias", f"{mm}embedding/bias"))
+  for i in range(L):
+    p, b = f"{mm}block_{i}", f"{hf}encoder.layers.{i}"
+    e += [*norm(f"{b}.layer_norm1", f"{p}/attn_norm"),
+          *attention(f"{b}.self_attn", f"{p}/attn", ("q_proj", "k_proj", "v_proj", "out_proj"),
+                     N, N, H, bias=True),
+          *norm(f"{b}.layer_norm2", f"{p}/mlp_norm"),
+          *dense(f"{b}.mlp.fc1", f"{p}/mlp/up"),
+          *dense(f"{b}.mlp.fc2", f"{p}/mlp/down")]
+  if kind == "siglip_vision_model" and fields["pool"] == "map":
+    h, p = f"{hf}head", f"{mm}map_head"
+    e += [same(f"{h}.probe", f"{p}/probe"),
+          fused_qkv(f"{h}.attention.in_proj_weight",
+                    [f"{p}/attn/{n}/kernel" for n in ("query", "key", "value")], N, H, True),
+          fused_qkv(f"{h}.attention.in_proj_bias",
+                    [f"{p}/attn/{n}/bias" for n in ("query", "key", "value")], N, H, False),
+          heads_out(f"{h}.attention.out_proj.weight", f"{p}/attn/out/kernel", N, H),
+          same(f"{h}.attention.out_proj.bias", f"{p}/attn/out/bias"),
+          *norm(f"{h}.layernorm", f"{p}/norm"),
+          *dense(f"{h}.mlp.fc1", f"{p}/mlp/up"),
+          *dense(f"{h}.mlp.fc2", f"{p}/mlp/down")]
+  return e
+
+
+def lm_table(fields: dict, hf: str = "", mm: str = "", head: str = "lm_head") -> list[Entry]:
+  D, N, L = fields["width"], fields["num_heads"], fields["depth"]
+  if fields["flavour"] == "gpt2":
+    H = D // N
+    e = [same(f"{hf}transformer.wte.weight", f"{mm}embedder/embedding"),
+         same(f"{hf}transformer.wpe.weight", f"{mm}pos_embedding"),
+         *norm(f"{hf}transformer.ln_f", f"{mm}final_norm")]
+    for i in range(L):
+      p, b = f"{mm}block_{i}", f"{hf}transformer.h.{i}"
+      e += [*norm(f"{b}.ln_1", f"{p}/attn_norm"),
+            fused_qkv(f"{b}.attn.c_attn.weight",
+                      [f"{p}/attn/{n}/kernel" for n in ("query", "key", "value")], N, H, False),
+            fused_qkv(f"{b}.attn.c_attn.bias",
+                      [f"{p}/attn/{n}/bias" for n in ("query", "key", "value")], N, H, False),
+            Entry(f"{b}.attn.c_proj.weight", (f"{p}/attn/out/kernel",),  # Conv1D: [in, out]
+                  lambda t: (t.reshape(N, H, -1),), lambda a: a[0].reshape(N * H, -1)),
+            same(f"{b}.attn.c_proj.bias", f"{p}/attn/out/bias"),
+            *norm(f"{b}.ln_2", f"{p}/mlp_norm"),
+            same(f"{b}.mlp.c_fc.weight", f"{p}/mlp/up/kernel"),
+            same(f"{b}.mlp.c_fc.bias", f"{p}/mlp/up/bias"),
+            same(f"{b}.mlp.c_proj.weight", f"{p}/mlp/down/kernel"),
+            same(f"{b}.mlp.c_proj.bias", f"{p}/mlp/down/bias")]
+    if not fields["tie_embeddings"]:
+      e.append(linear(f"{head}.weight", f"{mm}head/kernel"))
+    return e
+  K, H = fields["num_kv_heads"], fields["head_dim"]
+  e = [same(f"{hf}embed_tokens.weight", f"{mm}embedder/embedding"),
+       *norm(f"{hf}norm", f"{mm}final_norm", bias=False)]
+  for i in range(L):
+    p, b = f"{mm}block_{i}", f"{hf}layers.{i}"
+    e += [*norm(f"{b}.input_layernorm", f"{p}/attn_norm", bias=False),
+          *attention(f"{b}.self_attn", f"{p}/attn", ("q_proj", "k_proj", "v_proj", "o_proj"),
+                     N, K, H, bias=False),
+          *norm(f"{b}.post_attention_layernorm", f"{p}/mlp_norm", bias=False),
+          *dense(f"{b}.mlp.gate_proj", f"{p}/mlp/gate", bias=False),
+          *dense(f"{b}.mlp.up_proj", f"{p}/mlp/up", bias=False),
+          *dense(f"{b}.mlp.down_proj", f"{p}/mlp/down", bias=False)]
+  if not fields["tie_embeddings"]:
+    e.append(linear(f"{head}.weight", f"{mm}head/kernel"))
+  return e
+
+
+def table(hf_config: dict, mm_config: dict) -> list[Entry]:
+  """Every tensor of the HuggingFace checkpoint described by hf_config."""
+  kind, fields = hf_config["model_type"], mm_config["model"]
+  if kind in VISION_TYPES:
+    if fields.get("num_classes"):  # ViTForImageClassification: the ViTModel under "vit."
+      return [*vit_table(fields, kind, "vit."), *dense("classifier", "head")]
+    return vit_table(fields, kind)
+  if kind in ("gpt2", "llama"):
+    return lm_table(fields, hf="" if kind == "gpt2" else "model.")
+  # LLaVA as written by transformers' save_pretrained.
+  return [*vit_table(fields["vit"], hf_config["vision_config"]["model_type"], "vision_tower.",
+                     "vit/"),
+          *dense("multi_modal_projector.linear_1", "projector/dense_0"),
+          *dense("multi_modal_projector.linear_2", "projector/dense_1"),
+          *lm_table(fields["lm"], "language_model.model.", "lm/", "language_model.lm_head")]
+
+
+# ----------------------------------------------------------------------------
+# Import and export.
+# ----------------------------------------------------------------------------
+
+# Other spellings of the same tensors (older transformers, in-memory names) -> names on disk.
+ALIASES = (("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
+           ("model.multi_modal_projector.", "multi_modal_projector."),
+           ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+           ("vision_model.", ""))
+
+
+def _tensor_files(hf_dir: str) -> dict[str, str]:
+  """HuggingFace tensor name -> the safetensors file holding it (single file or sharded)."""
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
+  single = os.path.join(hf_dir, "model.safetensors")
+  if not os.path.exists(single):
+    raise FileNotFoundError(f"{hf_dir} has neither model.safetensors nor "
+                            "model.safetensors.index.json")
+  with safe_open(single, "np") as f:
+    return {name: single for name in f.keys()}
+
+
+def _set(tree: dict, path: str, value):
+  *parents, leaf = path.split("/")
+  for key in parents:
+    tree = tree.setdefault(key, {})
+  tree[leaf] = value
+
+
+def _get(tree: dict, path: str):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def load(hf_dir: str, shardings=None) -> tuple[dict, dict]:
+  """Reads a HuggingFace model directory -> (mmjax config dict, params).
+
+  Tensors are read one at a time and placed straight into `shardings` (a tree
+  of jax.sharding.Sharding like the params, e.g. from mmjax.sharding), so no
+  host holds the whole model at once.
+  """
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    hf_config = json.load(f)
+  config = mmjax_config(hf_config)
+  lookup = {name: (file, name) for name, file in _tensor_files(hf_dir).items()}
+  for name, (file, _) in list(lookup.items()):
+    for alias, canonical in ALIASES:
+      if name.startswith(alias):
+        lookup.setdefault(canonical + name[len(alias):], (file, name))
+  params, handles = {}, {}
+  try:
+    for entry in table(hf_config, config):
+      if entry.hf not in lookup:
+        raise ValueError(f"{hf_dir}: tensor {entry.hf!r} is missing from the safetensors files")
+      file, name = lookup[entry.hf]
+      if file not in handles:
+        handles[file] = safe_open(file, "flax").__enter__()
+      tensor = np.asarray(handles[file].get_tensor(name), np.float32)
+      for path, value in zip(entry.paths, entry.to_mmjax(tensor)):
+        target = _get(shardings, path) if shardings is not None else None
+        _set(params, path, jax.device_put(jnp.asarray(value, jnp.float32), target))
+  finally:
+    for handle in handles.values():
+      handle.__exit__(None, None, None)
+  return config, params
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+  """Copies the tokenizer files that exist in src; returns their names."""
+  copied = []
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+      copied.append(name)
+  return copied
+
+
+def hf_config(config: dict) -> dict:
+  """{"family", "model"} -> a config.json that transformers' from_pretrained reads."""
+  family, fields = config["family"], config["model"]
+  if family == "vit":
+    return _vision_config(fields, classes=fields.get("num_classes"))
+  if family == "lm":
+    return _lm_config(fields)
+  if family == "early_fusion":
+    vision = _vision_config(fields["vit"], classes=None)
+    if vision["model_type"] == "siglip_vision_model" or fields.get("vision_layer") is None:
+      raise ValueError("LLaVA export needs a ViT or CLIP tower with a cls token and "
+                       "model.vision_layer set (LLaVA reads hidden_states[vision_layer])")
+    if fields.get("projector", "mlp2x_gelu") != "mlp2x_gelu":
+      raise ValueError(f"LLaVA export needs model.projector='mlp2x_gelu', got "
+                       f"{fields['projector']!r}")
+    text = _lm_config(fields["lm"])
+    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
+                vision_config=vision, text_config=text,
+                image_token_index=fields["image_token_id"], projector_hidden_act="gelu",
+                vision_feature_layer=fields["vision_layer"],
+                vision_feature_select_strategy="default" if fields.get("drop_cls", True)
+                else "full", multimodal_projector_bias=True,
+                tie_word_embeddings=text.get("tie_word_embeddings", False))
+  raise ValueError(f"HuggingFace export covers the vit, lm and early_fusion families; "
+                   f"family {family!r} exports its parts (see export_parts)")
+
+
+def _vision_config(fields: dict, classes) -> dict:
+  m = vit.Model(**fields)
+  common = dict(hidden_size=m.width, num_hidden_layers=m.depth, intermediate_size=m.mlp_dim,
+                num_attention_heads=m.num_heads, patch_size=m.patch_size,
+                image_size=m.image_size, num_channels=3, layer_norm_eps=m.norm_eps)
+  if m.pool == "map":
+    if m.mlp_activation != "gelu_tanh" or not m.patch_bias or m.pre_norm:
+      raise ValueError("SigLIP export needs model.mlp_activation='gelu_tanh', a patch bias "
+                       "and no pre-norm")
+    return dict(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
+                hidden_act="gelu_pytorch_tanh", **common)
+  if m.pool != "cls":
+    raise ValueError(f"HuggingFace vision towers have a cls token or a MAP head: model.pool="
+                     f"{m.pool!r} has no HuggingFace equivalent")
+  if m.pre_norm != (not m.patch_bias):
+    raise ValueError("HuggingFace towers pair a pre-norm with no patch bias (CLIP) or neither "
+                     f"(ViT): model.pre_norm={m.pre_norm}, model.patch_bias={m.patch_bias}")
+  if m.pre_norm:
+    return dict(model_type="clip_vision_model", architectures=["CLIPVisionModel"],
+                hidden_act="quick_gelu" if m.mlp_activation == "quick_gelu" else "gelu",
+                **common)
+  if m.mlp_activation != "gelu":
+    raise ValueError("HF ViT export needs model.mlp_activation='gelu'")
+  config = dict(model_type="vit", hidden_act="gelu", qkv_bias=True, **common)
+  if classes:
+    config.update(architectures=["ViTForImageClassification"],
+                  id2label={str(i): f"LABEL_{i}" for i in range(classes)},
+                  label2id={f"LABEL_{i}": i for i in range(classes)})
+  else:
+    config["architectures"] = ["ViTModel"]
+  return config
+
+
+def _lm_config(fields: dict) -> dict:
+  m = lm.Model(**fields)
+  if m.flavour == "gpt2":
+    if (m.positions, m.norm, m.use_bias) != ("learned", "layernorm", True):
+      raise ValueError("GPT-2 export needs learned positions, LayerNorm and biases")
+    return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=m.width,
+                n_layer=m.depth, n_head=m.num_heads, n_inner=m.mlp_dim,
+                vocab_size=m.vocab_size, n_positions=m.max_len,
+                layer_norm_epsilon=m.norm_eps,
+                activation_function="gelu_new" if m.mlp_activation == "gelu_tanh" else "gelu",
+                tie_word_embeddings=m.tie_embeddings)
+  if (m.positions, m.norm, m.mlp_activation, m.use_bias) != ("rope", "rmsnorm", "swiglu", False):
+    raise ValueError("Llama export needs RoPE, RMSNorm, SwiGLU and no biases")
+  rope = {"rope_theta": m.rope_theta, **(m.rope_scaling or {"rope_type": "default"})}
+  return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=m.width,
+              num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
+              num_key_value_heads=m.num_kv_heads or m.num_heads,
+              head_dim=m.head_dim or m.width // m.num_heads, intermediate_size=m.mlp_dim,
+              vocab_size=m.vocab_size, max_position_embeddings=m.max_len,
+              rms_norm_eps=m.norm_eps, rope_parameters=rope, hidden_act="silu",
+              attention_bias=False, mlp_bias=False, tie_word_embeddings=m.tie_embeddings)
+
+
+def save(out_dir: str, config: dict, params: dict) -> dict:
+  """Writes config.json and model.safetensors that transformers' from_pretrained loads."""
+  hf = hf_config(config)
+  tensors = {}
+  for entry in table(hf, mmjax_config(hf)):
+    values = tuple(np.asarray(jax.device_get(_get(params, p)), np.float32) for p in entry.paths)
+    tensors[entry.hf] = np.ascontiguousarray(entry.to_hf(values))
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  return hf
+
+
+def save_flat(path: str, params: dict):
+  """Every parameter as a safetensors tensor named by its mmjax path ("lm/block_0/attn/...")."""
+  flat = {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(jax.device_get(v))
+          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  save_file(flat, path, metadata={"format": "mmjax", "names": "mmjax parameter paths"})

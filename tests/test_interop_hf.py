@@ -1,0 +1,268 @@
+"""HuggingFace import/export, proven against transformers run in PyTorch on the CPU.
+
+Tiny random models are built from configs here (no network), saved with
+save_pretrained, imported, and compared on the same inputs.
+"""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mmjax import sharding
+from mmjax import trainer
+from mmjax.interop import hf
+
+RTOL = 1e-4  # max |mmjax - transformers| / max |transformers|
+
+
+def assert_parity(ours, theirs):
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  assert ours.shape == theirs.shape
+  error = np.abs(ours - theirs).max() / np.abs(theirs).max()
+  assert error < RTOL, f"relative error {error:.2e}"
+
+
+def build(config):
+  return trainer.MODELS[config["family"]](**config["model"])
+
+
+def saved(tmp_path, model, name="hf"):
+  path = str(tmp_path / name)
+  model.save_pretrained(path)
+  return path
+
+
+IMAGES = np.random.RandomState(0).randn(2, 24, 24, 3).astype(np.float32)
+
+
+def torch_images(images):
+  return torch.tensor(images.transpose(0, 3, 1, 2))
+
+
+VISION_CONFIG = dict(hidden_size=36, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=52, image_size=24, patch_size=8)
+
+
+@pytest.fixture(scope="module", params=["vit", "clip", "siglip"])
+def vision(request, tmp_path_factory):
+  torch.manual_seed(0)
+  if request.param == "vit":
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        **VISION_CONFIG, num_labels=5))
+  elif request.param == "clip":
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION_CONFIG))
+  else:
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION_CONFIG))
+  return request.param, model.eval(), saved(tmp_path_factory.mktemp(request.param), model)
+
+
+def vision_outputs(kind, model, images):
+  with torch.no_grad():
+    out = model(pixel_values=torch_images(images), output_hidden_states=True)
+  return out.logits if kind == "vit" else out.pooler_output, out.hidden_states
+
+
+def test_vision_tower_parity(vision):
+  kind, model, path = vision
+  config, params = hf.load(path)
+  out, aux = build(config).apply({"params": params}, jnp.asarray(IMAGES))
+  expected, hidden = vision_outputs(kind, model, IMAGES)
+  assert_parity(out, expected)
+  # Intermediate layers too: what LLaVA reads (hidden_states[-2]) is block L-2's output.
+  assert_parity(aux["block_1"], hidden[-2])
+
+
+def test_vision_tower_export_round_trip(vision, tmp_path):
+  kind, model, path = vision
+  config, params = hf.load(path)
+  hf.save(str(tmp_path / "out"), config, params)
+  again_config, again = hf.load(str(tmp_path / "out"))
+  assert again_config == config
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  reloaded = type(model).from_pretrained(str(tmp_path / "out")).eval()
+  assert_parity(vision_outputs(kind, reloaded, IMAGES)[0], vision_outputs(kind, model, IMAGES)[0])
+
+
+TOKENS = np.random.RandomState(1).randint(0, 97, (2, 11))
+
+
+def llama(**overrides):
+  config = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=80, vocab_size=97,
+                max_position_embeddings=64)
+  config.update(overrides)
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+
+
+LMS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=36, n_layer=2, n_head=4, vocab_size=97, n_positions=64,
+        bos_token_id=0, eos_token_id=0)),
+    "llama_gqa_untied": llama,
+    "llama_mqa_tied": lambda: llama(num_key_value_heads=1, tie_word_embeddings=True),
+    "llama3_rope_scaling": lambda: llama(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=8)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LMS))
+def language_model(request, tmp_path_factory):
+  torch.manual_seed(0)
+  model = LMS[request.param]().eval()
+  return model, saved(tmp_path_factory.mktemp(request.param), model)
+
+
+def lm_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+def test_lm_parity(language_model):
+  model, path = language_model
+  config, params = hf.load(path)
+  logits, _ = build(config).apply({"params": params}, jnp.asarray(TOKENS))
+  assert_parity(logits, lm_logits(model, TOKENS))
+
+
+def test_lm_greedy_generation_matches_transformers(language_model):
+  model, path = language_model
+  config, params = hf.load(path)
+  ours = build(config)
+  tokens = TOKENS[:1, :5]
+  for _ in range(6):  # greedy: the argmax of a full forward pass, one token at a time
+    logits, _ = ours.apply({"params": params}, jnp.asarray(tokens))
+    tokens = np.concatenate([tokens, np.argmax(logits[:, -1:], -1)], axis=1)
+  with torch.no_grad():
+    theirs = model.generate(torch.tensor(TOKENS[:1, :5]), max_new_tokens=6, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+  np.testing.assert_array_equal(tokens, theirs.numpy())
+
+
+def test_lm_export_round_trip(language_model, tmp_path):
+  model, path = language_model
+  config, params = hf.load(path)
+  hf.save(str(tmp_path / "out"), config, params)
+  again_config, again = hf.load(str(tmp_path / "out"))
+  assert again_config == config
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  reloaded = type(model).from_pretrained(str(tmp_path / "out")).eval()
+  assert_parity(lm_logits(reloaded, TOKENS), lm_logits(model, TOKENS))
+
+
+IMAGE_TOKEN = 100
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+  torch.manual_seed(0)
+  config = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(**VISION_CONFIG),
+      text_config=transformers.LlamaConfig(hidden_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           intermediate_size=80, vocab_size=104),
+      image_token_index=IMAGE_TOKEN, vision_feature_layer=-2)
+  model = transformers.LlavaForConditionalGeneration(config).eval()
+  return model, saved(tmp_path_factory.mktemp("llava"), model)
+
+
+def llava_inputs():
+  # One prompt, two images of 9 patches each, with text around and between them.
+  tokens = np.array([[1, 5] + [IMAGE_TOKEN] * 9 + [7, 8] + [IMAGE_TOKEN] * 9 + [9, 10, 11]])
+  return tokens, IMAGES
+
+
+def test_llava_parity_with_two_images(llava):
+  model, path = llava
+  config, params = hf.load(path)
+  assert config["family"] == "early_fusion" and config["model"]["vision_layer"] == -2
+  tokens, images = llava_inputs()
+  logits, _ = build(config).apply({"params": params}, jnp.asarray(tokens),
+                                  jnp.asarray(images[None]))
+  with torch.no_grad():
+    expected = model(input_ids=torch.tensor(tokens), pixel_values=torch_images(images)).logits
+  assert_parity(logits, expected.numpy())
+
+
+def test_llava_export_round_trip(llava, tmp_path):
+  model, path = llava
+  config, params = hf.load(path)
+  hf.save(str(tmp_path / "out"), config, params)
+  _, again = hf.load(str(tmp_path / "out"))
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(
+      str(tmp_path / "out")).eval()
+  tokens, images = llava_inputs()
+  with torch.no_grad():
+    a = reloaded(input_ids=torch.tensor(tokens), pixel_values=torch_images(images)).logits
+    b = model(input_ids=torch.tensor(tokens), pixel_values=torch_images(images)).logits
+  assert_parity(a.numpy(), b.numpy())
+
+
+def test_import_streams_into_shardings(language_model):
+  _, path = language_model
+  config, _ = hf.load(path)
+  model = build(config)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
+  shardings = sharding.param_shardings(boxed, mesh, sharding.rules("fsdp_tp"))
+  _, params = hf.load(path, shardings)
+  kernel = params["block_0"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding == shardings["block_0"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == P("fsdp", "tensor")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(kernel.shape[0] // 4,
+                                                                kernel.shape[1] // 2)}
+
+
+def test_unsupported_fields_name_the_field(tmp_path):
+  torch.manual_seed(0)
+  path = saved(tmp_path, llama(attention_bias=True))
+  with pytest.raises(ValueError, match=r"Llama: config.json field 'attention_bias'=True"):
+    hf.load(path)
+  config = json.load(open(os.path.join(path, "config.json")))
+  config.update(attention_bias=False, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4})
+  json.dump(config, open(os.path.join(path, "config.json"), "w"))
+  with pytest.raises(ValueError, match=r"'rope_parameters.rope_type'='yarn' is not supported"):
+    hf.load(path)
+  config["model_type"] = "mamba"
+  json.dump(config, open(os.path.join(path, "config.json"), "w"))
+  with pytest.raises(ValueError, match=r"'model_type'='mamba' is not supported"):
+    hf.load(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  torch.manual_seed(0)
+  path = saved(tmp_path, LMS["gpt2"]())
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  del tensors["transformer.h.1.ln_2.weight"]
+  save_file(tensors, os.path.join(path, "model.safetensors"))
+  with pytest.raises(ValueError, match=r"tensor 'transformer.h.1.ln_2.weight' is missing"):
+    hf.load(path)
+
+
+def test_sharded_checkpoint_and_tokenizer_files(tmp_path):
+  torch.manual_seed(0)
+  model = llama().eval()
+  path = str(tmp_path / "hf")
+  model.save_pretrained(path, max_shard_size="20KB")
+  assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=__import__("tokenizers").Tokenizer(
+          __import__("tokenizers").models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+  tokenizer.save_pretrained(path)
+  config, params = hf.load(path)
+  logits, _ = build(config).apply({"params": params}, jnp.asarray(TOKENS))
+  assert_parity(logits, lm_logits(model, TOKENS))
+  out = tmp_path / "copy"
+  out.mkdir()
+  assert "tokenizer.json" in hf.copy_tokenizer(path, str(out))
+  assert (out / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()

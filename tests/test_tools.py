@@ -1,0 +1,93 @@
+"""The command-line tools end to end: import a HuggingFace model, fine-tune it, export it back."""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file
+import torch
+import transformers
+
+from mmjax import trainer
+import train_cli
+
+sys.path.insert(0, str(train_cli.ROOT / "tools"))
+import export_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def run_tool(name, *args):
+  result = subprocess.run([sys.executable, str(train_cli.ROOT / "tools" / name), *args],
+                          env=train_cli.env(1), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_import_finetune_export(tmp_path, run_train):
+  torch.manual_seed(0)
+  llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(
+          hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+          image_size=32, patch_size=8),
+      text_config=transformers.LlamaConfig(
+          hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          intermediate_size=64, vocab_size=320),
+      image_token_index=258)).eval()
+  llava.save_pretrained(tmp_path / "hf")
+  run_tool("import_hf.py", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'import'}")
+  imported = json.loads((tmp_path / "import" / "mmjax_config.json").read_text())
+  assert imported["family"] == "early_fusion"
+
+  rows = run_train(tmp_path / "run", "hf.py:" + str(tmp_path / "import"),
+                   {"total_steps": 6, "log_every": 3, "eval_every": 0})
+  assert rows[-1]["step"] == 6
+
+  run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}")
+  exported = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  config, params, _ = export_hf.read_model(str(tmp_path / "run"))
+  tokens = np.array([[256] + [258] * 16 + [97, 32, 114]])
+  images = np.random.RandomState(0).rand(1, 32, 32, 3).astype(np.float32)
+  ours, _ = trainer.MODELS["early_fusion"](**config["model"]).apply(
+      {"params": params}, jnp.asarray(tokens), jnp.asarray(images[None]))
+  with torch.no_grad():
+    theirs = exported(input_ids=torch.tensor(tokens),
+                      pixel_values=torch.tensor(images.transpose(0, 3, 1, 2))).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+  # Fine-tuning moved the weights away from the import.
+  with torch.no_grad():
+    before = llava(input_ids=torch.tensor(tokens),
+                   pixel_values=torch.tensor(images.transpose(0, 3, 1, 2))).logits.numpy()
+  assert not np.allclose(before, theirs, atol=1e-6)
+
+
+def test_deep_fusion_export_parts_and_name_map(tmp_path, run_train):
+  run_train(tmp_path / "run", "deep_fusion.py:tiny", {"total_steps": 2, "log_every": 1,
+                                                      "eval_every": 0})
+  out = run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}")
+  assert "no HuggingFace form" in out  # the tiny tower has no cls token
+  config, params, _ = export_hf.read_model(str(tmp_path / "run"))
+  flat = load_file(tmp_path / "out" / "model.safetensors")
+  np.testing.assert_array_equal(flat["xattn_0/attn/query/kernel"],
+                                params["xattn_0"]["attn"]["query"]["kernel"])
+  assert len(flat) == len(jax.tree.leaves(params))
+  language = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "language").eval()
+  tokens = np.array([[256, 97, 98, 99]])
+  ours, _ = trainer.MODELS["lm"](**config["model"]["lm"]).apply({"params": params["lm"]},
+                                                                jnp.asarray(tokens))
+  with torch.no_grad():
+    theirs = language(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_params_only_export_round_trip(tmp_path, run_train):
+  run_train(tmp_path / "run", "lm.py:tiny", {"total_steps": 2, "log_every": 1, "eval_every": 0})
+  run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'served'}",
+           "--format=params")
+  config, params, _ = export_hf.read_model(str(tmp_path / "served"))
+  _, trained, _ = export_hf.read_model(str(tmp_path / "run"))
+  assert config["family"] == "lm"
+  jax.tree.map(np.testing.assert_array_equal, params, trained)
