@@ -1,6 +1,8 @@
 """Pieces every config file shares: the common keys, the optimizer, paired backbones."""
 import ml_collections
 
+from mmjax.data import tokenizers
+
 # Fusion configs pair the two schemes on these: an early-vs-deep comparison changes only the fusion.
 BACKBONES = {
     # ViT-mu/8 at 32 px (16 patches) + a 2-block byte-level GPT-2: trains on a CPU in minutes.
@@ -51,7 +53,7 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
 
 
 def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
-  """Parses "BACKBONE[,STAGE]" -> (base config with the stage's freezing, backbone pair)."""
+  """Parses "BACKBONE[,STAGE]" -> (base config with the stage's freezing and towers, the pair)."""
   backbone, _, stage = arg.partition(",")
   stage = stage or "all"
   if backbone not in BACKBONES or stage not in stages:
@@ -59,7 +61,13 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
                      f"{sorted(BACKBONES)} and STAGE in {sorted(stages)}, got {arg!r}")
   config = base_config(family=family, total_steps=600, batch_size=16)
   config.optimizer.frozen = stages[stage]
-  return config, BACKBONES[backbone]
+  pair = BACKBONES[backbone]
+  config.model = ml_collections.ConfigDict(dict(
+      vit=pair["vit"], lm=pair["lm"],
+      image_token_id=tokenizers.ByteTokenizer.image_id,
+      dtype="float32",  # compute dtype of every part; "bfloat16" on accelerators
+  ))
+  return config, pair
 
 
 def optimizer(total_steps: int, learning_rate: float = 3e-3) -> ml_collections.ConfigDict:

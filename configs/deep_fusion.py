@@ -6,17 +6,13 @@ blocks only; "all" (the default) trains everything.
 import ml_collections
 
 from configs import common
-from mmjax.data import tokenizers
 
 STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config, pair = common.fusion_config(arg, family="deep_fusion", stages=STAGES)
-  config.model = ml_collections.ConfigDict(dict(
-      vit=pair["vit"], lm=pair["lm"],
-      image_token_id=tokenizers.ByteTokenizer.image_id,
-      dtype="float32",  # compute dtype of both towers; "bfloat16" on accelerators
+  config.model.update(dict(
       cross_every=1,  # a cross block before every LM block: the tiny LM has only 2
       adapter_layers=2,
       resampler_latents=ml_collections.config_dict.placeholder(int),  # 64: Flamingo resampler

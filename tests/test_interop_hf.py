@@ -34,6 +34,16 @@ def build(config):
   return trainer.MODELS[config["family"]](**config["model"])
 
 
+def export_and_reload(model, path, out):
+  """hf.load -> hf.save -> hf.load gives identical params; returns transformers' reload."""
+  config, params = hf.load(path)
+  hf.save(str(out), config, params)
+  again_config, again = hf.load(str(out))
+  assert again_config == config
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  return type(model).from_pretrained(str(out)).eval()
+
+
 def saved(tmp_path, model, name="hf"):
   path = str(tmp_path / name)
   model.save_pretrained(path)
@@ -82,12 +92,7 @@ def test_vision_tower_parity(vision):
 
 def test_vision_tower_export_round_trip(vision, tmp_path):
   kind, model, path = vision
-  config, params = hf.load(path)
-  hf.save(str(tmp_path / "out"), config, params)
-  again_config, again = hf.load(str(tmp_path / "out"))
-  assert again_config == config
-  jax.tree.map(np.testing.assert_array_equal, again, params)
-  reloaded = type(model).from_pretrained(str(tmp_path / "out")).eval()
+  reloaded = export_and_reload(model, path, tmp_path / "out")
   assert_parity(vision_outputs(kind, reloaded, IMAGES)[0], vision_outputs(kind, model, IMAGES)[0])
 
 
@@ -149,12 +154,7 @@ def test_lm_greedy_generation_matches_transformers(language_model):
 
 def test_lm_export_round_trip(language_model, tmp_path):
   model, path = language_model
-  config, params = hf.load(path)
-  hf.save(str(tmp_path / "out"), config, params)
-  again_config, again = hf.load(str(tmp_path / "out"))
-  assert again_config == config
-  jax.tree.map(np.testing.assert_array_equal, again, params)
-  reloaded = type(model).from_pretrained(str(tmp_path / "out")).eval()
+  reloaded = export_and_reload(model, path, tmp_path / "out")
   assert_parity(lm_logits(reloaded, TOKENS), lm_logits(model, TOKENS))
 
 
@@ -194,12 +194,7 @@ def test_llava_parity_with_two_images(llava):
 
 def test_llava_export_round_trip(llava, tmp_path):
   model, path = llava
-  config, params = hf.load(path)
-  hf.save(str(tmp_path / "out"), config, params)
-  _, again = hf.load(str(tmp_path / "out"))
-  jax.tree.map(np.testing.assert_array_equal, again, params)
-  reloaded = transformers.LlavaForConditionalGeneration.from_pretrained(
-      str(tmp_path / "out")).eval()
+  reloaded = export_and_reload(model, path, tmp_path / "out")
   tokens, images = llava_inputs()
   with torch.no_grad():
     a = reloaded(input_ids=torch.tensor(tokens), pixel_values=torch_images(images)).logits
