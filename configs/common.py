@@ -29,7 +29,7 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
   config.batch_size = batch_size  # global
   config.microbatches = 1  # gradient accumulation: the same update as one batch, less memory
   config.nan_policy = "skip"  # non-finite loss/grads: "skip" the update (counted) or "stop"
-  config.init_from = ""  # an import/export directory with params/ to start from (tools/import_hf.py)
+  config.init_from = ""  # a directory with params/ to start from (tools/import_hf.py --out)
   config.log_every = 25
   config.eval_every = 200
   config.eval_steps = 4  # validation batches per evaluation

@@ -131,7 +131,7 @@ def _compare_trees(what: str, saved, target):
 
 
 def graft(params: dict, parts: dict) -> dict:
-  """Returns params with top-level subtrees replaced, e.g. parts={"vit": vit_params, "lm": lm_params}.
+  """params with top-level subtrees replaced: parts={"vit": vit_params, "lm": lm_params}.
 
   Loads a pretrained ViT or LM into a fusion model, whose "vit" and "lm"
   subtrees carry the plain models' names. Every path and shape must match; a

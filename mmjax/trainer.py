@@ -195,9 +195,8 @@ def make_train_step(model, optimizer, *, microbatches: int):
     else:
       # Microbatch m takes rows m, m + M, m + 2M, ...: every microbatch stays spread over all
       # devices, where contiguous slices would each sit on a few of them.
-      split = jax.tree.map(
-          lambda x: x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1),
-          batch)
+      split = jax.tree.map(lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                                               *x.shape[1:]).swapaxes(0, 1), batch)
 
       def accumulate(carry, microbatch):
         out = grads_and_terms(params, microbatch)

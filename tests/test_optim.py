@@ -1,7 +1,6 @@
 """Tests of the optimizer builder: freezing, weight-decay mask, schedules, choices."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

@@ -1,6 +1,5 @@
 """Tests of the trainer: learning, sharding presets, accumulation, NaN guard, checkpoints, processes."""
 import importlib
-import os
 import pathlib
 import signal
 import socket

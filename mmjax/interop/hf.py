@@ -346,9 +346,11 @@ def table(hf_config: dict, mm_config: dict) -> list[Entry]:
 # ----------------------------------------------------------------------------
 
 # Other spellings of the same tensors (older transformers, in-memory names) -> names on disk.
-ALIASES = (("vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),
+ALIASES = (("vision_tower.vision_model.", "vision_tower."),
+           ("model.vision_tower.", "vision_tower."),
            ("model.multi_modal_projector.", "multi_modal_projector."),
-           ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+           ("model.language_model.", "language_model.model."),
+           ("lm_head.", "language_model.lm_head."),
            ("vision_model.", ""))
 
 

@@ -90,7 +90,10 @@ def splice(text: jax.Array, images: jax.Array, is_placeholder: jax.Array) -> jax
 
 
 def loss_weights(targets: jax.Array, weights: jax.Array, image_token_id: int) -> jax.Array:
-  """Zeroes the loss where the target is an image placeholder: int[B, T], float[B, T] -> float[B, T]."""
+  """Zeroes the loss where the target is an image placeholder.
+
+  targets: int[B, T]; weights: float[B, T] -> float[B, T].
+  """
   return weights * (targets != image_token_id)
 
 
