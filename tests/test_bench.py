@@ -1,0 +1,52 @@
+"""tools/bench.py: its FLOP count against hand-written MaxText formulas, and one real run."""
+import json
+import subprocess
+import sys
+
+from flax import linen as nn
+import jax
+import numpy as np
+import pytest
+
+from mmjax import trainer
+import train_cli
+
+sys.path.insert(0, str(train_cli.ROOT / "tools"))
+import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def case_flops(name):
+  family, fields, batch, text_len, images, _ = bench.CASES[name]
+  model = trainer.MODELS[family](**fields)
+  data = bench.synthetic_batch(family, model, batch, text_len, images, np.random.default_rng(0))
+  example = jax.tree.map(lambda x: x[:1], data)
+  params = jax.eval_shape(model.init, jax.random.key(0), *trainer.init_inputs(example))["params"]
+  return bench.model_flops(family, model, nn.unbox(params), data)
+
+
+def test_lm_flops_match_maxtext_formula():
+  V, D, L, T, B = 512, 128, 4, 128, 8  # lm-tiny, as in the naive reference
+  matmul_params = 12 * L * D * D + V * D  # blocks + the tied unembedding
+  expected = 6 * matmul_params * B * T + 6 * L * T * D * B * T  # causal attention halved
+  assert case_flops("lm-tiny") == pytest.approx(expected, rel=1e-9)
+
+
+def test_vit_flops_match_maxtext_formula():
+  D, L, P, R, B, C = 128, 4, 8, 64, 16, 1000  # vit-tiny
+  T = (R // P) ** 2
+  forward = 2 * (12 * L * D * D + 3 * P * P * D) * B * T + 2 * D * C * B + 4 * L * T * T * D * B
+  assert case_flops("vit-tiny") == pytest.approx(3 * forward, rel=1e-9)
+
+
+def test_bench_runs_and_compares_with_the_reference():
+  result = subprocess.run(
+      [sys.executable, str(train_cli.ROOT / "tools" / "bench.py"), "--cases=lm-tiny",
+       "--steps=2", f"--reference={train_cli.ROOT.parent / 'shared' / 'bench' / 'naive_reference.py'}"],
+      env=train_cli.env(1), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  ours, theirs, ratio = lines
+  assert ours["impl"] == "mmjax" and theirs["impl"] == "naive_reference"
+  assert ours["params"] == theirs["params"]  # the same model shape
+  assert ratio["ratio_mmjax_over_reference"] == pytest.approx(
+      ours["tokens_per_s"] / theirs["tokens_per_s"])

@@ -1,0 +1,244 @@
+"""Benchmarks mmjax's jitted training step against the naive reference, in one run.
+
+  python tools/bench.py                         # CPU: the tiny cases
+  python tools/bench.py --cases gpt2-124m,llama-1b,vit-b16,early-fusion,deep-fusion   # GPU
+
+Prints one JSON line per case: seconds per step (median after warm-up),
+tokens/s or images/s, model TFLOP/s and MFU by MaxText's count (3 x forward
+matmul FLOPs + attention, causal attention halved), peak device memory, compile
+time; then the reference's line at the same shapes and the ratio mmjax /
+reference. Batches are synthetic and in memory, so it needs neither tfds nor
+TensorFlow; the step is the trainer's own (`trainer.make_train_step`).
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmjax import metrics
+from mmjax import optim
+from mmjax import sharding
+from mmjax import trainer
+from mmjax.models import early_fusion
+from mmjax.models import lm
+from mmjax.models import vit
+
+DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench" / (
+    "naive_reference.py")
+
+GPT2 = dict(variant="gpt2-124m", vocab_size=50304)  # the reference pads the vocabulary to 64
+VIT_B16 = dict(variant="B/16", image_size=224, num_classes=1000, pool="gap")
+# name -> (family, model fields, batch, text length or None, images per sample, reference)
+CASES = {
+    "lm-tiny": ("lm", dict(width=128, depth=4, num_heads=4, mlp_dim=512, vocab_size=512,
+                           max_len=128), 8, 128, 0, "lm-tiny"),
+    "vit-tiny": ("vit", dict(width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,
+                             image_size=64, num_classes=1000, pool="gap"), 16, None, 1,
+                 "vit-tiny"),
+    "early-tiny": ("early_fusion", dict(vit=dict(variant="mu/8", image_size=32, pool="none"),
+                                        lm=dict(variant="gpt2-tiny", vocab_size=512),
+                                        image_token_id=3), 8, 64, 1, None),
+    "deep-tiny": ("deep_fusion", dict(vit=dict(variant="mu/8", image_size=32, pool="none"),
+                                      lm=dict(variant="gpt2-tiny", vocab_size=512),
+                                      image_token_id=3, cross_every=1), 8, 64, 1, None),
+    "gpt2-124m": ("lm", GPT2, 16, 1024, 0, "gpt2-124m"),
+    "llama-1b": ("lm", dict(variant="llama-1b"), 8, 2048, 0, None),
+    "vit-b16": ("vit", VIT_B16, 128, None, 1, "vit-b16"),
+    "early-fusion": ("early_fusion", dict(vit={**VIT_B16, "pool": "none", "num_classes": None},
+                                          lm=GPT2, image_token_id=3), 16, 1024, 1, None),
+    "deep-fusion": ("deep_fusion", dict(vit={**VIT_B16, "pool": "none", "num_classes": None},
+                                        lm=GPT2, image_token_id=3, cross_every=4), 16, 1024, 1,
+                    None),
+}
+
+
+def synthetic_batch(family, model, batch, text_len, images_per_sample, rng):
+  """Random inputs of the case's shapes, laid out as the trainer's data sources lay them."""
+  if family == "vit":
+    size = model.image_size
+    return {"images": rng.standard_normal((batch, size, size, 3), np.float32),
+            "labels": rng.integers(0, model.num_classes, batch).astype(np.int32)}
+  vocab = model.vocab_size if family == "lm" else lm.Model(**model.lm).vocab_size
+  tokens = rng.integers(4, vocab, (batch, text_len)).astype(np.int32)
+  out = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
+         "loss_weights": np.ones((batch, text_len), np.float32)}
+  if family in ("early_fusion", "deep_fusion"):
+    vision = vit.Model(**model.vit)
+    size = vision.image_size
+    out["images"] = rng.standard_normal((batch, images_per_sample, size, size, 3), np.float32)
+    marks = (early_fusion.num_image_tokens(model.vit, size) if family == "early_fusion" else 1)
+    out["tokens"][:, 1:1 + marks] = model.image_token_id
+    out["loss_weights"][:, :1 + marks] = 0.0
+  return out
+
+
+def model_flops(family, model, params, batch: dict) -> float:
+  """Training FLOPs per step by MaxText's count: 3 x (matmuls + attention) of the forward pass.
+
+  Each kernel is counted over the tokens that pass through it: text tokens
+  for the LM, patches for the ViT, the projector and the cross-attention keys
+  and values. An embedding lookup is a gather (not counted); a tied output
+  projection is.
+  """
+  if family == "vit":
+    towers, text = {"": model}, None
+  elif family == "lm":
+    towers, text = {"": model}, model
+  else:
+    towers, text = {"vit/": vit.Model(**model.vit), "lm/": lm.Model(**model.lm)}, lm.Model(
+        **model.lm)
+  B = next(iter(batch.values())).shape[0]
+  images = 0 if family == "lm" else (B if family == "vit" else B * batch["images"].shape[1])
+  vision = towers.get("vit/", model if family == "vit" else None)
+  patches = (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
+  visual_tokens = images * patches
+  T = batch["tokens"].shape[1] if "tokens" in batch else 0
+  text_tokens = B * T
+
+  forward = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    if not name.endswith("kernel"):
+      continue  # biases, norms, lookups (embeddings) and additions are not matmuls
+    if family == "vit" and name.startswith("head/"):
+      forward += 2 * leaf.size * images  # the classifier sees one pooled vector per image
+      continue
+    on_images = (family == "vit" or name.startswith(("vit/", "projector/", "adapter/",
+                                                      "resampler/"))
+                 or ("xattn" in name and ("/key/" in name or "/value/" in name)))
+    forward += 2 * leaf.size * (visual_tokens if on_images else text_tokens)
+  if text is not None:
+    if text.tie_embeddings:
+      forward += 2 * text.vocab_size * text.width * text_tokens
+    heads_dim = text.num_heads * (text.head_dim or text.width // text.num_heads)
+    forward += 0.5 * 4 * text.depth * B * T * T * heads_dim  # causal: half the scores
+    if family == "deep_fusion":
+      crosses = sum(1 for k in params if k.startswith("xattn_"))
+      forward += 4 * crosses * B * T * batch["images"].shape[1] * patches * heads_dim
+  if vision is not None:
+    tokens = patches + int(vision.pool == "cls")
+    forward += 4 * vision.depth * images * tokens * tokens * vision.width
+  return 3 * forward
+
+
+def run_case(name: str, steps: int, dtype: str, attention: str) -> dict:
+  family, fields, batch_size, text_len, images_per_sample, _ = CASES[name]
+  fields = dict(fields)
+  if family in ("lm", "vit"):
+    fields.update(dtype=dtype, attention_impl=attention)
+  else:
+    fields.update(dtype=dtype)
+    fields["vit"] = {**fields["vit"], "attention_impl": attention}
+    fields["lm"] = {**fields["lm"], "attention_impl": attention}
+  model = trainer.MODELS[family](**fields)
+  batch = synthetic_batch(family, model, batch_size, text_len, images_per_sample,
+                          np.random.default_rng(0))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+  rules = sharding.rules("fsdp")
+  example = jax.tree.map(lambda x: x[:1], batch)
+  inputs = trainer.init_inputs(example)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
+  params_sharding = sharding.param_shardings(boxed, mesh, rules)
+  optimizer = optim.make_optimizer(_adamw(), nn.unbox(boxed))
+
+  def init_state():
+    params = nn.unbox(model.init(jax.random.key(0), *inputs)["params"])
+    return {"params": params, "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+            "first_bad_step": jnp.full((), -1, jnp.int32)}
+
+  abstract = jax.eval_shape(init_state)
+  state_sharding = sharding.state_shardings(abstract, params_sharding, mesh)
+  state = jax.jit(init_state, out_shardings=state_sharding)()
+  batch = sharding.global_batch(batch, mesh)
+  step = jax.jit(trainer.make_train_step(model, optimizer, microbatches=1),
+                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
+  tic = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - tic
+  state, out = compiled(state, batch)  # warm-up
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    tic = time.perf_counter()
+    state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - tic)
+  seconds = float(np.median(times))
+  flops = model_flops(family, model, abstract["params"], batch)
+  device = jax.devices()[0]
+  peak = metrics.peak_tflops(device)
+  memory = device.memory_stats() or {} if hasattr(device, "memory_stats") else {}
+  per_step = batch_size * text_len if text_len else batch_size
+  result = {
+      "impl": "mmjax", "case": name, "device": device.device_kind, "devices": jax.device_count(),
+      "dtype": dtype, "attention": attention, "batch": batch_size,
+      "params": int(sum(x.size for x in jax.tree.leaves(abstract["params"]))),
+      "seconds_per_step": seconds,
+      ("tokens_per_s" if text_len else "images_per_s"): per_step / seconds,
+      "model_tflops_per_s": flops / seconds / 1e12,
+      "mfu": flops / seconds / 1e12 / (peak * jax.device_count()) if peak else None,
+      "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2**30 or None,
+      "compile_seconds": compile_seconds, "final_loss": float(out["loss"]),
+  }
+  if text_len and family != "lm":
+    result["tokens_per_s_text"] = batch_size * text_len / seconds
+  return result
+
+
+def _adamw() -> ml_collections.ConfigDict:
+  """The reference's optimizer: AdamW at a constant 3e-4 (plus mmjax's clipping and decay mask)."""
+  return ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=3e-4, schedule="constant", warmup_steps=0, decay_steps=1,
+      b1=0.9, b2=0.999, momentum=0.9, weight_decay=1e-4, clip_norm=1.0, frozen=""))
+
+
+def run_reference(path: str, model: str, steps: int, dtype: str, attention: str) -> dict:
+  command = [sys.executable, path, "--model", model, "--steps", str(steps), "--dtype", dtype,
+             "--attention", attention]
+  result = subprocess.run(command, capture_output=True, text=True, check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  on_cpu = jax.default_backend() == "cpu"
+  parser.add_argument("--cases", default="lm-tiny,vit-tiny,early-tiny,deep-tiny" if on_cpu else
+                      "gpt2-124m,llama-1b,vit-b16,early-fusion,deep-fusion")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
+  parser.add_argument("--attention", default="xla" if on_cpu else "auto",
+                      help="mmjax's attention_impl; the reference gets naive on CPU, cudnn on GPU")
+  parser.add_argument("--reference", default=str(DEFAULT_REFERENCE),
+                      help="path to naive_reference.py; '' to skip it")
+  args = parser.parse_args()
+  for name in args.cases.split(","):
+    if name not in CASES:
+      raise SystemExit(f"unknown case {name!r}; known: {sorted(CASES)}")
+    ours = run_case(name, args.steps, args.dtype, args.attention)
+    print(json.dumps(ours), flush=True)
+    reference_model = CASES[name][5]
+    if args.reference and reference_model:
+      if not os.path.exists(args.reference):
+        raise SystemExit(f"--reference {args.reference} does not exist")
+      theirs = run_reference(args.reference, reference_model, args.steps, args.dtype,
+                             "naive" if on_cpu else "cudnn")
+      print(json.dumps(theirs), flush=True)
+      unit = "tokens_per_s" if "tokens_per_s" in theirs else "images_per_s"
+      print(json.dumps({"case": name, "ratio_mmjax_over_reference": ours[unit] / theirs[unit],
+                        "unit": unit}), flush=True)
+
+
+if __name__ == "__main__":
+  main()
