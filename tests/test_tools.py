@@ -18,6 +18,8 @@ import train_cli
 
 sys.path.insert(0, str(train_cli.ROOT / "tools"))
 import export_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+import show_params  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import lm as lm_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def run_tool(name, *args):
@@ -91,3 +93,16 @@ def test_params_only_export_round_trip(tmp_path, run_train):
   _, trained, _ = export_hf.read_model(str(tmp_path / "run"))
   assert config["family"] == "lm"
   jax.tree.map(np.testing.assert_array_equal, params, trained)
+
+
+def test_show_params_lists_axes_and_shardings():
+  config = lm_config.get_config("tiny")
+  config.mesh.rules = "fsdp_tp"
+  config.mesh.shape.update(dict(data=1, fsdp=-1, tensor=2))
+  table = {row[0]: row[1:] for row in show_params.rows(config)}
+  assert table["block_0/mlp/up/kernel"] == ((64, 256), 16384, ("embed", "mlp"),
+                                            "P('fsdp', 'tensor')")
+  assert table["embedder/embedding"][2] == ("vocab", "embed")
+  model = trainer.build_model(config)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  assert sum(r[1] for r in table.values()) == sum(x.size for x in jax.tree.leaves(params))
