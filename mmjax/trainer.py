@@ -96,8 +96,7 @@ def loss_terms(model: nn.Module, params, batch: dict):
 
 def validate(config: ml_collections.ConfigDict, num_devices: int):
   """One-line errors naming the config key, raised before anything compiles."""
-  model = build_model(config)
-  towers = {"model": model}
+  towers = {"model": build_model(config)}
   if config.family in ("early_fusion", "deep_fusion"):
     towers = {"model.vit": vit.Model(**config.model.vit.to_dict()),
               "model.lm": lm.Model(**config.model.lm.to_dict())}
@@ -121,10 +120,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int):
   data_size, fsdp_size, _ = sharding.mesh_shape(config.mesh.shape, num_devices)
   sharding.rules(config.mesh.rules)
   parallel = data_size * fsdp_size
-  microbatch = config.batch_size // config.microbatches if config.microbatches > 0 else 0
   if config.microbatches < 1 or config.batch_size % config.microbatches:
     raise ValueError(f"config.microbatches={config.microbatches} must be >= 1 and divide "
                      f"config.batch_size={config.batch_size}")
+  microbatch = config.batch_size // config.microbatches
   if microbatch % parallel:
     raise ValueError(f"config.batch_size={config.batch_size} (microbatches of {microbatch}) is "
                      f"not divisible by the data-parallel size {parallel} (mesh data x fsdp)")
