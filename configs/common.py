@@ -33,13 +33,13 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
   config.log_every = 25
   config.eval_every = 200
   config.eval_steps = 4  # validation batches per evaluation
+  config.checkpoint_every = 200  # steps between saves; the last step and SIGTERM always save
   config.optimizer = optimizer(total_steps)
   config.mesh = ml_collections.ConfigDict(dict(
       shape=dict(data=1, fsdp=-1, tensor=1),  # -1: all remaining devices
       rules="fsdp",  # or "dp", "fsdp_tp", or a list of (logical axis, mesh axes) pairs
   ))
   config.checkpoint = ml_collections.ConfigDict(dict(
-      every=200,  # steps between saves; the last step and SIGTERM always save
       max_to_keep=3,
       keep_every=0,  # also keep every k-th step for good; 0: off
       async_save=True,
@@ -83,4 +83,5 @@ def optimizer(total_steps: int, learning_rate: float = 3e-3) -> ml_collections.C
       weight_decay=0.1,
       clip_norm=1.0,
       frozen="",  # regex over parameter paths ("lm/block_0/attn/query/kernel"); "" = none
+      lr_multipliers=(),  # ((regex, factor), ...): e.g. (("^vit/", 0.1),) for a slower tower
   ))

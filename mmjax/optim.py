@@ -1,8 +1,10 @@
-"""Optax optimizers from config: schedule, clipping, weight-decay mask, freezing.
+"""Optax optimizers from config: schedule, clipping, weight-decay mask, freezing, multipliers.
 
 Parameters are addressed by their "/"-joined path, e.g. "lm/block_3/attn/query/kernel".
 Frozen parameters get `optax.set_to_zero` under `optax.multi_transform`, so
-their updates are exactly zero and they carry no optimizer state.
+their updates are exactly zero and they carry no optimizer state. Learning-rate
+multipliers scale the final updates of matching parameters, which for these
+optimizers is the same as scaling their learning rate (and decoupled decay).
 """
 import re
 
@@ -54,10 +56,26 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
     tx = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
                          weight_decay_mask=decay_mask)
   tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
-  if not config.get("frozen"):
-    return tx
-  frozen = re.compile(config.frozen)
-  labels = jax.tree.map(lambda p: "frozen" if frozen.search(p) else "trained", paths)
-  if "trained" not in jax.tree.leaves(labels):
-    raise ValueError(f"optimizer.frozen={config.frozen!r} freezes every parameter")
-  return optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  if config.get("frozen"):
+    frozen = re.compile(config.frozen)
+    labels = jax.tree.map(lambda p: "frozen" if frozen.search(p) else "trained", paths)
+    if "trained" not in jax.tree.leaves(labels):
+      raise ValueError(f"optimizer.frozen={config.frozen!r} freezes every parameter")
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+  if config.get("lr_multipliers"):
+    tx = optax.chain(tx, scale_by_path(config.lr_multipliers, paths))
+  return tx
+
+
+def scale_by_path(multipliers, paths) -> optax.GradientTransformation:
+  """Multiplies each update by the factor of the first (regex, factor) pair matching its path."""
+  def factor(path):
+    return next((float(f) for pattern, f in multipliers if re.search(pattern, path)), 1.0)
+
+  factors = jax.tree.map(factor, paths)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -333,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write(step, scalars)
           last, tic, steps_since = scalars, time.perf_counter(), 0
         preempted = preemption.should_stop(sync=log_now)
-        if ((config.checkpoint.every and step % config.checkpoint.every == 0)
+        if ((config.checkpoint_every and step % config.checkpoint_every == 0)
             or step == config.total_steps or preempted):
           _check_finite(state, config.nan_policy)
           checkpointer.save(step, state, data_state, config_json)

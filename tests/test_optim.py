@@ -93,3 +93,26 @@ def test_clipping_by_global_norm():
   assert isinstance(tx, optax.GradientTransformation)
   updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.1 * np.full(4, 0.5), rtol=1e-6)
+
+
+def test_lr_multipliers_scale_matching_updates():
+  params = params_tree()
+  # No clipping: with a frozen tower the clip norm would be taken over fewer gradients.
+  plain = optim.make_optimizer(config(name="sgd", momentum=0.0, weight_decay=0.0,
+                                      clip_norm=1e9), params)
+  scaled = optim.make_optimizer(config(name="sgd", momentum=0.0, weight_decay=0.0,
+                                       clip_norm=1e9, frozen=r"^vit/",
+                                       lr_multipliers=((r"^projector/", 0.25),
+                                                       (r"^proj", 9.0))), params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  expected, _ = plain.update(grads, plain.init(params), params)
+  updates, _ = scaled.update(grads, scaled.init(params), params)
+  paths = optim.param_paths(params)
+  for path, want, got in zip(jax.tree.leaves(paths), jax.tree.leaves(expected),
+                             jax.tree.leaves(updates)):
+    if path.startswith("vit/"):
+      np.testing.assert_array_equal(got, 0.0)  # frozen wins
+    elif path.startswith("projector/"):
+      np.testing.assert_allclose(got, 0.25 * want, rtol=1e-6)  # the first match applies
+    else:
+      np.testing.assert_array_equal(got, want)

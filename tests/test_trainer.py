@@ -22,7 +22,7 @@ import train_cli
 def config_for(name: str, arg: str = "tiny", **overrides):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
   config.update_from_flattened_dict({"total_steps": 8, "log_every": 2, "eval_every": 0,
-                                     "checkpoint.every": 0, "checkpoint.async_save": False,
+                                     "checkpoint_every": 0, "checkpoint.async_save": False,
                                      **overrides})
   return config
 
@@ -108,7 +108,7 @@ def test_fusion_models_learn_from_the_image(tmp_path, run_train, name):
 ])
 def test_sharded_runs_match_one_device(tmp_path, run_train, name, presets):
   reference = losses(run_train(tmp_path / "one", f"{name}.py:tiny", {
-      "total_steps": 8, "log_every": 2, "eval_every": 0, "checkpoint.every": 0}, devices=1))
+      "total_steps": 8, "log_every": 2, "eval_every": 0, "checkpoint_every": 0}, devices=1))
   assert jax.device_count() == 8
   for rules, shape in presets:
     config = config_for(name, **{"mesh.rules": rules, **{f"mesh.shape.{k}": v
@@ -146,7 +146,7 @@ def test_vit_family_trains(tmp_path):
 def test_nan_skip_policy_skips_and_counts(tmp_path):
   # A learning rate of 1e30 makes the second step's loss non-finite.
   config = config_for("lm", **{"optimizer.learning_rate": 1e30, "optimizer.warmup_steps": 0,
-                               "nan_policy": "skip", "checkpoint.every": 4})
+                               "nan_policy": "skip", "checkpoint_every": 4})
   last = trainer.train_and_evaluate(config, str(tmp_path))
   assert last["skipped_steps"] >= 1
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final_params(tmp_path)))
@@ -203,7 +203,7 @@ def test_bad_config_on_the_command_line(tmp_path):
 # Resume, preemption, determinism, several processes.
 # ----------------------------------------------------------------------------
 
-LONG = {"total_steps": 300, "log_every": 10, "eval_every": 0, "checkpoint.every": 20}
+LONG = {"total_steps": 300, "log_every": 10, "eval_every": 0, "checkpoint_every": 20}
 
 
 def start_train(workdir, overrides):
@@ -233,7 +233,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, run_train):
-  process = start_train(tmp_path, {**LONG, "checkpoint.every": 1000})
+  process = start_train(tmp_path, {**LONG, "checkpoint_every": 1000})
   wait_for(tmp_path / "metrics.jsonl")
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
@@ -267,7 +267,7 @@ def run_two_processes(workdir, overrides):
 
 
 def test_two_processes_match_one_and_resume(tmp_path, run_train):
-  short = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint.every": 10}
+  short = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint_every": 10}
   single = run_train(tmp_path / "single", "lm.py:tiny", {**short, "total_steps": 30})
   run_two_processes(tmp_path / "two", short)
   # Resume the two-process run from its step-20 checkpoint and go on to 30.
