@@ -172,6 +172,14 @@ class Preemption:
     signal.signal(signal.SIGTERM, self.previous)
 
 
+def new_state(model: nn.Module, optimizer, inputs: tuple, rng: jax.Array) -> dict:
+  """The train state: fresh parameters, their optimizer state, the step and the NaN counters."""
+  params = nn.unbox(model.init(rng, *inputs)["params"])
+  return {"params": params, "opt_state": optimizer.init(params),
+          "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+          "first_bad_step": jnp.full((), -1, jnp.int32)}
+
+
 # ----------------------------------------------------------------------------
 # The train step.
 # ----------------------------------------------------------------------------
@@ -256,12 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params_sharding = sharding.param_shardings(abstract_boxed, mesh, rules)
     optimizer = optim.make_optimizer(config.optimizer, nn.unbox(abstract_boxed))
 
-    def init_state(rng):
-      params = nn.unbox(model.init(rng, *inputs)["params"])
-      return {"params": params, "opt_state": optimizer.init(params),
-              "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
-              "first_bad_step": jnp.full((), -1, jnp.int32)}
-
+    init_state = functools.partial(new_state, model, optimizer, inputs)
     abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
     state_sharding = sharding.state_shardings(abstract_state, params_sharding, mesh)
     batch_sharding = sharding.batch_sharding(mesh)

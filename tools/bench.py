@@ -11,6 +11,7 @@ reference. Batches are synthetic and in memory, so it needs neither tfds nor
 TensorFlow; the step is the trainer's own (`trainer.make_train_step`).
 """
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -20,7 +21,6 @@ import time
 
 from flax import linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -150,12 +150,8 @@ def run_case(name: str, steps: int, dtype: str, attention: str) -> dict:
   params_sharding = sharding.param_shardings(boxed, mesh, rules)
   optimizer = optim.make_optimizer(_adamw(), nn.unbox(boxed))
 
-  def init_state():
-    params = nn.unbox(model.init(jax.random.key(0), *inputs)["params"])
-    return {"params": params, "opt_state": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
-            "first_bad_step": jnp.full((), -1, jnp.int32)}
-
+  init_state = functools.partial(trainer.new_state, model, optimizer, inputs,
+                                 jax.random.key(0))
   abstract = jax.eval_shape(init_state)
   state_sharding = sharding.state_shardings(abstract, params_sharding, mesh)
   state = jax.jit(init_state, out_shardings=state_sharding)()
