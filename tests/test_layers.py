@@ -141,8 +141,8 @@ class TestAttention:
     for name in ("key", "value"):  # kernel [D, K, H] -> [D, N, H]: kv head k serves q heads 2k, 2k+1
       mha_params[name]["kernel"] = jnp.repeat(params[name]["kernel"], 2, axis=1)
     mask = layers.Mask(causal=True)
-    out_gqa = gqa.apply({"params": params}, x, mask=mask)
-    out_mha = layers.Attention(num_heads=4).apply({"params": mha_params}, x, mask=mask)
+    out_gqa, _ = gqa.apply({"params": params}, x, mask=mask)
+    out_mha, _ = layers.Attention(num_heads=4).apply({"params": mha_params}, x, mask=mask)
     np.testing.assert_allclose(out_gqa, out_mha, atol=1e-6)
 
   def test_mqa_has_one_kv_head(self):
@@ -156,7 +156,7 @@ class TestAttention:
     ctx = jax.random.normal(jax.random.key(1), (2, 5, 24))
     attn = layers.Attention(num_heads=2, head_dim=4, use_bias=True)
     params = attn.init(jax.random.key(2), x, ctx)["params"]
-    out = attn.apply({"params": params}, x, ctx)
+    out, cache = attn.apply({"params": params}, x, ctx)
     assert out.shape == (2, 3, 16)
     # Recompute by hand from the parameters.
     p = jax.tree.map(np.asarray, nn.unbox(params))
@@ -166,6 +166,31 @@ class TestAttention:
     o = naive_attention(q, k, v, None)
     expected = np.einsum("BTNH,NHD->BTD", o, p["out"]["kernel"]) + p["out"]["bias"]
     np.testing.assert_allclose(out, expected, atol=1e-5)
+    # The returned cache holds the projected context; reading it skips the projection.
+    np.testing.assert_allclose(cache.k, k, atol=1e-5)
+    again, same = attn.apply({"params": params}, x, cache)
+    np.testing.assert_allclose(again, out, atol=1e-6)
+    assert same is cache
+
+  @pytest.mark.parametrize("rope", [None, 10000.0])
+  def test_self_attention_cache_matches_full_pass(self, rope):
+    # Prefill 3 tokens into a 7-slot cache, then extend one token at a time: every output
+    # equals the same row of one causal pass over all 6 tokens.
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    attn = layers.Attention(num_heads=4, num_kv_heads=2, rope_theta=rope)
+    params = attn.init(jax.random.key(1), x)
+    full, _ = attn.apply(params, x, mask=layers.Mask(causal=True))
+    cache = layers.KVCache.empty(2, 7, 2, 4, jnp.float32)
+    slots = jnp.arange(7)
+    steps = [(0, 3), (3, 4), (4, 5), (5, 6)]
+    for start, stop in steps:
+      queries = jnp.arange(start, stop)
+      allowed = jnp.broadcast_to(slots[None, :] <= queries[:, None], (2, stop - start, 7))
+      out, cache = attn.apply(params, x[:, start:stop], mask=layers.Mask(explicit=allowed),
+                              positions=jnp.broadcast_to(queries, (2, stop - start)), cache=cache)
+      np.testing.assert_allclose(out, full[:, start:stop], atol=1e-5)
+    assert int(cache.end) == 6
+    np.testing.assert_array_equal(cache.k[:, 6], 0)  # the unwritten slot stays empty
 
   def test_rope_scores_depend_only_on_relative_position(self):
     q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
@@ -204,16 +229,16 @@ class TestAttention:
     assert params["query_norm"]["scale"].shape == (8,)
     plain = layers.Attention(num_heads=2)
     plain_params = {k: v for k, v in params.items() if not k.endswith("_norm")}
-    assert not np.allclose(attn.apply({"params": params}, x),
-                           plain.apply({"params": plain_params}, x), atol=1e-3)
+    assert not np.allclose(attn.apply({"params": params}, x)[0],
+                           plain.apply({"params": plain_params}, x)[0], atol=1e-3)
 
   def test_bf16_close_to_float32(self):
     x = jax.random.normal(jax.random.key(0), (2, 8, 64))
     attn32 = layers.Attention(num_heads=4, num_kv_heads=2, rope_theta=10000.0)
     params = attn32.init(jax.random.key(1), x)["params"]
-    out32 = attn32.apply({"params": params}, x, mask=layers.Mask(causal=True))
-    out16 = attn32.clone(dtype=jnp.bfloat16).apply({"params": params}, x,
-                                                   mask=layers.Mask(causal=True))
+    out32, _ = attn32.apply({"params": params}, x, mask=layers.Mask(causal=True))
+    out16, _ = attn32.clone(dtype=jnp.bfloat16).apply({"params": params}, x,
+                                                      mask=layers.Mask(causal=True))
     assert out16.dtype == jnp.bfloat16
     np.testing.assert_allclose(out16.astype(jnp.float32), out32, atol=5e-2, rtol=5e-2)
 

@@ -55,8 +55,9 @@ class PerceiverResampler(nn.Module):
                                  layers.Norm("layernorm", 1e-5, name=f"latent_norm_{i}")(y)],
                                 axis=1).astype(self.dtype)
       query = layers.Norm("layernorm", 1e-5, name=f"query_norm_{i}")(y)
-      y = y + layers.Attention(num_heads=self.num_heads, dtype=self.dtype,
-                               name=f"attn_{i}")(query, context).astype(y.dtype)
+      attended, _ = layers.Attention(num_heads=self.num_heads, dtype=self.dtype,
+                                     name=f"attn_{i}")(query, context)
+      y = y + attended.astype(y.dtype)
       h = layers.Norm("layernorm", 1e-5, name=f"mlp_norm_{i}")(y)
       y = y + layers.Mlp(self.mlp_dim, activation="gelu", use_bias=False, dtype=self.dtype,
                          name=f"mlp_{i}")(h).astype(y.dtype)
@@ -77,8 +78,13 @@ class GatedCrossAttention(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, visual: jax.Array, media: jax.Array) -> tuple[jax.Array, dict]:
-    """x: float[B, T, D]; visual: float[B, S, D]; media: bool[B, T, S] -> (float[B, T, D], aux)."""
+  def __call__(self, x: jax.Array, visual: jax.Array | layers.KVCache,
+               media: jax.Array) -> tuple[jax.Array, dict]:
+    """x: float[B, T, D]; visual: float[B, S, D]; media: bool[B, T, S] -> (float[B, T, D], aux).
+
+    visual may also be aux["cache"] of an earlier call: the visual keys and
+    values, projected once per image when decoding.
+    """
     if self.gate not in GATES:
       raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
     D = x.shape[-1]
@@ -91,7 +97,7 @@ class GatedCrossAttention(nn.Module):
     has_media = jnp.any(media, axis=-1, keepdims=True).astype(x.dtype)  # [B, T, 1]
 
     y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
-    y = layers.Attention(
+    y, cache = layers.Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
         kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="attn",
     )(y, visual, mask=layers.Mask(explicit=media))
@@ -100,7 +106,7 @@ class GatedCrossAttention(nn.Module):
     y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=False,
                    kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="mlp")(y)
     x = x + (mlp_gate * y * has_media).astype(x.dtype)
-    return layers.constrain(x), {"attn_gate": attn_gate, "mlp_gate": mlp_gate}
+    return layers.constrain(x), {"attn_gate": attn_gate, "mlp_gate": mlp_gate, "cache": cache}
 
 
 class Model(nn.Module):
@@ -172,23 +178,36 @@ class Model(nn.Module):
       visual = self.resampler(visual)
     return visual.reshape(B, I, *visual.shape[1:]).astype(self.dtype)
 
-  def decode(self, tokens: jax.Array, visual: jax.Array, media: jax.Array, *,
-             positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """The LM with cross blocks: tokens int[B, T]; visual float[B, S, D]; media bool[B, T, S]."""
+  def decode(self, tokens: jax.Array, visual: jax.Array | list[layers.KVCache],
+             media: jax.Array, *, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None, mask: layers.Mask | None = None,
+             caches: list[layers.KVCache] | None = None) -> tuple[jax.Array, dict]:
+    """The LM with cross blocks: tokens int[B, T]; visual float[B, S, D]; media bool[B, T, S].
+
+    Decoding passes `caches` (lm.empty_caches) with a `mask` over their slots,
+    and after the first call `visual` = aux["cross_caches"]: one KVCache per
+    cross block, so the image keys and values are projected once.
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if mask is None:
+      mask = layers.Mask(causal=True, segment_ids=segment_ids)
     x = self.language.add_positions(self.language.embed_tokens(tokens), positions)
-    mask = layers.Mask(causal=True, segment_ids=segment_ids)
-    aux = {}
+    aux, cross_caches, new_caches = {}, [], []
     for i, block in enumerate(self.language.blocks):
       if i in self.xattn:
-        x, gates = self.xattn[i](x, visual, media)
-        aux[f"xattn/gate_{i}"] = gates["attn_gate"]
-        aux[f"xattn/mlp_gate_{i}"] = gates["mlp_gate"]
-      x, _ = block(x, mask, positions)
+        context = visual if not isinstance(visual, list) else visual[len(cross_caches)]
+        x, cross = self.xattn[i](x, context, media)
+        aux[f"xattn/gate_{i}"] = cross["attn_gate"]
+        aux[f"xattn/mlp_gate_{i}"] = cross["mlp_gate"]
+        cross_caches.append(cross["cache"])
+      x, cache = block(x, mask, positions, None if caches is None else caches[i])
+      new_caches.append(cache)
     x = self.language.final_norm(x)
-    return self.language.logits(x), {**aux, "hidden": x}
+    aux.update(hidden=x, cross_caches=cross_caches)
+    if caches is not None:
+      aux["caches"] = new_caches
+    return self.language.logits(x), aux
 
 
 def media_mask(is_marker: jax.Array, num_images: int, tokens_per_image: int, rule: str,
@@ -201,16 +220,23 @@ def media_mask(is_marker: jax.Array, num_images: int, tokens_per_image: int, rul
   With segment_ids (packed examples), a position sees only the images marked
   inside its own example.
   """
-  seen = jnp.cumsum(is_marker, axis=1)[..., None]  # [B, T, 1]: images marked at or before t
-  image = jnp.arange(num_images)  # [I]
-  if rule == "previous":
-    visible = image < seen
-  elif rule == "latest":
-    visible = image == seen - 1
-  else:
-    raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}, got {rule!r}")
+  seen = jnp.cumsum(is_marker, axis=1)  # [B, T]: images marked at or before t
+  visible = visible_images(seen, jnp.arange(num_images), rule)  # [B, T, I]
   if segment_ids is not None:
-    marks_image = is_marker[..., None] & (image == seen - 1)  # [B, T, I]: t marks image k
+    # [B, T, I]: position t marks image k
+    marks_image = is_marker[..., None] & (jnp.arange(num_images) == seen[..., None] - 1)
     image_segment = jnp.sum(marks_image * segment_ids[..., None], axis=1)  # [B, I]
     visible = visible & (image_segment[:, None, :] == segment_ids[..., None])
   return jnp.repeat(visible, tokens_per_image, axis=-1)
+
+
+def visible_images(seen: jax.Array, image: jax.Array, rule: str) -> jax.Array:
+  """Whether a position that has seen `seen` image markers may attend to image `image`.
+
+  seen: int[B, ...]; image: int[I] image indices -> bool[B, ..., I].
+  """
+  if rule == "previous":
+    return image < seen[..., None]
+  if rule == "latest":
+    return image == seen[..., None] - 1
+  raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}, got {rule!r}")

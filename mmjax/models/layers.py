@@ -95,6 +95,25 @@ class Mask:
     return jnp.broadcast_to(mask, (mask.shape[0] if mask.ndim == 3 else 1, q_len, kv_len))[:, None]
 
 
+@struct.dataclass
+class KVCache:
+  """Keys and values an attention layer has computed, kept for decoding.
+
+  Self-attention caches have a fixed length S and are filled from the left:
+  a call writes its T new keys at slots [end, end + T) and returns end + T.
+  Cross-attention caches hold the projected context once and are only read.
+  """
+
+  k: jax.Array  # float[B, S, K, H], RoPE already applied
+  v: jax.Array  # float[B, S, K, H]
+  end: jax.Array  # int32[]: slots [0, end) are written
+
+  @classmethod
+  def empty(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    zeros = jnp.zeros((batch, length, kv_heads, head_dim), dtype)
+    return cls(k=zeros, v=zeros, end=jnp.zeros((), jnp.int32))
+
+
 # ----------------------------------------------------------------------------
 # Attention kernels.
 # ----------------------------------------------------------------------------
@@ -295,6 +314,9 @@ class Attention(nn.Module):
 
   Self-attention when `kv` is None; cross-attention (queries from x, keys and
   values from kv) otherwise. RoPE is applied inside when `rope_theta` is set.
+  Returns (out, KVCache of the keys and values attended over), so decoding can
+  keep them: pass that self-attention cache back as `cache` to append to it,
+  or a cross-attention cache as `kv` to skip re-projecting the context.
   """
 
   num_heads: int
@@ -310,41 +332,62 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, kv: jax.Array | None = None, *,
+  def __call__(self, x: jax.Array, kv: jax.Array | KVCache | None = None, *,
                mask: Mask = Mask(), positions: jax.Array | None = None,
-               kv_positions: jax.Array | None = None) -> jax.Array:
-    """x: float[B, T, D]; kv: float[B, S, Dkv]; positions: int[B, T] -> float[B, T, D]."""
+               kv_positions: jax.Array | None = None,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache]:
+    """x: float[B, T, D]; kv: float[B, S, Dkv]; positions: int[B, T] -> (float[B, T, D], cache).
+
+    cache (self-attention only): the new keys go to slots [cache.end, cache.end + T)
+    and the queries attend over all S slots, so `mask` spans S keys.
+    """
     D = x.shape[-1]
     N = self.num_heads
     K = self.num_kv_heads or N
     H = self.head_dim or D // N
     if N % K:
       raise ValueError(f"num_heads={N} is not a multiple of num_kv_heads={K}")
-    context = x if kv is None else kv
+    if cache is not None and kv is not None:
+      raise ValueError("Attention takes a self-attention `cache` or a cross-attention `kv`")
 
     def proj(name, heads, inputs):
       return HeadProjection((heads, H), use_bias=self.use_bias, kernel_init=self.kernel_init,
                             dtype=self.dtype, name=name)(inputs)
 
     q = proj("query", N, x)
-    k = proj("key", K, context)
-    v = proj("value", K, context)
     if self.qk_norm:
       q = RMSNorm(name="query_norm")(q)
-      k = RMSNorm(name="key_norm")(k)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if self.rope_theta is not None:
-      if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-      if kv_positions is None:
-        kv_positions = positions if kv is None else jnp.broadcast_to(
-            jnp.arange(context.shape[1]), context.shape[:2])
       q = apply_rope(q, positions, self.rope_theta, self.rope_scaling)
-      k = apply_rope(k, kv_positions, self.rope_theta, self.rope_scaling)
 
-    out = dot_product_attention(q, k, v, mask, self.attention_impl)
-    return HeadProjection((D,), use_bias=self.use_bias,
-                          kernel_init=self.out_init or self.kernel_init, dtype=self.dtype,
-                          name="out")(out)
+    if isinstance(kv, KVCache):  # cross-attention to a context projected earlier
+      new_cache = kv
+    else:
+      context = x if kv is None else kv
+      k = proj("key", K, context)
+      v = proj("value", K, context)
+      if self.qk_norm:
+        k = RMSNorm(name="key_norm")(k)
+      if self.rope_theta is not None:
+        if kv_positions is None:
+          kv_positions = positions if kv is None else jnp.broadcast_to(
+              jnp.arange(context.shape[1]), context.shape[:2])
+        k = apply_rope(k, kv_positions, self.rope_theta, self.rope_scaling)
+      if cache is None:
+        new_cache = KVCache(k=k, v=v, end=jnp.array(k.shape[1], jnp.int32))
+      else:
+        write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(
+            buffer, new.astype(buffer.dtype), cache.end, axis=1)
+        new_cache = KVCache(k=write(cache.k, k), v=write(cache.v, v), end=cache.end + x.shape[1])
+
+    out = dot_product_attention(q, new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype),
+                                mask, self.attention_impl)
+    out = HeadProjection((D,), use_bias=self.use_bias,
+                         kernel_init=self.out_init or self.kernel_init, dtype=self.dtype,
+                         name="out")(out)
+    return out, new_cache
 
 
 class Mlp(nn.Module):

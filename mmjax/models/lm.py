@@ -70,7 +70,7 @@ class Embedder(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block. Returns (x, None) so the same module can be scanned."""
+  """Pre-norm decoder block. Returns (x, cache) so the same module can be scanned."""
 
   num_heads: int
   num_kv_heads: int | None
@@ -87,23 +87,27 @@ class Block(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: layers.Mask,
-               positions: jax.Array) -> tuple[jax.Array, None]:
-    """x: float[B, T, D]; positions: int[B, T] -> (float[B, T, D], None)."""
+  def __call__(self, x: jax.Array, mask: layers.Mask, positions: jax.Array,
+               cache: layers.KVCache | None = None) -> tuple[jax.Array, layers.KVCache | None]:
+    """x: float[B, T, D]; positions: int[B, T] -> (float[B, T, D], updated cache or None).
+
+    With a cache (decoding) `mask` spans the cache's S slots; see layers.Attention.
+    """
     init = nn.initializers.normal(0.02)
     residual_init = nn.initializers.normal(0.02 / (2 * self.depth) ** 0.5)
     y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
-    y = layers.Attention(
+    y, new_cache = layers.Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         use_bias=self.use_bias, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
         attention_impl=self.attention_impl,
         kernel_init=init, out_init=residual_init, dtype=self.dtype, name="attn",
-    )(y, mask=mask, positions=positions)
+    )(y, mask=mask, positions=positions, cache=cache)
     x = layers.constrain(x + y.astype(x.dtype))
     y = layers.Norm(self.norm, self.norm_eps, name="mlp_norm")(x)
     y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=self.use_bias,
                    kernel_init=init, out_init=residual_init, dtype=self.dtype, name="mlp")(y)
-    return layers.constrain(x + y.astype(x.dtype)), None
+    # Training returns no cache: scan would stack every layer's keys and values as outputs.
+    return layers.constrain(x + y.astype(x.dtype)), None if cache is None else new_cache
 
 
 class _Model(nn.Module):
@@ -156,7 +160,7 @@ class _Model(nn.Module):
     if self.scan_layers:
       self.scanned_blocks = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+          in_axes=(nn.broadcast, nn.broadcast, 0), length=self.depth,
           metadata_params={nn.PARTITION_NAME: "layers"})(**block_fields, name="blocks")
     else:
       self.blocks = [block(**block_fields, name=f"block_{i}") for i in range(self.depth)]
@@ -194,18 +198,29 @@ class _Model(nn.Module):
     return layers.constrain(x)
 
   def from_embeddings(self, x: jax.Array, *, mask: layers.Mask,
-                      positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """x: float[B, T, D] input embeddings -> (logits float32[B, T, V], aux)."""
+                      positions: jax.Array | None = None,
+                      caches: list[layers.KVCache] | layers.KVCache | None = None,
+                      ) -> tuple[jax.Array, dict]:
+    """x: float[B, T, D] input embeddings -> (logits float32[B, T, V], aux).
+
+    caches: from `empty_caches` when decoding (one per block, or one stacked
+    along a leading layer axis when scanned); aux["caches"] returns them updated.
+    """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     x = self.add_positions(x, positions)
     if self.scan_layers:
-      x, _ = self.scanned_blocks(x, mask, positions)
+      x, new_caches = self.scanned_blocks(x, mask, positions, caches)
     else:
-      for block in self.blocks:
-        x, _ = block(x, mask, positions)
+      new_caches = []
+      for i, block in enumerate(self.blocks):
+        x, cache = block(x, mask, positions, None if caches is None else caches[i])
+        new_caches.append(cache)
     x = self.final_norm(x)
-    return self.logits(x), {"hidden": x}
+    aux = {"hidden": x}
+    if caches is not None:
+      aux["caches"] = new_caches
+    return self.logits(x), aux
 
   def logits(self, x: jax.Array) -> jax.Array:
     """x: float[B, T, D] normed hidden states -> float32[B, T, V]."""
@@ -229,6 +244,15 @@ def Model(variant: str | None = None, **overrides) -> _Model:  # pylint: disable
   if unknown:
     raise ValueError(f"unknown LM field(s) {unknown}; known: {sorted(known - {'parent', 'name'})}")
   return _Model(**fields)
+
+
+def empty_caches(model: _Model, batch: int, length: int) -> list[layers.KVCache] | layers.KVCache:
+  """Zeroed self-attention caches of `length` slots for every block of `model`."""
+  cache = layers.KVCache.empty(batch, length, model.num_kv_heads or model.num_heads,
+                               model.head_dim or model.width // model.num_heads, model.dtype)
+  if model.scan_layers:
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (model.depth, *a.shape)), cache)
+  return [cache] * model.depth
 
 
 def stack_layers(params: dict, depth: int) -> dict:

@@ -56,7 +56,7 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: float[B, P, D] -> float[B, P, D]."""
     y = layers.Norm("layernorm", self.norm_eps, name="attn_norm")(x)
-    y = layers.Attention(
+    y, _ = layers.Attention(
         num_heads=self.num_heads, use_bias=True, attention_impl=self.attention_impl,
         dtype=self.dtype, name="attn")(y)
     x = layers.constrain(x + y.astype(x.dtype))
@@ -81,8 +81,8 @@ class MapHead(nn.Module):
     probe = self.param("probe", layers.partitioned(nn.initializers.xavier_uniform(),
                                                    (None, None, "embed")), (1, 1, D))
     probe = jnp.broadcast_to(probe, (x.shape[0], 1, D)).astype(x.dtype)
-    x = layers.Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
-                         name="attn")(probe, x)
+    x, _ = layers.Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
+                            name="attn")(probe, x)
     y = layers.Norm("layernorm", self.norm_eps, name="norm")(x)
     x = x + layers.Mlp(self.mlp_dim, activation=self.mlp_activation, dtype=self.dtype,
                        name="mlp")(y).astype(x.dtype)
