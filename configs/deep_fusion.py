@@ -22,7 +22,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if pair["lm"]["variant"] == "gpt2-124m":
     config.model.cross_every = 4  # 3 cross blocks in GPT-2's 12
   config.data = ml_collections.ConfigDict(dict(
-      name="shapes", image_size=pair["image_size"],
+      name="shapes", task="vqa",  # or "caption", "mixed"
+      max_shapes=2,  # per image; 1 is easy, 3 makes counting and binding matter
+      image_size=pair["image_size"],
       image_tokens=1,  # one marker per image: resolution never changes the text length
-      seq_len=64))
+      seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example
   return config

@@ -21,6 +21,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   image_tokens = early_fusion.num_image_tokens(pair["vit"], pair["image_size"],
                                               config.model.drop_cls)  # P per image
   config.data = ml_collections.ConfigDict(dict(
-      name="shapes", image_size=pair["image_size"], image_tokens=image_tokens,
-      seq_len=image_tokens + 48))  # BOS + image + the longest caption (29 bytes) fit
+      name="shapes", task="vqa",  # or "caption", "mixed"
+      max_shapes=2,  # per image; 1 is easy, 3 makes counting and binding matter
+      image_size=pair["image_size"], image_tokens=image_tokens,
+      seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example
   return config

@@ -168,14 +168,14 @@ def test_loss_weights_exclude_image_positions():
   np.testing.assert_array_equal(early_fusion.loss_weights(targets, weights, IMG),
                                 [[0, 0, 1, 1, 0]])
   # The synthetic source never puts loss on an image target, a prompt or padding.
-  batch = synthetic.ShapeCaptions(4, 40, 16, P).batch(0)
+  batch = synthetic.ShapeScenes(4, None, 16, P, task="caption").batch(0)
   image_id = synthetic.tokenizers.ByteTokenizer.image_id
   assert np.all(batch["loss_weights"][batch["targets"] == image_id] == 0)
   tokenizer = synthetic.tokenizers.ByteTokenizer()
   for targets_b, weights_b in zip(batch["targets"], batch["loss_weights"]):
     weighted = targets_b[weights_b > 0]  # exactly the caption and its EOS
     assert weighted[-1] == tokenizer.eos_id
-    assert re.fullmatch(r"a (red|green|blue|yellow) square, (top|bottom) (left|right)\.",
-                        tokenizer.decode(weighted[:-1]))
+    shape = r"a (red|green|blue|yellow) (square|circle) (top|bottom) (left|right)"
+    assert re.fullmatch(rf"{shape}(, {shape})*\.", tokenizer.decode(weighted[:-1]))
   assert np.all(batch["loss_weights"][batch["targets"] == 0] == 0)
   np.testing.assert_array_equal(batch["tokens"][:, 1:1 + P], image_id)

@@ -233,6 +233,13 @@ def test_unsupported_fields_name_the_field(tmp_path):
     hf.load(path)
 
 
+def test_export_refuses_what_huggingface_cannot_hold():
+  with pytest.raises(ValueError, match=r"model.posemb='sincos2d' has no HuggingFace equivalent"):
+    hf.hf_config({"family": "vit", "model": {"variant": "Ti/16", "posemb": "sincos2d"}})
+  with pytest.raises(ValueError, match=r"model.pool='gap' has no HuggingFace equivalent"):
+    hf.hf_config({"family": "vit", "model": {"variant": "Ti/16", "pool": "gap"}})
+
+
 def test_missing_tensor_is_named(tmp_path):
   torch.manual_seed(0)
   path = saved(tmp_path, LMS["gpt2"]())

@@ -25,7 +25,7 @@ def test_arithmetic_text_is_deterministic_and_correct():
 
 @pytest.mark.parametrize("make", [
     lambda **kw: synthetic.ArithmeticText(8, 32, **kw),
-    lambda **kw: synthetic.ShapeCaptions(8, 40, 16, 4, **kw),
+    lambda **kw: synthetic.ShapeScenes(8, None, 16, 4, task="mixed", **kw),
     lambda **kw: synthetic.ShapeClasses(8, 16, **kw),
 ])
 def test_processes_split_the_global_batch(make):
@@ -37,16 +37,70 @@ def test_processes_split_the_global_batch(make):
   assert not all(np.array_equal(validation[k], whole[k]) for k in whole)
 
 
-def test_shape_classes_label_matches_the_caption():
-  captions = synthetic.ShapeCaptions(16, 40, 16, 4, seed=5).batch(2)
-  classes = synthetic.ShapeClasses(16, 16, seed=5).batch(2)
-  np.testing.assert_array_equal(classes["images"], captions["images"][:, 0])
-  tokenizer = synthetic.tokenizers.ByteTokenizer()
-  for label, targets, weights in zip(classes["labels"], captions["targets"],
-                                     captions["loss_weights"]):
-    colour, place = re.fullmatch(r"a (\w+) square, (.+)\.",
-                                 tokenizer.decode(targets[weights > 0])).groups()
-    assert label == list(synthetic.COLOURS).index(colour) * 4 + synthetic.PLACES.index(place)
+def test_scenes_draw_what_they_describe():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    image, shapes = synthetic.draw_scene(rng, 32, 3)
+    for shape in shapes:
+      ys, xs = np.nonzero(np.all(image == np.float32(synthetic.COLOURS[shape.colour]), axis=-1))
+      quadrant = synthetic.PLACES[2 * int(ys.mean() >= 16) + int(xs.mean() >= 16)]
+      assert quadrant == shape.place
+      assert ys.max() < 16 if "top" in shape.place else ys.min() >= 16
+      fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))  # a square fills its bounding box
+      assert fill == 1.0 if shape.kind == "square" else fill < 0.9
+
+
+def test_questions_have_the_right_answers():
+  shapes = [synthetic.Shape("square", "red", "top left"),
+            synthetic.Shape("circle", "blue", "top right"),
+            synthetic.Shape("square", "green", "bottom right")]
+  seen = set()
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    seen.add(synthetic.ask(rng, shapes))
+  assert seen == {
+      ("colour", "what colour is the circle?", "blue"),
+      ("count", "how many squares are there?", "two"),
+      ("count", "how many circles are there?", "one"),
+      ("position", "where is the red square?", "top left"),
+      ("position", "where is the blue circle?", "top right"),
+      ("position", "where is the green square?", "bottom right")}
+  assert synthetic.caption(shapes) == ("a red square top left, a blue circle top right, "
+                                       "a green square bottom right.")
+
+
+def test_text_alone_cannot_answer():
+  # The best a text-only model can do is the commonest answer to each question.
+  source = synthetic.ShapeScenes(64, None, 16, 1, task="vqa", seed=3)
+  answers = {}
+  for step in range(60):
+    for example in source.examples(step):
+      answers.setdefault(example["question"], []).append(example["answer"])
+  by_type = {}
+  for question, given in answers.items():
+    kind = "colour" if "colour" in question else "count" if "many" in question else "position"
+    best = max(given.count(a) for a in set(given))
+    hits, total = by_type.get(kind, (0, 0))
+    by_type[kind] = (hits + best, total + len(given))
+  chance = {kind: hits / total for kind, (hits, total) in by_type.items()}
+  assert chance["colour"] < 0.35 and chance["position"] < 0.35 and chance["count"] < 0.55, chance
+
+
+def test_layout_of_a_question():
+  source = synthetic.ShapeScenes(4, None, 16, 4, task="vqa")
+  batch, examples = source.batch(1), source.examples(1)
+  tokenizer = source.tokenizer
+  for b, example in enumerate(examples):
+    prompt = [tokenizer.bos_id] + [tokenizer.image_id] * 4 + tokenizer.encode(
+        example["question"] + " ")
+    assert example["prompt"] == prompt
+    n = len(prompt)
+    np.testing.assert_array_equal(batch["tokens"][b, :n], prompt)
+    answer = tokenizer.encode(example["answer"]) + [tokenizer.eos_id]
+    np.testing.assert_array_equal(batch["targets"][b, n - 1:n - 1 + len(answer)], answer)
+    expected = np.zeros(source.seq_len)
+    expected[n - 1:n - 1 + len(answer)] = 1.0
+    np.testing.assert_array_equal(batch["loss_weights"][b], expected)
 
 
 def test_errors():
@@ -55,4 +109,6 @@ def test_errors():
   with pytest.raises(ValueError, match="split must be one of"):
     synthetic.ArithmeticText(4, 8, split="test")
   with pytest.raises(ValueError, match="data.seq_len=10 is too short for 4 image tokens"):
-    synthetic.ShapeCaptions(2, 10, 16, 4).batch(0)
+    synthetic.ShapeScenes(2, 10, 16, 4)
+  with pytest.raises(ValueError, match="config.data.task must be one of"):
+    synthetic.ShapeScenes(2, None, 16, 4, task="vqa2")

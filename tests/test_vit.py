@@ -112,3 +112,19 @@ def test_parameters_are_float32_and_partitioned():
   leaves = jax.tree.leaves(variables, is_leaf=lambda a: isinstance(a, nn.Partitioned))
   assert all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
   assert all(a.value.dtype == jnp.float32 for a in leaves)
+
+
+def test_sincos2d_position_embeddings():
+  np.testing.assert_allclose(vit.posemb_sincos_2d(1, 2, 4)[0],
+                             [[0, 1, 0, 1], [np.sin(1), np.cos(1), 0, 1]], atol=1e-6)
+  pe = vit.posemb_sincos_2d(3, 3, 8)[0]  # x-features depend on the column, y-features on the row
+  np.testing.assert_allclose(pe[1, :4], pe[4, :4], atol=1e-6)
+  np.testing.assert_allclose(pe[3, 4:], pe[4, 4:], atol=1e-6)
+  model = vit.Model("mu/8", image_size=16, pool="none", posemb="sincos2d")
+  images = jnp.zeros((1, 16, 16, 3))
+  params = model.init(jax.random.key(0), images)["params"]
+  assert "pos_embedding" not in params
+  tokens, _ = model.apply({"params": params}, images)
+  assert not np.allclose(tokens[0, 0], tokens[0, 3], atol=1e-3)  # same pixels, other place
+  with pytest.raises(ValueError, match="posemb must be"):
+    vit.Model("mu/8", image_size=16, posemb="sincos").init(jax.random.key(0), images)

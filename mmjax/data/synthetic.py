@@ -9,6 +9,8 @@ Every source yields the trainer's batch layout:
   tokens int32[B, T], targets int32[B, T], loss_weights float32[B, T],
   and for image-text sources images float32[B, I, H, W, 3].
 """
+import dataclasses
+
 import numpy as np
 
 from mmjax.data import tokenizers
@@ -73,49 +75,105 @@ class ArithmeticText(Source):
 
 COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.1, 0.2, 1.0),
            "yellow": (1.0, 0.9, 0.1)}
+KINDS = ("square", "circle")
 PLACES = ("top left", "top right", "bottom left", "bottom right")
+NUMBERS = ("zero", "one", "two", "three", "four")
+QUESTION_TYPES = ("colour", "count", "position")
+TASKS = ("vqa", "caption", "mixed")
 
 
-class ShapeCaptions(Source):
-  """A coloured square in one quadrant of a dark image, captioned "a blue square, top right.".
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  kind: str
+  colour: str
+  place: str
 
-  The caption is only predictable from the image (16 equally likely captions),
-  so a fusion model that uses the image gets a visibly lower loss than the LM
-  alone. Each sample is [BOS] + image_tokens placeholders + caption; the loss
-  covers the caption only.
+
+class ShapeScenes(Source):
+  """One to `max_shapes` (<= 4) coloured squares and circles, each in its own quadrant.
+
+  Tasks: "vqa" asks one question per image, of three types:
+    colour    "what colour is the circle?" -> "red"  (asked when one circle is present)
+    count     "how many squares are there?" -> "two"
+    position  "where is the blue square?" -> "top right"
+  "caption" describes the whole scene ("a red circle top left, a blue square
+  bottom right."); "mixed" draws either per example. Colours are distinct
+  within an image and uniform over images, so the question alone leaves the
+  answer at chance: only a model that reads the image can beat it.
+
+  Each sample is [BOS] + image_tokens placeholders + question bytes + " ", then
+  the answer (or caption) + [EOS], with the loss on the answer and EOS only.
   """
 
-  def __init__(self, batch_size: int, seq_len: int, image_size: int, image_tokens: int,
-               image_token_id: int | None = None, **kwargs):
+  def __init__(self, batch_size: int, seq_len: int | None, image_size: int, image_tokens: int,
+               task: str = "vqa", max_shapes: int = 3, image_token_id: int | None = None,
+               **kwargs):
     super().__init__(batch_size, **kwargs)
-    self.seq_len = seq_len
+    if task not in TASKS:
+      raise ValueError(f"config.data.task must be one of {TASKS}, got {task!r}")
+    if not 1 <= max_shapes <= len(PLACES):
+      raise ValueError(f"config.data.max_shapes must be in 1..{len(PLACES)}, got {max_shapes}")
+    self.max_shapes = max_shapes
+    self.task = task
     self.image_size = image_size
     self.image_tokens = image_tokens  # P per image for early fusion, 1 for deep fusion
     self.image_token_id = self.tokenizer.image_id if image_token_id is None else image_token_id
+    needed = max(prompt + answer for prompt, answer in self._longest_texts())  # inputs exclude the final EOS
+    self.seq_len = seq_len or needed
+    if self.seq_len < needed:
+      raise ValueError(f"config.data.seq_len={seq_len} is too short for {image_tokens} image "
+                       f"tokens and a {task} example ({needed} needed)")
 
   def __repr__(self):
-    return (f"ShapeCaptions(batch_size={self.batch_size}, seq_len={self.seq_len}, "
+    return (f"ShapeScenes(batch_size={self.batch_size}, seq_len={self.seq_len}, "
             f"image_size={self.image_size}, image_tokens={self.image_tokens}, "
-            f"seed={self.seed}, split={self.split!r}, rows from {self.first_row})")
+            f"task={self.task!r}, max_shapes={self.max_shapes}, seed={self.seed}, "
+            f"split={self.split!r}, "
+            f"rows from {self.first_row})")
+
+  example_types = (*QUESTION_TYPES, "caption")
+
+  def _longest_texts(self) -> list[tuple[int, int]]:
+    """(prompt, answer) lengths of the longest examples this task can make."""
+    image = 1 + self.image_tokens  # BOS + placeholders
+    question = (image + len("how many squares are there? "), len("bottom right"))
+    caption = (image, len(", ".join(["a yellow circle bottom right"] * self.max_shapes)) + 1)
+    return {"vqa": [question], "caption": [caption], "mixed": [question, caption]}[self.task]
+
+  def longest_prompt(self) -> int:
+    return max(prompt for prompt, _ in self._longest_texts())
+
+  def longest_answer(self) -> int:
+    """Tokens of the longest answer or caption, EOS not counted."""
+    return max(answer for _, answer in self._longest_texts())
+
+  def examples(self, step: int) -> list[dict]:
+    """This process's rows of batch `step`: image float32[1, H, W, 3], prompt ids, answer."""
+    rows = []
+    for rng in self.rngs(step):
+      image, shapes = draw_scene(rng, self.image_size, int(rng.integers(1, self.max_shapes + 1)))
+      task = self.task if self.task != "mixed" else ("vqa", "caption")[rng.integers(2)]
+      if task == "caption":
+        kind, question, answer = "caption", "", caption(shapes)
+      else:
+        kind, question, answer = ask(rng, shapes)
+      prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
+                + self.tokenizer.encode(question + " " if question else ""))
+      rows.append({"image": image[None], "prompt": prompt, "question": question,
+                   "answer": answer, "type": kind})
+    return rows
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    images, rows, prompt_lens = [], [], []
-    for rng in self.rngs(step):
-      image, colour, place = draw_square(rng, self.image_size)
-      images.append(image[None])
-      prompt = [self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
-      caption = self.tokenizer.encode(f"a {colour} square, {place}.")
-      rows.append(prompt + caption + [self.tokenizer.eos_id])
-      prompt_lens.append(len(prompt) - 1)  # the first target is the caption's first byte
-    if max(len(r) for r in rows) > self.seq_len + 1:
-      raise ValueError(f"data.seq_len={self.seq_len} is too short for {self.image_tokens} image "
-                       f"tokens and a caption ({max(len(r) for r in rows) - 1} needed)")
-    return {"images": np.stack(images),
-            **_shift(rows, self.seq_len, self.tokenizer.pad_id, prompt_lens)}
+    examples = self.examples(step)
+    rows = [e["prompt"] + self.tokenizer.encode(e["answer"]) + [self.tokenizer.eos_id]
+            for e in examples]
+    loss_from = [len(e["prompt"]) - 1 for e in examples]  # the first target is the answer's
+    return {"images": np.stack([e["image"] for e in examples]),
+            **_shift(rows, self.seq_len, self.tokenizer.pad_id, loss_from)}
 
 
 class ShapeClasses(Source):
-  """The same images labelled by (colour, quadrant): 16 classes, for training a ViT."""
+  """One-shape scenes labelled by (colour, quadrant): 16 classes, for training a ViT."""
 
   num_classes = len(COLOURS) * len(PLACES)
 
@@ -131,22 +189,49 @@ class ShapeClasses(Source):
     """-> {"images": float32[B, H, W, 3], "labels": int32[B]}."""
     images, labels = [], []
     for rng in self.rngs(step):
-      image, colour, place = draw_square(rng, self.image_size)
+      image, (shape,) = draw_scene(rng, self.image_size, 1)
       images.append(image)
-      labels.append(list(COLOURS).index(colour) * len(PLACES) + PLACES.index(place))
+      labels.append(list(COLOURS).index(shape.colour) * len(PLACES) + PLACES.index(shape.place))
     return {"images": np.stack(images), "labels": np.array(labels, np.int32)}
 
 
-def draw_square(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str, str]:
-  """A square of a random colour in a random quadrant: -> (float32[S, S, 3], colour, place)."""
+def draw_scene(rng: np.random.Generator, size: int,
+               num_shapes: int) -> tuple[np.ndarray, list[Shape]]:
+  """Shapes of distinct colours in distinct quadrants -> (float32[S, S, 3], shapes by quadrant)."""
   half = size // 2
-  colour = list(COLOURS)[rng.integers(len(COLOURS))]
-  place = rng.integers(len(PLACES))
-  side = rng.integers(size // 4, half)  # the square fits inside its quadrant
-  top = (place // 2) * half + rng.integers(0, half - side + 1)
-  left = (place % 2) * half + rng.integers(0, half - side + 1)
+  places = np.sort(rng.permutation(len(PLACES))[:num_shapes])
+  colours = rng.permutation(len(COLOURS))[:num_shapes]
   image = (0.1 * rng.random((size, size, 3))).astype(np.float32)
-  image[top:top + side, left:left + side] = COLOURS[colour]
-  return image, colour, PLACES[place]
+  y, x = np.mgrid[:size, :size] + 0.5  # pixel centres
+  shapes = []
+  for place, colour in zip(places, colours):
+    kind = KINDS[rng.integers(len(KINDS))]
+    radius = rng.integers(max(2, size // 10), size // 4)  # fits inside its quadrant
+    cy = (place // 2) * half + rng.integers(radius, half - radius + 1)
+    cx = (place % 2) * half + rng.integers(radius, half - radius + 1)
+    if kind == "square":
+      inside = np.maximum(np.abs(y - cy), np.abs(x - cx)) < radius
+    else:
+      inside = (y - cy) ** 2 + (x - cx) ** 2 < radius ** 2
+    name = list(COLOURS)[colour]
+    image[inside] = COLOURS[name]
+    shapes.append(Shape(kind, name, PLACES[place]))
+  return image, shapes
 
 
+def caption(shapes: list[Shape]) -> str:
+  return ", ".join(f"a {s.colour} {s.kind} {s.place}" for s in shapes) + "."
+
+
+def ask(rng: np.random.Generator, shapes: list[Shape]) -> tuple[str, str, str]:
+  """One question about the scene -> (question type, question, answer)."""
+  kind = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
+  unique = [s for s in shapes if sum(t.kind == s.kind for t in shapes) == 1]
+  if kind == "colour" and unique:
+    shape = unique[rng.integers(len(unique))]
+    return kind, f"what colour is the {shape.kind}?", shape.colour
+  if kind == "count":
+    asked = KINDS[rng.integers(len(KINDS))]
+    return kind, f"how many {asked}s are there?", NUMBERS[sum(s.kind == asked for s in shapes)]
+  shape = shapes[rng.integers(len(shapes))]  # position; also colour with no unique kind
+  return "position", f"where is the {shape.colour} {shape.kind}?", shape.place

@@ -457,6 +457,9 @@ def _vision_config(fields: dict, classes) -> dict:
   common = dict(hidden_size=m.width, num_hidden_layers=m.depth, intermediate_size=m.mlp_dim,
                 num_attention_heads=m.num_heads, patch_size=m.patch_size,
                 image_size=m.image_size, num_channels=3, layer_norm_eps=m.norm_eps)
+  if m.posemb != "learn":
+    raise ValueError(f"HuggingFace vision towers learn their positions: model.posemb="
+                     f"{m.posemb!r} has no HuggingFace equivalent")
   if m.pool == "map":
     if m.mlp_activation != "gelu_tanh" or not m.patch_bias or m.pre_norm:
       raise ValueError("SigLIP export needs model.mlp_activation='gelu_tanh', a patch bias "

@@ -100,6 +100,7 @@ class _Model(nn.Module):
   num_classes: int | None = None  # None: no classification head
   image_size: int = 224  # resolution the position embeddings are laid out for
   pool: str = "cls"  # or "gap", "map", "none"
+  posemb: str = "learn"  # or "sincos2d": fixed, for any grid (big_vision's)
   pre_norm: bool = False  # a norm before the blocks, as in CLIP
   patch_bias: bool = True  # CLIP's patch embedding has no bias
   mlp_activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP
@@ -123,16 +124,21 @@ class _Model(nn.Module):
     B, gh, gw, D = x.shape
     x = x.reshape(B, gh * gw, D)
 
+    if self.posemb == "sincos2d":  # patches only: the cls token, if any, has no position
+      x = x + posemb_sincos_2d(gh, gw, D).astype(x.dtype)
+    elif self.posemb != "learn":
+      raise ValueError(f"ViT posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
     has_cls = self.pool == "cls"
     if has_cls:
       cls = self.param("cls", layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, D))
       x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)).astype(x.dtype), x], axis=1)
-    grid = self.image_size // p
-    pos = self.param("pos_embedding",
-                     layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
-                     (1, int(has_cls) + grid * grid, D))
-    x = x + interpolate_positions(pos, has_cls, grid, (gh, gw)).astype(x.dtype)
+    if self.posemb == "learn":
+      grid = self.image_size // p
+      pos = self.param("pos_embedding",
+                       layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+                       (1, int(has_cls) + grid * grid, D))
+      x = x + interpolate_positions(pos, has_cls, grid, (gh, gw)).astype(x.dtype)
     if self.pre_norm:
       x = layers.Norm("layernorm", self.norm_eps, name="pre_norm")(x)
     x = layers.constrain(x)
@@ -161,6 +167,17 @@ class _Model(nn.Module):
                       kernel_init=layers.partitioned(nn.initializers.zeros, ("embed", None)),
                       bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(pooled)
     return logits.astype(jnp.float32), aux
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+  """Fixed 2-d sine-cosine position embeddings float32[1, h * w, width] (big_vision's)."""
+  if width % 4:
+    raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
+  y, x = jnp.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (jnp.arange(width // 4) / max(width // 4 - 1, 1))
+  y = jnp.einsum("m,d->md", y.reshape(-1), omega)
+  x = jnp.einsum("m,d->md", x.reshape(-1), omega)
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
 
 
 def interpolate_positions(pos: jax.Array, has_cls: bool, grid: int,
