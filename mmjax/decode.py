@@ -61,11 +61,18 @@ class Sampling:
                        f"{self.beam_size}")
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Token lists -> (tokens int32[B, T] right-aligned, lengths int32[B])."""
-  width = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Token lists -> (tokens int32[B, T] right-aligned, lengths int32[B]).
+
+  T = width (a fixed width compiles once for every batch), else the longest prompt.
+  """
   if not all(prompts):
     raise ValueError("every prompt needs at least one token (e.g. BOS)")
+  longest = max(len(p) for p in prompts)
+  if width is not None and longest > width:
+    raise ValueError(f"a prompt of {longest} tokens does not fit the prompt width {width}")
+  width = width or longest
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   for b, prompt in enumerate(prompts):
     tokens[b, width - len(prompt):] = prompt

@@ -7,6 +7,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 from tensorboardX import SummaryWriter
 
 # Dense bf16 peak TFLOP/s by device kind, for the MFU estimate.
@@ -30,6 +31,7 @@ class Writer:
     if not self.enabled:
       return
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.samples = open(os.path.join(workdir, "samples.jsonl"), "a")
     self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]):
@@ -45,9 +47,27 @@ class Writer:
       sys.stderr.write(f"\rstep {step}/{self.total_steps} {shown}  ")
       sys.stderr.flush()
 
+  def write_samples(self, step: int, samples: list[dict]):
+    """Generated answers next to the truth: DIR/samples.jsonl, and images + text in TensorBoard.
+
+    samples: dicts with "image" float[H, W, 3] in [0, 1] and text fields.
+    """
+    if not self.enabled:
+      return
+    for i, sample in enumerate(samples):
+      text = {k: v for k, v in sample.items() if k != "image"}
+      self.samples.write(json.dumps({"step": step, **text}) + "\n")
+      self.tensorboard.add_image(f"samples/{i}", np.clip(sample["image"], 0, 1), step,
+                                 dataformats="HWC")
+      self.tensorboard.add_text(f"samples/{i}", " | ".join(f"{k}: {v}" for k, v in text.items()),
+                                step)
+    self.samples.flush()
+    self.tensorboard.flush()
+
   def close(self):
     if self.enabled:
       self.jsonl.close()
+      self.samples.close()
       self.tensorboard.close()
       if self.progress:
         sys.stderr.write("\n")

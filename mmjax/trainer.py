@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from mmjax import checkpoint
+from mmjax import evaluate
 from mmjax import metrics
 from mmjax import optim
 from mmjax import sharding
@@ -59,9 +60,9 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
   if data.name == "arithmetic":
     return synthetic.ArithmeticText(config.batch_size, data.seq_len, **common)
   if data.name == "shapes":
-    return synthetic.ShapeCaptions(config.batch_size, data.seq_len, data.image_size,
-                                   data.image_tokens, image_token_id=config.model.image_token_id,
-                                   **common)
+    return synthetic.ShapeScenes(config.batch_size, data.seq_len, data.image_size,
+                                 data.image_tokens, task=data.task, max_shapes=data.max_shapes,
+                                 image_token_id=config.model.image_token_id, **common)
   if data.name == "shape_classes":
     return synthetic.ShapeClasses(config.batch_size, data.image_size, **common)
   raise ValueError(f"config.data.name must be 'arithmetic', 'shapes' or 'shape_classes', "
@@ -300,6 +301,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       compiled_step = train_step.lower(state, abstract_batch).compile()
       compiled_eval = eval_step.lower(state["params"], abstract_batch).compile()
     compile_seconds = time.perf_counter() - tic
+    # Generated answers, scored, where the data has prompts to answer (image-text sources).
+    generative = None
+    if config.eval_every and hasattr(eval_data, "examples"):
+      generative = evaluate.Generative(model, eval_data, mesh, rules, params_sharding,
+                                       num_batches=config.eval_steps)
     flops = _flops_per_device(compiled_step)
     peak = metrics.peak_tflops(jax.devices()[0])
     items_per_step = np.prod(abstract_batch["labels" if "labels" in example else "tokens"].shape)
@@ -330,8 +336,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           if not last:  # the first row of this run
             scalars["compile_seconds"] = compile_seconds
           if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
-            scalars.update(evaluate(compiled_eval, state["params"], eval_data,
-                                    config.eval_steps, mesh))
+            scalars.update(eval_losses(compiled_eval, state["params"], eval_data,
+                                       config.eval_steps, mesh))
+            if generative:
+              scores, samples = generative(state["params"])
+              scalars.update(scores)
+              writer.write_samples(step, samples)
           _check_finite(state, config.nan_policy)
           writer.write(step, scalars)
           last, tic, steps_since = scalars, time.perf_counter(), 0
@@ -349,13 +359,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {"step": step, **last}
 
 
-def evaluate(eval_step, params, data, num_batches: int, mesh) -> dict:
-  totals = np.zeros(3)
+def eval_losses(eval_step, params, data, num_batches: int, mesh) -> dict:
+  totals, classification = np.zeros(3), False
   for i in range(num_batches):
-    totals += np.array(jax.device_get(eval_step(params, sharding.global_batch(data.batch(i),
-                                                                              mesh))))
-  count = max(totals[1], 1.0)
-  return {"eval_loss": totals[0] / count, "eval_accuracy": totals[2] / count}
+    batch = data.batch(i)
+    classification = "labels" in batch
+    totals += np.array(jax.device_get(eval_step(params, sharding.global_batch(batch, mesh))))
+  return evaluate.loss_scores(totals, classification)
 
 
 def _check_finite(state, policy: str):
