@@ -6,6 +6,7 @@ step folder even without its commit marker and raises on a corrupt latest
 step; `Checkpointer.restore_latest` checks and falls back to older steps
 itself, warning with the name of each step it passes over.
 """
+import json
 import os
 
 from absl import logging
@@ -98,6 +99,43 @@ class Checkpointer:
   def close(self):
     """Waits for pending saves; their errors surface here, never swallowed."""
     self.manager.close()
+
+
+def read_model(directory: str) -> tuple[dict, dict, str]:
+  """A model to run or export, on this host's first device.
+
+  directory: a training workdir (its newest committed checkpoint) or a
+  params-only export (mmjax_config.json + params/, from tools/export_hf.py
+  --format=params or tools/import_hf.py).
+  -> ({"family", "model"}, params, the directory holding tokenizer files or "").
+  """
+  imported = os.path.join(directory, "mmjax_config.json")
+  if os.path.exists(imported):
+    with open(imported) as f:
+      config = json.load(f)
+    params_dir, tokenizer_dir = os.path.join(directory, "params"), directory
+  else:
+    checkpoints = os.path.abspath(os.path.join(directory, "checkpoints"))
+    steps = sorted((int(s) for s in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
+                    if s.isdigit() and os.path.exists(os.path.join(checkpoints, s, COMMIT_MARKER))),
+                   reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"{directory} has neither mmjax_config.json nor a complete "
+                              "checkpoints/<step>")
+    with ocp.CheckpointManager(checkpoints, item_handlers={
+        "config": ocp.JsonCheckpointHandler()}) as manager:
+      run_config = manager.restore(steps[0], args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+    config = {"family": run_config["family"], "model": run_config["model"]}
+    params_dir = os.path.join(checkpoints, str(steps[0]), "state")
+    tokenizer_dir = run_config.get("init_from", "")
+  with ocp.StandardCheckpointer() as ckpt:
+    saved = ckpt.metadata(os.path.abspath(params_dir)).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    restored = ckpt.restore(os.path.abspath(params_dir), target)
+  params = restored["params"] if "params" in restored and "opt_state" in restored else restored
+  return config, params, tokenizer_dir
 
 
 def save_params(directory: str, params) -> None:

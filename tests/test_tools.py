@@ -9,15 +9,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 from safetensors.numpy import load_file
 import torch
 import transformers
 
+from mmjax import checkpoint
+from mmjax import decode
 from mmjax import trainer
+from mmjax.data import synthetic
 import train_cli
 
 sys.path.insert(0, str(train_cli.ROOT / "tools"))
-import export_hf  # pylint: disable=g-import-not-at-top,wrong-import-position
+import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
 import show_params  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import lm as lm_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -50,7 +54,7 @@ def test_import_finetune_export(tmp_path, run_train):
 
   run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}")
   exported = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
-  config, params, _ = export_hf.read_model(str(tmp_path / "run"))
+  config, params, _ = checkpoint.read_model(str(tmp_path / "run"))
   tokens = np.array([[256] + [258] * 16 + [97, 32, 114]])
   images = np.random.RandomState(0).rand(1, 32, 32, 3).astype(np.float32)
   ours, _ = trainer.MODELS["early_fusion"](**config["model"]).apply(
@@ -71,7 +75,7 @@ def test_deep_fusion_export_parts_and_name_map(tmp_path, run_train):
                                                       "eval_every": 0})
   out = run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}")
   assert "no HuggingFace form" in out  # the tiny tower has no cls token
-  config, params, _ = export_hf.read_model(str(tmp_path / "run"))
+  config, params, _ = checkpoint.read_model(str(tmp_path / "run"))
   flat = load_file(tmp_path / "out" / "model.safetensors")
   np.testing.assert_array_equal(flat["xattn_0/attn/query/kernel"],
                                 params["xattn_0"]["attn"]["query"]["kernel"])
@@ -89,8 +93,8 @@ def test_params_only_export_round_trip(tmp_path, run_train):
   run_train(tmp_path / "run", "lm.py:tiny", {"total_steps": 2, "log_every": 1, "eval_every": 0})
   run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'served'}",
            "--format=params")
-  config, params, _ = export_hf.read_model(str(tmp_path / "served"))
-  _, trained, _ = export_hf.read_model(str(tmp_path / "run"))
+  config, params, _ = checkpoint.read_model(str(tmp_path / "served"))
+  _, trained, _ = checkpoint.read_model(str(tmp_path / "run"))
   assert config["family"] == "lm"
   jax.tree.map(np.testing.assert_array_equal, params, trained)
 
@@ -106,3 +110,39 @@ def test_show_params_lists_axes_and_shardings():
   model = trainer.build_model(config)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   assert sum(r[1] for r in table.values()) == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_generate_answers_like_decode(tmp_path, run_train):
+  run_train(tmp_path / "run", "early_fusion.py:tiny", {"total_steps": 30, "log_every": 10,
+                                                       "eval_every": 0})
+  source = synthetic.ShapeScenes(2, None, 32, 16, task="vqa", split="validation")
+  examples = source.examples(0)
+  requests = []
+  for i, example in enumerate(examples):
+    path = tmp_path / f"scene_{i}.png"
+    Image.fromarray(np.round(example["image"][0] * 255).astype(np.uint8)).save(path)
+    requests.append({"prompt": example["question"], "images": [str(path)]})
+    # The default template lays a prompt out as the training data does.
+    assert generate.prompt_ids(example["question"], 1, "<image>{prompt} ", [258] * 16,
+                               source.tokenizer) == example["prompt"]
+  requests.append({"prompt": "two images: <image> and <image>?", "images": [
+      str(tmp_path / "scene_0.png"), str(tmp_path / "scene_1.png")]})
+  (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in requests))
+  out = run_tool("generate.py", f"--workdir={tmp_path / 'run'}",
+                 f"--prompts={tmp_path / 'prompts.jsonl'}", "--max_new_tokens=6")
+  answers = [json.loads(line)["answer"] for line in out.splitlines()]
+
+  config, params, _ = checkpoint.read_model(str(tmp_path / "run"))
+  model = trainer.MODELS["early_fusion"](**config["model"])
+  images = np.zeros((3, 2, 32, 32, 3), np.float32)
+  for b, request in enumerate(requests):
+    for i, path in enumerate(request["images"]):
+      images[b, i] = generate.load_image(path, 32)
+  prompts = [e["prompt"] for e in examples] + [
+      [256] + list(b"two images: ") + [258] * 16 + list(b" and ") + [258] * 16 + list(b"? ")]
+  tokens, lengths = decode.left_pad(prompts, 0)
+  expected = decode.make_generate(model, decode.Sampling(max_new_tokens=6, eos_id=257))(
+      params, tokens, lengths, images, jax.random.key(0))
+  assert answers == [source.tokenizer.decode(t[:n]) for t, n in zip(expected["tokens"],
+                                                                      expected["lengths"])]
+  np.testing.assert_allclose(images[0, 0], examples[0]["image"][0], atol=1 / 255)

@@ -16,9 +16,6 @@ import os
 
 from absl import app
 from absl import flags
-import jax
-import orbax.checkpoint as ocp
-
 from mmjax import checkpoint
 from mmjax.interop import hf
 
@@ -28,36 +25,9 @@ _FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "params"], "What to write.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def read_model(workdir: str) -> tuple[dict, dict, str]:
-  """-> ({"family", "model"}, params on this host, the directory holding tokenizer files)."""
-  imported = os.path.join(workdir, "mmjax_config.json")
-  if os.path.exists(imported):
-    with open(imported) as f:
-      config = json.load(f)
-    params_dir, tokenizer_dir = os.path.join(workdir, "params"), workdir
-  else:
-    manager = checkpoint.Checkpointer(workdir, max_to_keep=None, keep_every=None).manager
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"{workdir} has neither mmjax_config.json nor checkpoints/<step>")
-    run_config = manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
-    manager.close()
-    config = {"family": run_config["family"], "model": run_config["model"]}
-    params_dir = os.path.join(workdir, "checkpoints", str(step), "state")
-    tokenizer_dir = run_config.get("init_from", "")
-  with ocp.StandardCheckpointer() as ckpt:
-    saved = ckpt.metadata(os.path.abspath(params_dir)).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-    restored = ckpt.restore(os.path.abspath(params_dir), target)
-  params = restored["params"] if "params" in restored and "opt_state" in restored else restored
-  return config, params, tokenizer_dir
-
-
 def main(argv):
   del argv
-  config, params, tokenizer_dir = read_model(_WORKDIR.value)
+  config, params, tokenizer_dir = checkpoint.read_model(_WORKDIR.value)
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   if _FORMAT.value == "params":

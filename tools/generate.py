@@ -1,0 +1,133 @@
+"""Answers prompts, about images or not, with a trained mmjax model.
+
+  python tools/generate.py --workdir DIR --image scene.png --prompt "what colour is the circle?"
+  python tools/generate.py --workdir DIR --prompts prompts.jsonl --method beam --beam_size 4
+
+DIR is a training workdir (its newest complete checkpoint) or a params-only
+export (tools/export_hf.py --format=params). --prompts reads one JSON object
+per line, {"prompt": "...", "images": ["a.png", ...]}, and prints one per line
+with "answer" added. Each prompt is laid out by --template: "<image>" stands
+for one image's placeholder tokens (early fusion) or marker (deep fusion);
+images without an "<image>" in the template go first. The default template
+matches the generated shapes dataset: the question, then a space; a prompt
+with its own "<image>" markers places its images itself. Text is byte-level
+unless --tokenizer names a SentencePiece or HuggingFace file; images are read
+with Pillow, made RGB, resized to the model's resolution and scaled to [0, 1].
+"""
+import json
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from PIL import Image
+
+from mmjax import checkpoint
+from mmjax import decode
+from mmjax import trainer
+from mmjax.data import tokenizers
+from mmjax.models import early_fusion
+
+IMAGE = "<image>"
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or params-only export.")
+_PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
+_IMAGES = flags.DEFINE_multi_string("image", [], "Image file(s) for --prompt; repeat the flag.")
+_PROMPTS = flags.DEFINE_string("prompts", None, "A JSONL file of {prompt, images} objects.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "'bytes', a SentencePiece .model file "
+                                 "or a HuggingFace tokenizer.json (tools/train_tokenizer.py).")
+_TEMPLATE = flags.DEFINE_string("template", IMAGE + "{prompt} ", "How a prompt is laid out.")
+_METHOD = flags.DEFINE_enum("method", "greedy", list(decode.METHODS), "How to choose tokens.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--method=sample: logits / temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "--method=sample: keep the k likeliest; 0 = all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "--method=sample: nucleus probability mass.")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "--method=beam: beams per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "--method=sample: random seed.")
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """An image file -> float32[size, size, 3] in [0, 1]."""
+  try:
+    with Image.open(path) as image:
+      image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+      return np.asarray(image, np.float32) / 255.0
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def prompt_ids(prompt: str, num_images: int, template: str, image_ids: list[int],
+               tokenizer) -> list[int]:
+  """BOS + the template with the prompt filled in; each "<image>" -> image_ids.
+
+  A prompt that places its images itself ("<image>" inside it) overrides the
+  template's image positions.
+  """
+  if IMAGE in prompt:
+    template = template.replace(IMAGE, "")
+  text = template.replace("{prompt}", prompt)
+  missing = num_images - text.count(IMAGE)
+  if missing < 0:
+    raise ValueError(f"the prompt has {text.count(IMAGE)} {IMAGE} markers for {num_images} images")
+  text = IMAGE * missing + text
+  ids = [tokenizer.bos_id]
+  for i, part in enumerate(text.split(IMAGE)):
+    ids += (image_ids if i else []) + tokenizer.encode(part)
+  return ids
+
+
+def read_requests() -> list[dict]:
+  if (_PROMPT.value is None) == (_PROMPTS.value is None):
+    raise app.UsageError("give exactly one of --prompt and --prompts")
+  if _PROMPT.value is not None:
+    return [{"prompt": _PROMPT.value, "images": _IMAGES.value}]
+  with open(_PROMPTS.value) as f:
+    requests = [json.loads(line) for line in f if line.strip()]
+  for n, request in enumerate(requests, 1):
+    if "prompt" not in request:
+      raise ValueError(f"{_PROMPTS.value} line {n} has no \"prompt\"")
+  return requests
+
+
+def main(argv):
+  del argv
+  requests = read_requests()
+  config, params, _ = checkpoint.read_model(_WORKDIR.value)
+  model = trainer.MODELS[config["family"]](**config["model"])
+  tokenizer = tokenizers.load(_TOKENIZER.value)
+  images = None
+  image_ids = []
+  if config["family"] in ("early_fusion", "deep_fusion"):
+    size = config["model"]["vit"].get("image_size", 224)
+    per_image = 1 if config["family"] == "deep_fusion" else early_fusion.num_image_tokens(
+        config["model"]["vit"], size, config["model"].get("drop_cls", True))
+    image_ids = [config["model"]["image_token_id"]] * per_image
+    most = max(len(r.get("images", [])) for r in requests)
+    if most:  # rows with fewer images get blank slots: no placeholder ever reads them
+      images = np.zeros((len(requests), most, size, size, 3), np.float32)
+      for b, request in enumerate(requests):
+        for i, path in enumerate(request.get("images", [])):
+          images[b, i] = load_image(path, size)
+  elif any(r.get("images") for r in requests):
+    raise ValueError(f"a {config['family']} model takes no images")
+  prompts = [prompt_ids(r["prompt"], len(r.get("images", [])), _TEMPLATE.value, image_ids,
+                        tokenizer) for r in requests]
+  tokens, lengths = decode.left_pad(prompts, tokenizer.pad_id)
+  sampling = decode.Sampling(
+      method=_METHOD.value, max_new_tokens=_MAX_NEW_TOKENS.value, eos_id=tokenizer.eos_id,
+      pad_id=tokenizer.pad_id, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, beam_size=_BEAM_SIZE.value)
+  out = jax.jit(decode.make_generate(model, sampling))(params, tokens, lengths, images,
+                                                       jax.random.key(_SEED.value))
+  out = jax.device_get(out)
+  for b, request in enumerate(requests):
+    answer = tokenizer.decode(out["tokens"][b][:out["lengths"][b]])
+    if _PROMPTS.value is None:
+      print(answer)
+    else:
+      print(json.dumps({**request, "answer": answer}))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
