@@ -50,3 +50,20 @@ def test_bench_runs_and_compares_with_the_reference():
   assert ours["params"] == theirs["params"]  # the same model shape
   assert ratio["ratio_mmjax_over_reference"] == pytest.approx(
       ours["tokens_per_s"] / theirs["tokens_per_s"])
+
+
+def test_decode_bench_reports_throughput_and_bytes_read():
+  result = subprocess.run(
+      [sys.executable, str(train_cli.ROOT / "tools" / "bench.py"), "--decode", "--cases=lm-tiny",
+       "--decode_batches=1,4", "--prompt_len=8", "--new_tokens=6", "--steps=3"],
+      env=train_cli.env(1), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [r["batch"] for r in rows] == [1, 4]
+  V, D, L, T = 512, 128, 4, 128  # lm-tiny
+  params = 12 * L * D * D + 13 * L * D + V * D + T * D + 2 * D  # blocks, embeddings, final norm
+  for row in rows:
+    assert row["tokens_per_s"] == pytest.approx(row["batch"] * 6 / row["seconds"])
+    cache = 2 * L * D * 4 * row["batch"] * (8 + 6 / 2)  # keys + values, float32, mean length
+    assert row["bytes_per_step"] == pytest.approx(4 * params + cache)
+    assert row["bound_tokens_per_s"] is None  # no known bandwidth for a CPU

@@ -1,7 +1,8 @@
-"""Benchmarks mmjax's jitted training step against the naive reference, in one run.
+"""Benchmarks mmjax's jitted training step against the naive reference, and its decoding.
 
   python tools/bench.py                         # CPU: the tiny cases
   python tools/bench.py --cases gpt2-124m,llama-1b,vit-b16,early-fusion,deep-fusion   # GPU
+  python tools/bench.py --decode --cases gpt2-124m,llama-1b   # generation at batch 1 and 32
 
 Prints one JSON line per case: seconds per step (median after warm-up),
 tokens/s or images/s, model TFLOP/s and MFU by MaxText's count (3 x forward
@@ -9,6 +10,11 @@ matmul FLOPs + attention, causal attention halved), peak device memory, compile
 time; then the reference's line at the same shapes and the ratio mmjax /
 reference. Batches are synthetic and in memory, so it needs neither tfds nor
 TensorFlow; the step is the trainer's own (`trainer.make_train_step`).
+
+--decode times `decode.make_generate` (greedy, no EOS, so every row makes
+every token) and compares new tokens/s with the memory-bandwidth bound: each
+step reads every parameter and the KV cache written so far, so tokens/s <=
+batch x bandwidth / (parameter bytes + average cache bytes).
 """
 import argparse
 import functools
@@ -24,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmjax import decode
 from mmjax import metrics
 from mmjax import optim
 from mmjax import sharding
@@ -193,6 +200,56 @@ def run_case(name: str, steps: int, dtype: str, attention: str) -> dict:
   return result
 
 
+# Spec HBM bandwidth, bytes/s, for the decoding bound (the H200's device copy measured
+# 3.6 TB/s through jax: see ../shared/DESIGN.md).
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+
+def run_decode(name: str, batch_size: int, prompt_len: int, new_tokens: int, dtype: str,
+               repeats: int) -> dict:
+  """Generation throughput of one case at one batch size."""
+  family, fields, _, text_len, images_per_sample, _ = CASES[name]
+  if text_len is None:
+    raise SystemExit(f"--decode needs a case with text, not {name!r}")
+  model = trainer.MODELS[family](**{**fields, "dtype": dtype})
+  data = synthetic_batch(family, model, batch_size, prompt_len, images_per_sample,
+                         np.random.default_rng(0))
+  inputs = trainer.init_inputs(jax.tree.map(lambda x: x[:1], data))
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), *inputs))["params"])()
+  lengths = np.full((batch_size,), prompt_len, np.int32)
+  generate = jax.jit(decode.make_generate(model, decode.Sampling(max_new_tokens=new_tokens)))
+  args = (params, data["tokens"], lengths, data.get("images"), jax.random.key(0))
+  tic = time.perf_counter()
+  compiled = generate.lower(*args).compile()
+  compile_seconds = time.perf_counter() - tic
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - tic)
+  seconds = float(np.median(times))
+
+  language = decode._unbound_language(model)  # pylint: disable=protected-access
+  kv_heads = language.num_kv_heads or language.num_heads
+  head_dim = language.head_dim or language.width // language.num_heads
+  dtype_bytes = np.dtype(dtype).itemsize
+  cache_per_token = 2 * language.depth * kv_heads * head_dim * dtype_bytes * batch_size
+  average_len = prompt_len + new_tokens / 2
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  bytes_per_step = param_bytes + cache_per_token * average_len
+  device = jax.devices()[0]
+  bandwidth = next((b for k, b in BANDWIDTH.items() if k in device.device_kind), None)
+  return {  # seconds: prefill and every step of one generate call
+      "impl": "mmjax", "mode": "decode", "case": name, "device": device.device_kind,
+      "dtype": dtype, "batch": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+      "seconds": seconds, "tokens_per_s": batch_size * new_tokens / seconds,
+      "ms_per_step": 1e3 * seconds / new_tokens, "bytes_per_step": bytes_per_step,
+      "bound_tokens_per_s": batch_size * bandwidth / bytes_per_step if bandwidth else None,
+      "compile_seconds": compile_seconds,
+  }
+
+
 def _adamw() -> ml_collections.ConfigDict:
   """The reference's optimizer: AdamW at a constant 3e-4 (plus mmjax's clipping and decay mask)."""
   return ml_collections.ConfigDict(dict(
@@ -218,10 +275,22 @@ def main():
                       help="mmjax's attention_impl; the reference gets naive on CPU, cudnn on GPU")
   parser.add_argument("--reference", default=str(DEFAULT_REFERENCE),
                       help="path to naive_reference.py; '' to skip it")
+  parser.add_argument("--decode", action="store_true", help="time generation instead")
+  parser.add_argument("--decode_batches", default="1,32")
+  parser.add_argument("--prompt_len", type=int, default=None,
+                      help="--decode prompt tokens; default: half the case's text length")
+  parser.add_argument("--new_tokens", type=int, default=None,
+                      help="--decode tokens to generate; default: half the case's text length")
   args = parser.parse_args()
   for name in args.cases.split(","):
     if name not in CASES:
       raise SystemExit(f"unknown case {name!r}; known: {sorted(CASES)}")
+    if args.decode:
+      half = (CASES[name][3] or 2) // 2
+      for batch in (int(b) for b in args.decode_batches.split(",")):
+        print(json.dumps(run_decode(name, batch, args.prompt_len or half, args.new_tokens or half,
+                                    args.dtype, max(args.steps // 3, 1))), flush=True)
+      continue
     ours = run_case(name, args.steps, args.dtype, args.attention)
     print(json.dumps(ours), flush=True)
     reference_model = CASES[name][5]
