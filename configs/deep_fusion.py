@@ -22,7 +22,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if pair["lm"]["variant"] == "gpt2-124m":
     config.model.cross_every = 4  # 3 cross blocks in GPT-2's 12
   config.data = ml_collections.ConfigDict(dict(
-      name="shapes", task="vqa",  # or "caption", "mixed"
+      name="shapes",  # in memory; "tfds_scenes": the same scenes as a tfds ArrayRecord dataset
+      data_dir="",  # tfds_scenes: where tfds builds it ("" = tfds' default)
+      train_size=50_000,  # tfds_scenes: training scenes
+      task="vqa",  # or "caption", "mixed"
       max_shapes=2,  # per image; 1 is easy, 3 makes counting and binding matter
       image_size=pair["image_size"],
       image_tokens=1,  # one marker per image: resolution never changes the text length

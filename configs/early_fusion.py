@@ -21,7 +21,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   image_tokens = early_fusion.num_image_tokens(pair["vit"], pair["image_size"],
                                               config.model.drop_cls)  # P per image
   config.data = ml_collections.ConfigDict(dict(
-      name="shapes", task="vqa",  # or "caption", "mixed"
+      name="shapes",  # in memory; "tfds_scenes": the same scenes as a tfds ArrayRecord dataset
+      data_dir="",  # tfds_scenes: where tfds builds it ("" = tfds' default)
+      train_size=50_000,  # tfds_scenes: training scenes
+      task="vqa",  # or "caption", "mixed"
       max_shapes=2,  # per image; 1 is easy, 3 makes counting and binding matter
       image_size=pair["image_size"], image_tokens=image_tokens,
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example

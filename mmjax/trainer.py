@@ -63,10 +63,17 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
     return synthetic.ShapeScenes(config.batch_size, data.seq_len, data.image_size,
                                  data.image_tokens, task=data.task, max_shapes=data.max_shapes,
                                  image_token_id=config.model.image_token_id, **common)
+  if data.name == "tfds_scenes":
+    # Imported here: only this source needs tfds and grain (the GPU benchmark image has neither).
+    from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.TfdsScenes(config.batch_size, data.seq_len, data.image_size,
+                               data.image_tokens, task=data.task, max_shapes=data.max_shapes,
+                               data_dir=data.data_dir, train_size=data.train_size,
+                               image_token_id=config.model.image_token_id, **common)
   if data.name == "shape_classes":
     return synthetic.ShapeClasses(config.batch_size, data.image_size, **common)
-  raise ValueError(f"config.data.name must be 'arithmetic', 'shapes' or 'shape_classes', "
-                   f"got {data.name!r}")
+  raise ValueError(f"config.data.name must be 'arithmetic', 'shapes', 'tfds_scenes' or "
+                   f"'shape_classes', got {data.name!r}")
 
 
 def init_inputs(batch: dict) -> tuple:
@@ -111,7 +118,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int):
                        f"config.{key}.num_heads={tower.num_heads}")
   lm_fields = {"lm": config.get("model"), "early_fusion": config.model.get("lm"),
                "deep_fusion": config.model.get("lm")}.get(config.family)
-  if config.data.name in ("arithmetic", "shapes") and lm_fields is not None:
+  if config.data.name in ("arithmetic", "shapes", "tfds_scenes") and lm_fields is not None:
     vocab = lm.Model(**lm_fields.to_dict()).vocab_size
     if vocab < synthetic.tokenizers.ByteTokenizer.vocab_size:
       key = "config.model.vocab_size" if config.family == "lm" else "config.model.lm.vocab_size"

@@ -46,9 +46,10 @@ class Source:
     self.first_row = process_index * self.local_batch_size
     self.tokenizer = tokenizers.ByteTokenizer()
 
-  def rngs(self, step: int):
+  def rows(self, step: int):
+    """(row of the global batch, its generator) for this process's rows of batch `step`."""
     for row in range(self.first_row, self.first_row + self.local_batch_size):
-      yield np.random.default_rng((self.seed, SPLITS[self.split], step, row))
+      yield row, np.random.default_rng((self.seed, SPLITS[self.split], step, row))
 
 
 class ArithmeticText(Source):
@@ -64,7 +65,7 @@ class ArithmeticText(Source):
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     rows = []
-    for rng in self.rngs(step):
+    for _, rng in self.rows(step):
       text = ""
       while len(text) < self.seq_len:
         a, b = rng.integers(0, 100, size=2)
@@ -147,19 +148,27 @@ class ShapeScenes(Source):
     """Tokens of the longest answer or caption, EOS not counted."""
     return max(answer for _, answer in self._longest_texts())
 
+  def scene(self, step: int, row: int, rng: np.random.Generator) -> dict:
+    """Row `row` of batch `step`: image float32[H, W, 3], question, answer, type, caption."""
+    del step, row  # drawn from rng, which they seed
+    image, shapes = draw_scene(rng, self.image_size, int(rng.integers(1, self.max_shapes + 1)))
+    kind, question, answer = ask(rng, shapes)
+    return {"image": image, "question": question, "answer": answer, "type": kind,
+            "caption": caption(shapes)}
+
   def examples(self, step: int) -> list[dict]:
     """This process's rows of batch `step`: image float32[1, H, W, 3], prompt ids, answer."""
     rows = []
-    for rng in self.rngs(step):
-      image, shapes = draw_scene(rng, self.image_size, int(rng.integers(1, self.max_shapes + 1)))
+    for row, rng in self.rows(step):
+      scene = self.scene(step, row, rng)
       task = self.task if self.task != "mixed" else ("vqa", "caption")[rng.integers(2)]
       if task == "caption":
-        kind, question, answer = "caption", "", caption(shapes)
+        kind, question, answer = "caption", "", scene["caption"]
       else:
-        kind, question, answer = ask(rng, shapes)
+        kind, question, answer = scene["type"], scene["question"], scene["answer"]
       prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
                 + self.tokenizer.encode(question + " " if question else ""))
-      rows.append({"image": image[None], "prompt": prompt, "question": question,
+      rows.append({"image": scene["image"][None], "prompt": prompt, "question": question,
                    "answer": answer, "type": kind})
     return rows
 
@@ -188,7 +197,7 @@ class ShapeClasses(Source):
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """-> {"images": float32[B, H, W, 3], "labels": int32[B]}."""
     images, labels = [], []
-    for rng in self.rngs(step):
+    for _, rng in self.rows(step):
       image, (shape,) = draw_scene(rng, self.image_size, 1)
       images.append(image)
       labels.append(list(COLOURS).index(shape.colour) * len(PLACES) + PLACES.index(shape.place))
