@@ -7,8 +7,10 @@
   5. jit(init, out_shardings): the state is born sharded, no host holds it whole
   6. restore the newest complete checkpoint, if any
   7. jit(train_step) with explicit shardings and donated state
-  8. the loop: step, log, evaluate, checkpoint, stop cleanly on SIGTERM
+  8. the loop: step (the next batch read meanwhile), log, evaluate, checkpoint, stop cleanly on
+     SIGTERM
 """
+import concurrent.futures
 import functools
 import os
 import signal
@@ -39,6 +41,7 @@ MODELS = {"lm": lm.Model, "vit": vit.Model, "early_fusion": early_fusion.Model,
 # Batch keys passed to the model as keyword arguments when present.
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
 NAN_POLICIES = ("skip", "stop")
+DATA_NAMES = ("arithmetic", "shapes", "tfds_scenes", "llava", "shape_classes")
 
 
 # ----------------------------------------------------------------------------
@@ -70,10 +73,16 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
                                data.image_tokens, task=data.task, max_shapes=data.max_shapes,
                                data_dir=data.data_dir, train_size=data.train_size,
                                image_token_id=config.model.image_token_id, **common)
+  if data.name == "llava":
+    from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.LlavaConversations(
+        config.batch_size, data.seq_len, json_path=data.json, image_dir=data.image_dir,
+        image_size=data.image_size, image_tokens=data.image_tokens,
+        image_token_id=config.model.image_token_id, tokenizer=data.tokenizer,
+        max_images=data.max_images, data_dir=data.data_dir, **common)
   if data.name == "shape_classes":
     return synthetic.ShapeClasses(config.batch_size, data.image_size, **common)
-  raise ValueError(f"config.data.name must be 'arithmetic', 'shapes', 'tfds_scenes' or "
-                   f"'shape_classes', got {data.name!r}")
+  raise ValueError(f"config.data.name must be one of {DATA_NAMES}, got {data.name!r}")
 
 
 def init_inputs(batch: dict) -> tuple:
@@ -118,13 +127,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int):
                        f"config.{key}.num_heads={tower.num_heads}")
   lm_fields = {"lm": config.get("model"), "early_fusion": config.model.get("lm"),
                "deep_fusion": config.model.get("lm")}.get(config.family)
-  if config.data.name in ("arithmetic", "shapes", "tfds_scenes") and lm_fields is not None:
+  if config.data.name == "llava":
+    for key in ("json", "image_dir", "seq_len"):
+      if not config.data.get(key):
+        raise ValueError(f"config.data.{key} must be set for config.data.name='llava'")
+  if config.data.name in ("arithmetic", "shapes", "tfds_scenes", "llava") and lm_fields is not None:
     vocab = lm.Model(**lm_fields.to_dict()).vocab_size
-    if vocab < synthetic.tokenizers.ByteTokenizer.vocab_size:
+    tokenizer = synthetic.tokenizers.load(config.data.get("tokenizer", "bytes"))
+    if vocab < tokenizer.vocab_size:
       key = "config.model.vocab_size" if config.family == "lm" else "config.model.lm.vocab_size"
-      raise ValueError(f"{key}={vocab} is smaller than the byte tokenizer's "
-                       f"{synthetic.tokenizers.ByteTokenizer.vocab_size} ids (config.data.name="
-                       f"{config.data.name!r})")
+      raise ValueError(f"{key}={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                       f"ids ({tokenizer!r}, config.data.name={config.data.name!r})")
   data_size, fsdp_size, _ = sharding.mesh_shape(config.mesh.shape, num_devices)
   sharding.rules(config.mesh.rules)
   parallel = data_size * fsdp_size
@@ -323,9 +336,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_json = config.to_dict()
     last, tic, steps_since = {}, time.perf_counter(), 0
     step = start
+    # The next batch is read on a thread while the device runs this step (batches are a pure
+    # function of the step, so reading ahead changes nothing).
+    prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
+    upcoming = prefetcher.submit(train_data.batch, data_state["next_step"])
     try:
       for step in range(start + 1, config.total_steps + 1):
-        batch = sharding.global_batch(train_data.batch(data_state["next_step"]), mesh)
+        local_batch = upcoming.result()
+        upcoming = prefetcher.submit(train_data.batch, data_state["next_step"] + 1)
+        batch = sharding.global_batch(local_batch, mesh)
         data_state = {"next_step": data_state["next_step"] + 1}
         state, step_metrics = compiled_step(state, batch)
         steps_since += 1
@@ -361,6 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logging.warning("stopped at step %d after SIGTERM; rerun the command to resume", step)
           break
     finally:
+      prefetcher.shutdown(cancel_futures=True)
       writer.close()
       checkpointer.close()
     return {"step": step, **last}

@@ -67,3 +67,14 @@ def test_decode_bench_reports_throughput_and_bytes_read():
     cache = 2 * L * D * 4 * row["batch"] * (8 + 6 / 2)  # keys + values, float32, mean length
     assert row["bytes_per_step"] == pytest.approx(4 * params + cache)
     assert row["bound_tokens_per_s"] is None  # no known bandwidth for a CPU
+
+
+def test_data_bench_reports_both_sources():
+  result = subprocess.run(
+      [sys.executable, str(train_cli.ROOT / "tools" / "bench.py"), "--data", "--steps=1"],
+      env=train_cli.env(1), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+  assert [r["source"] for r in rows] == ["shapes", "tfds_scenes"]
+  for row in rows:
+    assert row["examples_per_s"] == pytest.approx(16 * 1000 / row["ms_per_batch"])

@@ -1,8 +1,13 @@
-"""The tfds-backed scenes: built without TensorFlow, read by index, resumable, split by process."""
+"""tfds-backed sources: built without TensorFlow, read by index, resumable, split by process."""
+import json
+import logging
+
 import numpy as np
+from PIL import Image
 import pytest
 
 from mmjax.data import builders
+from mmjax.data import images
 from mmjax.data import pipeline
 from mmjax.data import synthetic
 
@@ -32,7 +37,7 @@ def test_records_are_the_generated_scenes(data_dir):
     rng = np.random.default_rng((0, builders.SPLIT_SEEDS["train"], i))
     image, shapes = synthetic.draw_scene(rng, 32, int(rng.integers(1, 4)))
     kind, question, answer = synthetic.ask(rng, shapes)
-    np.testing.assert_allclose(builders.decode_image(record["images"][0]), image, atol=0.5 / 255)
+    np.testing.assert_allclose(images.decode(record["images"][0]), image, atol=0.5 / 255)
     assert record["question"].decode() == question and record["answer"].decode() == answer
     assert record["type"].decode() == kind
     assert record["caption"].decode() == synthetic.caption(shapes)
@@ -84,4 +89,106 @@ def test_trainer_reads_tfds_scenes(tmp_path, data_dir, run_train):
   rows = run_train(tmp_path, "early_fusion.py:tiny", {
       "data.name": "tfds_scenes", "data.data_dir": data_dir, "data.train_size": SIZE,
       "data.max_shapes": 3, "total_steps": 4, "log_every": 2, "eval_every": 0})
+  assert [r["step"] for r in rows] == [2, 4] and np.isfinite(rows[-1]["loss"])
+
+
+# ----------------------------------------------------------------------------
+# LLaVA folders.
+# ----------------------------------------------------------------------------
+
+
+def write_llava(root, long_answer_bytes=200):
+  """A LLaVA folder with good, greyscale, RGBA, missing, corrupt and malformed examples."""
+  (root / "img").mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.full((20, 10, 3), [200, 100, 50], np.uint8)).save(root / "img" / "rgb.png")
+  Image.fromarray(np.full((8, 8), 90, np.uint8), "L").save(root / "img" / "grey.png")
+  Image.fromarray(np.full((8, 8, 4), [10, 20, 30, 0], np.uint8), "RGBA").save(
+      root / "img" / "rgba.png")
+  good = (root / "img" / "rgb.png").read_bytes()
+  (root / "img" / "corrupt.png").write_bytes(good[:len(good) // 2])
+
+  def conv(question, answer):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+  entries = [
+      {"id": "rgb", "image": "rgb.png", "conversations": conv("<image>\nWhat colour?", "Orange.")},
+      {"id": "grey", "image": "grey.png", "conversations": conv("<image>\nAnd this?", "Grey.")},
+      {"id": "rgba", "image": "rgba.png", "conversations": conv("<image>\nThis?", "Blue.")},
+      {"id": "text", "conversations": conv("Hi", "Hello.") + conv("More?", "No.")},
+      {"id": "long", "image": "rgb.png", "conversations": conv("<image>", "x" * long_answer_bytes)},
+      {"id": "missing", "image": "nope.png", "conversations": conv("<image>", "?")},
+      {"id": "corrupt", "image": "corrupt.png", "conversations": conv("<image>", "?")},
+      {"id": "empty", "image": "rgb.png", "conversations": []},
+      {"id": "order", "conversations": [{"from": "gpt", "value": "first"}]},
+      # Its id hashes lowest: the one example held out for validation.
+      {"id": "held-0", "conversations": conv("Held out?", "Yes.")},
+  ]
+  (root / "llava.json").write_text(json.dumps(entries))
+  return str(root / "llava.json"), str(root / "img")
+
+
+def llava_source(tmp_path, seq_len=64, **kwargs):
+  json_path, image_dir = write_llava(tmp_path / "llava")
+  return pipeline.LlavaConversations(
+      4, seq_len, json_path=json_path, image_dir=image_dir, image_size=4, image_tokens=2,
+      image_token_id=258, data_dir=str(tmp_path / "tfds"), **kwargs)
+
+
+def test_llava_skips_bad_examples_and_converts_images(tmp_path, caplog):
+  with caplog.at_level(logging.WARNING):
+    source = llava_source(tmp_path)
+  records = {source.records[i]["id"].decode(): source.records[i]
+             for i in range(len(source.records))}
+  assert sorted(records) == ["grey", "long", "rgb", "rgba", "text"]
+  validation = llava_source(tmp_path, split="validation").records
+  assert len(validation) == 1 and validation[0]["id"] == b"held-0"
+  warning = " ".join(r.getMessage() for r in caplog.records)
+  for why, example in [("missing image file", "missing"), ("unreadable image", "corrupt"),
+                       ("empty conversation", "empty"), ("not alternating", "order")]:
+    assert f"1 with {why}" in warning or f"1 with turns {why}" in warning, warning
+    assert f"'{example}'" in warning
+  grey = images.decode(records["grey"]["images"][0], 4)
+  np.testing.assert_allclose(grey, 90 / 255, atol=1e-6)  # L -> RGB, all three channels
+  rgba = images.decode(records["rgba"]["images"][0])
+  np.testing.assert_allclose(rgba[0, 0], np.array([10, 20, 30]) / 255, atol=1e-6)
+
+
+def test_llava_batch_layout(tmp_path):
+  source = llava_source(tmp_path, seq_len=64)
+  text = lambda s: list(s.encode())
+  for position in range(5):  # the first epoch: batches of 4 in the shuffled order
+    batch, row = source.batch(position // 4), position % 4
+    name = source.records[int(source.order[position])]["id"].decode()
+    if name == "rgb":
+      expected = ([256] + text("USER: ") + [258, 258] + text("\nWhat colour? ASSISTANT:")
+                  + text(" Orange.") + [257])
+      np.testing.assert_array_equal(batch["tokens"][row, :len(expected)], expected)
+      np.testing.assert_array_equal(batch["tokens"][row, len(expected):], 0)
+      weighted = batch["targets"][row][batch["loss_weights"][row] > 0]
+      np.testing.assert_array_equal(weighted, text(" Orange.") + [257])
+      np.testing.assert_allclose(batch["images"][row, 0],
+                                 np.broadcast_to(np.array([200, 100, 50]) / 255, (4, 4, 3)),
+                                 atol=1e-6)
+    if name == "text":
+      np.testing.assert_array_equal(batch["images"][row], 0)  # no image: an empty slot
+      weighted = batch["targets"][row][batch["loss_weights"][row] > 0]
+      np.testing.assert_array_equal(weighted, text(" Hello.") + [257] + text(" No.") + [257])
+    if name == "long":
+      assert batch["loss_weights"][row, -1] == 1  # cut off mid-answer, still trained on
+  assert source.truncated >= 1  # "long", counted
+
+
+def test_llava_errors_name_the_thing(tmp_path):
+  with pytest.raises(FileNotFoundError, match="LLaVA JSON .*absent.json does not exist"):
+    pipeline.LlavaConversations(4, 32, json_path=str(tmp_path / "absent.json"),
+                                image_dir=str(tmp_path), image_size=4, image_tokens=1,
+                                image_token_id=258, data_dir=str(tmp_path / "tfds"))
+
+
+def test_trainer_reads_a_llava_folder(tmp_path, run_train):
+  json_path, image_dir = write_llava(tmp_path / "llava")
+  rows = run_train(tmp_path / "run", "early_fusion.py:tiny", {
+      "data.name": "llava", "data.json": json_path, "data.image_dir": image_dir,
+      "data.data_dir": str(tmp_path / "tfds"), "data.seq_len": 96, "batch_size": 4,
+      "total_steps": 4, "log_every": 2, "eval_every": 0})
   assert [r["step"] for r in rows] == [2, 4] and np.isfinite(rows[-1]["loss"])

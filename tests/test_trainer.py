@@ -193,8 +193,8 @@ def test_nan_stop_policy_names_the_step(tmp_path):
     ({"nan_policy": "ignore"}, r"config.nan_policy must be one of"),
     ({"model.variant": "gpt5"}, r"unknown LM variant 'gpt5'"),
     ({"family": "rnn"}, r"config.family must be one of"),
-    ({"model.vocab_size": 100}, r"config.model.vocab_size=100 is smaller than the byte "
-                                r"tokenizer's 320 ids"),
+    ({"model.vocab_size": 100}, r"config.model.vocab_size=100 is smaller than the tokenizer's "
+                                r"320 ids \(ByteTokenizer\(\)"),
 ])
 def test_bad_configs(overrides, message):
   with pytest.raises(ValueError, match=message):

@@ -3,6 +3,7 @@
   python tools/bench.py                         # CPU: the tiny cases
   python tools/bench.py --cases gpt2-124m,llama-1b,vit-b16,early-fusion,deep-fusion   # GPU
   python tools/bench.py --decode --cases gpt2-124m,llama-1b   # generation at batch 1 and 32
+  python tools/bench.py --data   # examples/s of the fusion configs' data sources
 
 Prints one JSON line per case: seconds per step (median after warm-up),
 tokens/s or images/s, model TFLOP/s and MFU by MaxText's count (3 x forward
@@ -35,6 +36,7 @@ from mmjax import metrics
 from mmjax import optim
 from mmjax import sharding
 from mmjax import trainer
+from mmjax.data import synthetic
 from mmjax.models import early_fusion
 from mmjax.models import lm
 from mmjax.models import vit
@@ -250,6 +252,24 @@ def run_decode(name: str, batch_size: int, prompt_len: int, new_tokens: int, dty
   }
 
 
+def run_data(name: str, batch_size: int, steps: int) -> dict:
+  """Examples/s of one fusion-config data source (tiny pair: 32 px, 16 image tokens)."""
+  if name == "tfds_scenes":
+    import tempfile  # pylint: disable=g-import-not-at-top
+    from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top  # needs tfds, grain
+    source = pipeline.TfdsScenes(batch_size, None, 32, 16, max_shapes=2, train_size=5000,
+                                 data_dir=tempfile.mkdtemp())
+  else:
+    source = synthetic.ShapeScenes(batch_size, None, 32, 16, max_shapes=2)
+  source.batch(0)
+  tic = time.perf_counter()
+  for step in range(1, steps + 1):
+    source.batch(step)
+  seconds = time.perf_counter() - tic
+  return {"impl": "mmjax", "mode": "data", "source": name, "batch": batch_size,
+          "examples_per_s": batch_size * steps / seconds, "ms_per_batch": 1e3 * seconds / steps}
+
+
 def _adamw() -> ml_collections.ConfigDict:
   """The reference's optimizer: AdamW at a constant 3e-4 (plus mmjax's clipping and decay mask)."""
   return ml_collections.ConfigDict(dict(
@@ -276,12 +296,18 @@ def main():
   parser.add_argument("--reference", default=str(DEFAULT_REFERENCE),
                       help="path to naive_reference.py; '' to skip it")
   parser.add_argument("--decode", action="store_true", help="time generation instead")
+  parser.add_argument("--data", action="store_true",
+                      help="time the fusion configs' data sources (batch 16) instead")
   parser.add_argument("--decode_batches", default="1,32")
   parser.add_argument("--prompt_len", type=int, default=None,
                       help="--decode prompt tokens; default: half the case's text length")
   parser.add_argument("--new_tokens", type=int, default=None,
                       help="--decode tokens to generate; default: half the case's text length")
   args = parser.parse_args()
+  if args.data:
+    for name in ("shapes", "tfds_scenes"):
+      print(json.dumps(run_data(name, 16, 10 * args.steps)), flush=True)
+    return
   for name in args.cases.split(","):
     if name not in CASES:
       raise SystemExit(f"unknown case {name!r}; known: {sorted(CASES)}")

@@ -20,11 +20,11 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
-from PIL import Image
 
 from mmjax import checkpoint
 from mmjax import decode
 from mmjax import trainer
+from mmjax.data import images as image_codec
 from mmjax.data import tokenizers
 from mmjax.models import early_fusion
 
@@ -49,9 +49,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "--method=sample: random seed.")
 def load_image(path: str, size: int) -> np.ndarray:
   """An image file -> float32[size, size, 3] in [0, 1]."""
   try:
-    with Image.open(path) as image:
-      image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-      return np.asarray(image, np.float32) / 255.0
+    with open(path, "rb") as f:
+      return image_codec.decode(f.read(), size)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
 
