@@ -41,8 +41,8 @@ class MmjaxShapeScenes(tfds.core.GeneratorBasedBuilder):
 
   Example i of a split ("id": "train/i") is drawn from np.random.default_rng((seed,
   split, i)): the same config always builds the same dataset (tfds stores the
-  examples in its own shuffled order). 50,000 training scenes at
-  32 px build in about half a minute.
+  examples in its own shuffled order). At 32 px about 1,200 scenes a second
+  build on a 2-core CPU.
   """
 
   VERSION = tfds.core.Version("1.0.0")
