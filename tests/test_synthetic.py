@@ -1,5 +1,4 @@
 """Tests of the in-memory synthetic sources: determinism, layouts, per-process rows."""
-import re
 
 import numpy as np
 import pytest
