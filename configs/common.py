@@ -76,6 +76,25 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
   return config, pair
 
 
+def image_text_data(image_size: int, image_tokens: int,
+                    max_shapes: int = 2) -> ml_collections.ConfigDict:
+  """config.data of the image-text families: generated scenes by default, or a LLaVA folder."""
+  return ml_collections.ConfigDict(dict(
+      # "shapes": generated in memory; "tfds_scenes": the same scenes as a tfds ArrayRecord
+      # dataset; "llava": a LLaVA conversation JSON + image folder, converted once by tfds.
+      name="shapes",
+      data_dir="",  # tfds_scenes, llava: where tfds writes ("" = tfds' default)
+      train_size=50_000,  # tfds_scenes: training scenes
+      json="", image_dir="",  # llava: the conversations and the folder their images are in
+      tokenizer="bytes",  # llava: or a SentencePiece .model / HuggingFace tokenizer.json
+      max_images=1,  # llava: image slots per sample
+      task="vqa",  # or "caption", "mixed"
+      max_shapes=max_shapes,  # per image; 1 is easy, 3 makes counting and binding matter
+      image_size=image_size,
+      image_tokens=image_tokens,  # P placeholders per image (early fusion), or 1 marker (deep)
+      seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example
+
+
 def optimizer(total_steps: int, learning_rate: float = 3e-3) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="adamw",  # or "sgd", "adafactor"

@@ -35,7 +35,5 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
   else:
     image_size = model["vit"]["image_size"]
     tokens = early_fusion.num_image_tokens(model["vit"], image_size, model["drop_cls"])
-    config.data = ml_collections.ConfigDict(dict(
-        name="shapes", task="vqa", max_shapes=3, image_size=image_size, image_tokens=tokens,
-        seq_len=ml_collections.config_dict.placeholder(int)))
+    config.data = common.image_text_data(image_size, tokens, max_shapes=3)
   return config

@@ -88,7 +88,8 @@ def _language(model: nn.Module) -> nn.Module:
   return model if isinstance(model, lm_lib._Model) else model.language  # pylint: disable=protected-access
 
 
-def _unbound_language(model: nn.Module) -> lm_lib._Model:  # pylint: disable=protected-access
+def unbound_language(model: nn.Module) -> lm_lib._Model:  # pylint: disable=protected-access
+  """The LM of any model family, unbound: its fields size the KV caches."""
   if isinstance(model, lm_lib._Model):  # pylint: disable=protected-access
     return model
   return lm_lib.Model(**{"dtype": model.dtype, **model.lm})
@@ -111,7 +112,7 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
       jnp.arange(cache_len) <= slots[None, :, None])  # [B, T, S]
   mask = layers.Mask(explicit=allowed)
   positions = jnp.maximum(slots[None, :] - start[:, None], 0)
-  caches = lm_lib.empty_caches(_unbound_language(model), B, cache_len)
+  caches = lm_lib.empty_caches(unbound_language(model), B, cache_len)
   state = {"start": start}
 
   if isinstance(model, deep_fusion.Model) and images is not None:
@@ -142,9 +143,9 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
 def extend(model: nn.Module, params, token: jax.Array, state: dict) -> tuple[jax.Array, dict]:
   """Feeds one new token per row: token int[B] -> (logits float32[B, V], state)."""
   caches = state["caches"]
-  end = (caches[0] if isinstance(caches, list) else caches).end
-  end = end.reshape(-1)[0]  # stacked (scanned) caches carry one end per layer
-  cache_len = (caches[0] if isinstance(caches, list) else caches).k.shape[-3]
+  first = caches[0] if isinstance(caches, list) else caches
+  end = first.end.reshape(-1)[0]  # stacked (scanned) caches carry one end per layer
+  cache_len = first.k.shape[-3]
   start = state["start"]
   mask = layers.Mask(explicit=(jnp.arange(cache_len) >= start[:, None, None])
                      & (jnp.arange(cache_len) <= end))  # [B, 1, S]

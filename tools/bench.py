@@ -232,11 +232,9 @@ def run_decode(name: str, batch_size: int, prompt_len: int, new_tokens: int, dty
     times.append(time.perf_counter() - tic)
   seconds = float(np.median(times))
 
-  language = decode._unbound_language(model)  # pylint: disable=protected-access
-  kv_heads = language.num_kv_heads or language.num_heads
-  head_dim = language.head_dim or language.width // language.num_heads
-  dtype_bytes = np.dtype(dtype).itemsize
-  cache_per_token = 2 * language.depth * kv_heads * head_dim * dtype_bytes * batch_size
+  # Bytes of one cache slot across the batch and every layer, keys and values (not `end`).
+  slot = jax.eval_shape(lambda: lm.empty_caches(decode.unbound_language(model), batch_size, 1))
+  cache_per_token = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(slot) if x.ndim)
   average_len = prompt_len + new_tokens / 2
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   bytes_per_step = param_bytes + cache_per_token * average_len

@@ -23,6 +23,17 @@ from mmjax.data import synthetic
 from mmjax.data import tokenizers
 
 
+def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int):
+  """Builds the dataset if it is not yet built -> (the split, read by index; its record order).
+
+  order[g] is the record at global position g: a grain shuffle of the split,
+  reshuffled every epoch.
+  """
+  builder.download_and_prepare()
+  records = builder.as_data_source(split=split)
+  return records, grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
+
+
 class TfdsScenes(synthetic.ShapeScenes):
   """`synthetic.ShapeScenes`, read from its tfds build (made on first use in data_dir)."""
 
@@ -33,9 +44,7 @@ class TfdsScenes(synthetic.ShapeScenes):
         config=builders.ShapeScenesConfig(image_size=image_size, max_shapes=self.max_shapes,
                                           train_size=train_size, seed=self.seed),
         data_dir=data_dir or None, file_format=tfds.core.FileFormat.ARRAY_RECORD)
-    builder.download_and_prepare()
-    self.records = builder.as_data_source(split=self.split)
-    self.order = grain.MapDataset.range(len(self.records)).shuffle(seed=self.seed).repeat()
+    self.records, self.order = open_split(builder, self.split, self.seed)
 
   def __repr__(self):
     return (f"TfdsScenes({self.records!r}, batch_size={self.batch_size}, "
@@ -73,11 +82,9 @@ class LlavaConversations(synthetic.Source):
     builder = builders.MmjaxLlava(
         config=builders.LlavaConfig(json_path=json_path, image_dir=image_dir),
         data_dir=data_dir or None, file_format=tfds.core.FileFormat.ARRAY_RECORD)
-    builder.download_and_prepare()
-    self.records = builder.as_data_source(split=self.split)
+    self.records, self.order = open_split(builder, self.split, self.seed)
     if not len(self.records):
       raise ValueError(f"LLaVA JSON {json_path} has no usable {self.split} examples")
-    self.order = grain.MapDataset.range(len(self.records)).shuffle(seed=self.seed).repeat()
     self.truncated = 0
 
   def __repr__(self):
