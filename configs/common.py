@@ -76,22 +76,59 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
   return config, pair
 
 
+def text_data(seq_len: int) -> ml_collections.ConfigDict:
+  """config.data of language models: synthetic arithmetic, text files, or a tfds dataset."""
+  return ml_collections.ConfigDict(dict(
+      # "arithmetic": generated in memory; "text": .txt (a document per paragraph) and .jsonl
+      # (a document per line) files, converted once by tfds; "tfds": a prepared tfds dataset.
+      name="arithmetic",
+      seq_len=seq_len,
+      files="",  # text: a glob, or several separated by commas
+      tfds_name="",  # tfds: e.g. "lm1b" (prepared beforehand: nothing is downloaded)
+      text_key="text",  # text (.jsonl) and tfds: the field holding the text
+      tokenizer="bytes",  # or a SentencePiece .model / HuggingFace tokenizer.json
+      pack=1,  # documents per row; > 1 packs them with segment ids (see mmjax/data/pipeline.py)
+      data_dir=""))  # where tfds writes and reads ("" = tfds' default)
+
+
+def image_data(image_size: int) -> ml_collections.ConfigDict:
+  """config.data of ViT classifiers: synthetic shapes, class folders, or a tfds dataset."""
+  return ml_collections.ConfigDict(dict(
+      # "shape_classes": generated in memory; "image_folder": image_dir/CLASS/*.jpg (or train/
+      # and val/ folders of those), converted once by tfds; "tfds": a prepared tfds dataset.
+      name="shape_classes",
+      image_size=image_size,
+      image_dir="",  # image_folder
+      tfds_name="", image_key="image", label_key="label",  # tfds: e.g. "cifar10"
+      **pixels(),
+      data_dir=""))
+
+
+def pixels(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> dict:
+  """Pixels reach the model as ([0, 1] - image_mean) / image_std, per channel."""
+  return dict(image_mean=tuple(mean), image_std=tuple(std))
+
+
 def image_text_data(image_size: int, image_tokens: int,
                     max_shapes: int = 2) -> ml_collections.ConfigDict:
-  """config.data of the image-text families: generated scenes by default, or a LLaVA folder."""
+  """config.data of the image-text families: generated scenes, LLaVA or COCO-style folders."""
   return ml_collections.ConfigDict(dict(
-      # "shapes": generated in memory; "tfds_scenes": the same scenes as a tfds ArrayRecord
-      # dataset; "llava": a LLaVA conversation JSON + image folder, converted once by tfds.
-      name="shapes",
-      data_dir="",  # tfds_scenes, llava: where tfds writes ("" = tfds' default)
-      train_size=50_000,  # tfds_scenes: training scenes
-      json="", image_dir="",  # llava: the conversations and the folder their images are in
-      tokenizer="bytes",  # llava: or a SentencePiece .model / HuggingFace tokenizer.json
-      max_images=1,  # llava: image slots per sample
-      task="vqa",  # or "caption", "mixed"
+      # "tfds_scenes": generated scenes as a tfds ArrayRecord dataset, built on first use
+      # (50k in about a minute); "shapes": the same scenes made in memory, no files;
+      # "llava": a LLaVA conversation JSON + image folder; "coco_captions": a COCO-style
+      # captions JSON + image folder; both converted once by tfds.
+      name="tfds_scenes",
+      data_dir="",  # where tfds writes ("" = tfds' default)
+      train_size=50_000, eval_size=2_000,  # tfds_scenes: training / validation scenes
+      json="", image_dir="",  # llava, coco_captions: the annotations and their image folder
+      tokenizer="bytes",  # llava, coco_captions: or a SentencePiece .model / tokenizer.json
+      max_images=1,  # llava: image slots per example
+      pack=1,  # llava, coco_captions: examples per row, > 1 packs them with segment ids
+      task="vqa",  # scenes: or "caption", "mixed"
       max_shapes=max_shapes,  # per image; 1 is easy, 3 makes counting and binding matter
       image_size=image_size,
       image_tokens=image_tokens,  # P placeholders per image (early fusion), or 1 marker (deep)
+      **pixels(),
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example
 
 

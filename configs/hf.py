@@ -1,9 +1,12 @@
 """Fine-tune an imported HuggingFace model: `--config configs/hf.py:/path/from/import_hf`.
 
 The family and model fields come from the import's mmjax_config.json, and the
-run starts from its params/. Until the tfds pipeline lands, the data is the
-synthetic task of that family, tokenised bytes (the model's vocabulary must
-hold 320 ids).
+run starts from its params/. The data is the family's default (synthetic, byte
+tokens: the model's vocabulary must hold 320 ids) until flags point it at real
+data, e.g. `--config.data.name=llava --config.data.json=...
+--config.data.tokenizer=OUT/tokenizer.json`.
+Pixels are normalised with the model's own preprocessor mean/std when the
+import found them.
 """
 import json
 import os
@@ -27,13 +30,13 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
   config.optimizer = common.optimizer(config.total_steps, learning_rate=1e-4)  # fine-tuning
   model = imported["model"]
   if imported["family"] == "lm":
-    config.data = ml_collections.ConfigDict(dict(name="arithmetic",
-                                                 seq_len=min(128, model["max_len"])))
-  elif imported["family"] == "vit":
-    config.data = ml_collections.ConfigDict(dict(name="shape_classes",
-                                                 image_size=model["image_size"]))
+    config.data = common.text_data(seq_len=min(128, model["max_len"]))
+    return config
+  if imported["family"] == "vit":
+    config.data = common.image_data(model["image_size"])
   else:
     image_size = model["vit"]["image_size"]
     tokens = early_fusion.num_image_tokens(model["vit"], image_size, model["drop_cls"])
-    config.data = common.image_text_data(image_size, tokens, max_shapes=3)
+    config.data = common.image_text_data(image_size, tokens)
+  config.data.update(common.pixels(**imported.get("pixels", {})))
   return config

@@ -22,5 +22,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config = common.base_config(family="lm", total_steps=preset["total_steps"],
                               batch_size=preset["batch_size"])
   config.model = ml_collections.ConfigDict(preset["model"])  # lm.Model(**config.model)
-  config.data = ml_collections.ConfigDict(dict(name="arithmetic", seq_len=preset["seq_len"]))
+  config.data = common.text_data(preset["seq_len"])
   return config

@@ -107,7 +107,8 @@ def read_model(directory: str) -> tuple[dict, dict, str]:
   directory: a training workdir (its newest committed checkpoint) or a
   params-only export (mmjax_config.json + params/, from tools/export_hf.py
   --format=params or tools/import_hf.py).
-  -> ({"family", "model"}, params, the directory holding tokenizer files or "").
+  -> ({"family", "model", and "pixels": {"mean", "std"} when images were
+  normalised}, params, the directory holding tokenizer files or "").
   """
   imported = os.path.join(directory, "mmjax_config.json")
   if os.path.exists(imported):
@@ -127,6 +128,9 @@ def read_model(directory: str) -> tuple[dict, dict, str]:
       run_config = manager.restore(steps[0], args=ocp.args.Composite(
           config=ocp.args.JsonRestore()))["config"]
     config = {"family": run_config["family"], "model": run_config["model"]}
+    data = run_config.get("data", {})
+    if "image_mean" in data:
+      config["pixels"] = {"mean": data["image_mean"], "std": data["image_std"]}
     params_dir = os.path.join(checkpoints, str(steps[0]), "state")
     tokenizer_dir = run_config.get("init_from", "")
   with ocp.StandardCheckpointer() as ckpt:

@@ -1,10 +1,18 @@
 """Test-wide settings: 8 fake CPU devices so sharding tests see a real mesh."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before jax initialises its backends, i.e. before any test imports jax.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# tfds datasets the tests build (the fusion configs' default scenes among them) go to one
+# directory per test session, shared with train.py subprocesses, never to ~/tensorflow_datasets.
+if "TFDS_DATA_DIR" not in os.environ:
+  os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="mmjax-tfds-")
+  atexit.register(shutil.rmtree, os.environ["TFDS_DATA_DIR"], ignore_errors=True)
 
 import subprocess
 

@@ -16,6 +16,8 @@ CONFIGS = [("lm", "tiny"), ("lm", "gpt2-124m"), ("lm", "llama-1b"), ("vit", "tin
 @pytest.mark.parametrize("name,arg", CONFIGS)
 def test_config_builds(name, arg):
   config = importlib.import_module(f"configs.{name}").get_config(arg)
+  if config.data.name == "tfds_scenes":  # the default scenes, fewer of them
+    config.data.update(train_size=64, eval_size=16)
   model = trainer.build_model(config)
   data = trainer.build_data(config)
   batch = jax.tree.map(lambda x: x[:1], data.batch(0))

@@ -175,7 +175,7 @@ def test_llava_batch_layout(tmp_path):
       np.testing.assert_array_equal(weighted, text(" Hello.") + [257] + text(" No.") + [257])
     if name == "long":
       assert batch["loss_weights"][row, -1] == 1  # cut off mid-answer, still trained on
-  assert source.truncated >= 1  # "long", counted
+  assert source.counts["truncated to data.seq_len"] >= 1  # "long", counted
 
 
 def test_llava_errors_name_the_thing(tmp_path):

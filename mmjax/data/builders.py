@@ -6,6 +6,7 @@ for user data) in a `Tensor(shape=(), dtype=object)` sequence rather than an
 tfds and array_record, and reading decodes them with Pillow.
 """
 import collections
+import glob
 import hashlib
 import json
 import os
@@ -26,7 +27,8 @@ class ShapeScenesConfig(tfds.core.BuilderConfig):
 
   def __init__(self, *, image_size: int = 32, max_shapes: int = 2, train_size: int = 50_000,
                eval_size: int = 2_000, seed: int = 0):
-    super().__init__(name=f"{image_size}px_{max_shapes}shapes_{train_size}_seed{seed}",
+    super().__init__(name=(f"{image_size}px_{max_shapes}shapes_{train_size}_{eval_size}"
+                           f"_seed{seed}"),
                      version="1.0.0",
                      description="generated shape scenes with one question and a caption each")
     self.image_size = image_size
@@ -46,7 +48,6 @@ class MmjaxShapeScenes(tfds.core.GeneratorBasedBuilder):
   """
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [ShapeScenesConfig()]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
@@ -71,19 +72,64 @@ class MmjaxShapeScenes(tfds.core.GeneratorBasedBuilder):
       image, shapes = synthetic.draw_scene(rng, config.image_size,
                                            int(rng.integers(1, config.max_shapes + 1)))
       kind, question, answer = synthetic.ask(rng, shapes)
-      yield i, {"id": f"{split}/{i}", "images": [image_codec.encode_png(image)], "question": question, "answer": answer,
+      yield i, {"id": f"{split}/{i}", "images": [image_codec.encode_png(image)],
+                "question": question, "answer": answer,
                 "type": kind, "caption": synthetic.caption(shapes)}
 
 
-class LlavaConfig(tfds.core.BuilderConfig):
-  """A LLaVA conversation JSON file and the folder its "image" paths are relative to."""
+def _config_name(path: str, *settings) -> str:
+  """A builder config name unique to a source path and settings: "<file stem>_<hash>"."""
+  digest = hashlib.sha1("|".join(map(str, (path, *settings))).encode()).hexdigest()
+  stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(path))[0].lower())
+  return f"{stem.strip('_') or 'files'}_{digest[:10]}"
+
+
+def held_out(ids: list[str], percent: int) -> set[str]:
+  """The validation ids: the lowest-hash `percent` of them (at least one), stable across runs."""
+  by_hash = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
+  return set(by_hash[:max(1, len(ids) * percent // 100)])
+
+
+def _warn_skipped(source: str, skipped: dict[str, list[str]]):
+  """One warning for a whole split: how many examples were skipped, why, and the first ids."""
+  if skipped:
+    logging.warning("%s: skipped %s", source, "; ".join(
+        f"{len(ids)} with {why} (first: {ids[:3]})" for why, ids in skipped.items()))
+
+
+def _read_image(path: str, example_id: str, skipped: dict[str, list[str]]) -> bytes | None:
+  """The file's own bytes, or None (and the reason recorded) when it is missing or unreadable."""
+  if not os.path.exists(path):
+    skipped["missing image file"].append(example_id)
+    return None
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    image_codec.decode(data)
+  except (OSError, ValueError, SyntaxError):
+    skipped["unreadable image"].append(example_id)
+    return None
+  return data
+
+
+def _load_json(path: str, what: str):
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{what} {path} does not exist")
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+class AnnotationsConfig(tfds.core.BuilderConfig):
+  """An annotations JSON file (LLaVA conversations, COCO captions) and the folder its image
+  paths are relative to."""
 
   def __init__(self, *, json_path: str, image_dir: str, validation_percent: int = 2):
     json_path, image_dir = os.path.abspath(json_path), os.path.abspath(image_dir)
-    digest = hashlib.sha1(f"{json_path}|{image_dir}|{validation_percent}".encode()).hexdigest()
-    stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(json_path))[0].lower())
-    super().__init__(name=f"{stem}_{digest[:10]}", version="1.0.0",
-                     description=f"LLaVA conversations from {json_path}")
+    super().__init__(name=_config_name(json_path, image_dir, validation_percent),
+                     version="1.0.0", description=f"annotations {json_path}, images {image_dir}")
     self.json_path = json_path
     self.image_dir = image_dir
     self.validation_percent = validation_percent
@@ -112,24 +158,17 @@ class MmjaxLlava(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     config = self.builder_config
-    if not os.path.exists(config.json_path):
-      raise FileNotFoundError(f"LLaVA JSON {config.json_path} does not exist")
-    with open(config.json_path, encoding="utf-8") as f:
-      try:
-        entries = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"LLaVA JSON {config.json_path} is not valid JSON: {e}") from e
+    entries = _load_json(config.json_path, "LLaVA JSON")
     if len(entries) < 2:
       raise ValueError(f"LLaVA JSON {config.json_path} needs at least 2 examples (train and "
                        f"validation), has {len(entries)}")
     ids = [str(e.get("id", n)) for n, e in enumerate(entries)]
-    by_hash = sorted(ids, key=lambda i: hashlib.sha1(i.encode()).hexdigest())
-    held_out = set(by_hash[:max(1, len(ids) * config.validation_percent // 100)])
+    held = held_out(ids, config.validation_percent)
     return {
         "train": self._generate_examples([(i, e) for i, e in zip(ids, entries)
-                                          if i not in held_out]),
+                                          if i not in held]),
         "validation": self._generate_examples([(i, e) for i, e in zip(ids, entries)
-                                               if i in held_out]),
+                                               if i in held]),
     }
 
   def _generate_examples(self, entries: list[tuple[str, dict]]):
@@ -146,21 +185,220 @@ class MmjaxLlava(tfds.core.GeneratorBasedBuilder):
       paths = [paths] if isinstance(paths, str) else paths
       images = []
       for path in paths:
-        full = os.path.join(self.builder_config.image_dir, path)
-        if not os.path.exists(full):
-          skipped["missing image file"].append(example_id)
+        images.append(_read_image(os.path.join(self.builder_config.image_dir, path), example_id,
+                                  skipped))
+        if images[-1] is None:
           break
-        with open(full, "rb") as f:
-          data = f.read()
-        try:
-          image_codec.decode(data)
-        except (OSError, ValueError, SyntaxError):
-          skipped["unreadable image"].append(example_id)
-          break
-        images.append(data)
-      if len(images) != len(paths):
+      if None in images:
         continue
       yield example_id, {"id": example_id, "images": images, "conversation": json.dumps(turns)}
-    if skipped:
-      logging.warning("LLaVA %s: skipped %s", self.builder_config.json_path, "; ".join(
-          f"{len(ids)} with {why} (first: {ids[:3]})" for why, ids in skipped.items()))
+    _warn_skipped(f"LLaVA {self.builder_config.json_path}", skipped)
+
+
+class MmjaxCoco(tfds.core.GeneratorBasedBuilder):
+  """Images with their captions, from {"images": [{"id", "file_name"}], "annotations":
+  [{"image_id", "caption"}]} (the layout of COCO's captions_*.json), converted once.
+
+  One example per image, with all its captions. Images that are missing,
+  unreadable or have no caption are skipped and counted in one warning;
+  validation_percent of the images (at least one) are held out by hash.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),  # the image's id in the annotations file
+        "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+        "captions": tfds.features.Sequence(tfds.features.Text()),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    config = self.builder_config
+    annotations = _load_json(config.json_path, "COCO captions file")
+    if not isinstance(annotations, dict) or not {"images", "annotations"} <= annotations.keys():
+      raise ValueError(f"COCO captions file {config.json_path} needs top-level \"images\" and "
+                       f"\"annotations\" lists")
+    captions = collections.defaultdict(list)
+    for a in annotations["annotations"]:
+      captions[str(a["image_id"])].append(a["caption"].strip())
+    images = {str(i["id"]): (i["file_name"], captions[str(i["id"])])
+              for i in annotations["images"]}
+    if len(images) < 2:
+      raise ValueError(f"COCO captions file {config.json_path} needs at least 2 images (train "
+                       f"and validation), has {len(images)}")
+    held = held_out(list(images), config.validation_percent)
+    return {"train": self._generate_examples({i: v for i, v in images.items() if i not in held}),
+            "validation": self._generate_examples({i: v for i, v in images.items() if i in held})}
+
+  def _generate_examples(self, images: dict[str, tuple[str, list[str]]]):
+    skipped = collections.defaultdict(list)
+    for image_id, (file_name, captions) in images.items():
+      captions = [c for c in captions if c]
+      if not captions:
+        skipped["no caption"].append(image_id)
+        continue
+      data = _read_image(os.path.join(self.builder_config.image_dir, file_name), image_id,
+                         skipped)
+      if data is not None:
+        yield image_id, {"id": image_id, "images": [data], "captions": captions}
+    _warn_skipped(f"COCO captions {self.builder_config.json_path}", skipped)
+
+
+class ImageFolderConfig(tfds.core.BuilderConfig):
+  """A folder with one sub-folder of images per class (or train/ and val/ folders of those)."""
+
+  def __init__(self, *, image_dir: str, validation_percent: int = 2):
+    image_dir = os.path.abspath(image_dir)
+    super().__init__(name=_config_name(image_dir, validation_percent), version="1.0.0",
+                     description=f"image classes from {image_dir}")
+    self.image_dir = image_dir
+    self.validation_percent = validation_percent
+
+
+EVAL_FOLDERS = ("validation", "val", "test")
+
+
+class MmjaxImageFolder(tfds.core.GeneratorBasedBuilder):
+  """Labelled images from class sub-folders: image_dir/CLASS/*.jpg, converted once.
+
+  When image_dir holds train/ and one of validation/, val/ or test/, those are
+  the splits; otherwise validation_percent of the files (at least one) are held
+  out by hash. Labels index the sorted class names of the training folder.
+  Unreadable files are skipped and counted in one warning.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),  # CLASS/file name
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "label": tfds.features.ClassLabel(names=self._class_names()),
+    }))
+
+  def _folders(self) -> tuple[str, str | None]:
+    """-> (the training folder, the validation folder or None to hold out by hash)."""
+    root = self.builder_config.image_dir
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f"image folder {root} does not exist")
+    held = [d for d in EVAL_FOLDERS if os.path.isdir(os.path.join(root, d))]
+    if os.path.isdir(os.path.join(root, "train")) and held:
+      return os.path.join(root, "train"), os.path.join(root, held[0])
+    return root, None
+
+  def _class_names(self) -> list[str]:
+    train, _ = self._folders()
+    names = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+    if len(names) < 2:
+      raise ValueError(f"image folder {train} needs at least 2 class sub-folders, has {names}")
+    return names
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    train, validation = self._folders()
+    if validation:
+      return {"train": self._generate_examples(self._files(train)),
+              "validation": self._generate_examples(self._files(validation))}
+    files = self._files(train)
+    held = held_out(list(files), self.builder_config.validation_percent)
+    return {"train": self._generate_examples({k: v for k, v in files.items() if k not in held}),
+            "validation": self._generate_examples({k: v for k, v in files.items() if k in held})}
+
+  def _files(self, folder: str) -> dict[str, tuple[str, str]]:
+    """{"CLASS/file": (path, CLASS)} for every file in the known class folders under `folder`."""
+    files = {}
+    for name in self._class_names():
+      directory = os.path.join(folder, name)
+      for file in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+        files[f"{name}/{file}"] = (os.path.join(directory, file), name)
+    return files
+
+  def _generate_examples(self, files: dict[str, tuple[str, str]]):
+    skipped = collections.defaultdict(list)
+    for example_id, (path, name) in files.items():
+      data = _read_image(path, example_id, skipped)
+      if data is not None:
+        yield example_id, {"id": example_id, "image": data, "label": name}
+    _warn_skipped(f"image folder {self.builder_config.image_dir}", skipped)
+
+
+class TextConfig(tfds.core.BuilderConfig):
+  """Text files for language-model training: a glob, or several separated by commas."""
+
+  def __init__(self, *, files: str, text_key: str = "text", validation_percent: int = 2):
+    patterns = [os.path.abspath(p) for p in files.split(",") if p]
+    super().__init__(name=_config_name(patterns[0] if patterns else "text", *patterns, text_key,
+                                       validation_percent),
+                     version="1.0.0", description=f"documents from {files}")
+    self.patterns = patterns
+    self.text_key = text_key
+    self.validation_percent = validation_percent
+
+
+class MmjaxText(tfds.core.GeneratorBasedBuilder):
+  """Documents from .txt files (one per paragraph: blank lines separate them) and .jsonl files
+  (one per line, its text_key field), converted once.
+
+  A line that is not JSON or lacks text_key, a file that is not UTF-8 and an
+  empty document are skipped and counted in one warning; validation_percent of
+  the documents (at least one) are held out by hash.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "id": tfds.features.Text(),  # file:paragraph or file:line
+        "text": tfds.features.Text(),
+    }))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    config = self.builder_config
+    paths = sorted({p for pattern in config.patterns for p in glob.glob(pattern)})
+    if not paths:
+      raise FileNotFoundError(f"no text files match {','.join(config.patterns)}")
+    skipped = collections.defaultdict(list)
+    documents = dict(kv for path in paths for kv in self._documents(path, skipped))
+    _warn_skipped(f"text {','.join(config.patterns)}", skipped)
+    if len(documents) < 2:
+      raise ValueError(f"text files {','.join(config.patterns)} need at least 2 documents "
+                       f"(train and validation), have {len(documents)}")
+    held = held_out(list(documents), config.validation_percent)
+    return {"train": self._generate_examples({k: v for k, v in documents.items() if k not in held}),
+            "validation": self._generate_examples({k: v for k, v in documents.items()
+                                                   if k in held})}
+
+  def _documents(self, path: str, skipped: dict[str, list[str]]):
+    """(id, text) of each document in one file."""
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+      data = f.read()
+    try:
+      text = data.decode("utf-8")
+    except UnicodeDecodeError:
+      skipped["text that is not UTF-8"].append(name)
+      return
+    if path.endswith(".jsonl"):
+      for n, line in enumerate(text.splitlines()):
+        if not line.strip():
+          continue
+        try:
+          document = json.loads(line).get(self.builder_config.text_key)
+        except (json.JSONDecodeError, AttributeError):
+          skipped["a line that is not a JSON object"].append(f"{name}:{n + 1}")
+          continue
+        if not isinstance(document, str) or not document.strip():
+          skipped[f"no {self.builder_config.text_key!r} text"].append(f"{name}:{n + 1}")
+          continue
+        yield f"{name}:{n + 1}", document
+    else:
+      for n, paragraph in enumerate(re.split(r"\n\s*\n", text)):
+        if paragraph.strip():
+          yield f"{name}:{n + 1}", paragraph.strip()
+
+  def _generate_examples(self, documents: dict[str, str]):
+    for example_id, text in documents.items():
+      yield example_id, {"id": example_id, "text": text}

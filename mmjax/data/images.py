@@ -1,17 +1,22 @@
-"""Image bytes <-> float32 arrays in [0, 1], with Pillow."""
+"""Image bytes (or a tfds dataset's uint8 arrays) <-> float32 arrays in [0, 1], with Pillow."""
 import io
 
 import numpy as np
 from PIL import Image
 
 
-def decode(data: bytes, size: int | None = None) -> np.ndarray:
-  """Encoded image bytes -> float32[H, W, 3] in [0, 1], resized (bilinear) to size x size if given.
+def decode(data: bytes | np.ndarray, size: int | None = None) -> np.ndarray:
+  """Encoded image bytes, or uint8[H, W, C], -> float32[H, W, 3] in [0, 1], resized (bilinear)
+  to size x size if given.
 
-  Greyscale, palette and RGBA files become RGB. A truncated or unreadable file
+  Greyscale, palette and RGBA images become RGB. A truncated or unreadable file
   raises OSError or ValueError.
   """
-  with Image.open(io.BytesIO(data)) as image:
+  if isinstance(data, np.ndarray):
+    image = Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data)
+  else:
+    image = Image.open(io.BytesIO(data))
+  with image:
     image = image.convert("RGB")
     if size is not None:
       image = image.resize((size, size), Image.BILINEAR)
@@ -23,3 +28,17 @@ def encode_png(image: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buffer, "PNG")
   return buffer.getvalue()
+
+
+def read(path: str, size: int) -> np.ndarray:
+  """An image file -> float32[size, size, 3] in [0, 1]; unreadable: one error naming the file."""
+  try:
+    with open(path, "rb") as f:
+      return decode(f.read(), size)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def normalise(images: np.ndarray, mean=0.0, std=1.0) -> np.ndarray:
+  """[0, 1] pixels -> (pixels - mean) / std per channel, as config.data.image_mean/std."""
+  return (images - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

@@ -2,6 +2,10 @@
 
   TfdsScenes          the generated scenes (data.name="tfds_scenes")
   LlavaConversations  a LLaVA JSON + image folder (data.name="llava")
+  CocoCaptions        a COCO-style captions JSON + image folder (data.name="coco_captions")
+  Documents           text files (data.name="text"), or the text of any prepared tfds dataset
+  ImageClasses        class sub-folders (data.name="image_folder"), or the images and labels
+                      of any prepared tfds dataset (data.name="tfds")
 
 Row r of global batch s is record order[s * B + r], where `order` is a grain
 shuffle of the split's indices, reshuffled every epoch. Each process reads
@@ -9,11 +13,22 @@ only its own rows, so P processes together read every record exactly once
 per epoch, and batch s is a pure function of (seed, split, s): the trainer's
 checkpointed `next_step` is the whole iterator state, and a resumed run sees
 exactly the batches an uninterrupted one would have.
+
+Packing (data.pack = k > 1, token sources): row g holds records order[g*k :
+(g+1)*k] back to back, each with its own segment id (1..k; 0 is padding) and
+positions from 0, so attention, and deep fusion's images, stay inside their
+example. A row always takes k records: one that no longer fits is dropped and
+counted, so pick k for the length distribution (the warning says how often).
 """
+import collections
+import dataclasses
+import importlib.util
 import json
 
 from absl import logging
 import grain
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -23,27 +38,184 @@ from mmjax.data import synthetic
 from mmjax.data import tokenizers
 
 
-def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int):
-  """Builds the dataset if it is not yet built -> (the split, read by index; its record order).
+def hide_accelerators_from_tensorflow():
+  """tfds uses TensorFlow when it is installed (large builds need it); it must not take GPU or
+  TPU memory from JAX, as big_vision also ensures."""
+  if importlib.util.find_spec("tensorflow") is None:
+    return
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for kind in ("GPU", "TPU"):
+    tf.config.set_visible_devices([], kind)
 
-  order[g] is the record at global position g: a grain shuffle of the split,
-  reshuffled every epoch.
+
+def arrayrecord(builder_class, config: tfds.core.BuilderConfig,
+                data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """One of mmjax's builders, writing ArrayRecord into data_dir ("" or None: tfds' default)."""
+  return builder_class(config=config, data_dir=data_dir or None,
+                       file_format=tfds.core.FileFormat.ARRAY_RECORD)
+
+
+def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int, *, prepare: bool = True):
+  """The split, read by index, and its record order: order[g] is the record at global position g.
+
+  prepare: build the dataset when it is not built yet (mmjax's own builders).
+  A named tfds dataset must already be prepared: nothing is downloaded here.
   """
-  builder.download_and_prepare()
+  if prepare:
+    # Process 0 builds first and the others after it: on a shared filesystem they find the
+    # dataset built; on disks of their own they each build the same (deterministic) copy.
+    hide_accelerators_from_tensorflow()
+    ordered = jax.process_count() > 1
+    if ordered and jax.process_index():
+      multihost_utils.sync_global_devices(f"built {builder.name}")
+    try:
+      builder.download_and_prepare()
+    except AssertionError as e:
+      if "No examples were yielded" not in str(e):
+        raise
+      raise ValueError(f"{builder.name} ({builder.builder_config.name}): a split has no usable "
+                       "examples (the warning above lists the skipped ones)") from e
+    except ModuleNotFoundError as e:
+      if e.name != "tensorflow":
+        raise
+      # tfds shuffles up to 1 GB of examples in memory and spills larger builds to disk with
+      # tf.io.gfile. tensorflow-cpu never touches accelerator memory.
+      raise RuntimeError(f"building {builder.name} ({builder.builder_config.name}) takes more "
+                         "than tfds' 1 GB in-memory buffer, and spilling to disk needs "
+                         "TensorFlow: pip install tensorflow-cpu, then run again") from e
+    if ordered and not jax.process_index():
+      multihost_utils.sync_global_devices(f"built {builder.name}")
   records = builder.as_data_source(split=split)
   return records, grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
+
+
+def named_builder(name: str, data_dir: str) -> tuple[tfds.core.DatasetBuilder, dict[str, str]]:
+  """A prepared tfds dataset by name ("mnist", "mnist:3.0.1") -> (builder, {split: its split}).
+
+  Training reads "train"; validation reads "validation", or "test" when there is none.
+  """
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+  except tfds.core.registered.DatasetNotFoundError:
+    builder = None
+  if builder is None or not builder.is_prepared():
+    raise FileNotFoundError(f"config.data.tfds_name={name!r} is not prepared in "
+                            f"{data_dir or tfds.core.constants.DATA_DIR} (config.data.data_dir); "
+                            "nothing is downloaded at run time: `tfds build` it first")
+  splits = set(builder.info.splits)
+  validation = next((s for s in ("validation", "test") if s in splits), None)
+  if "train" not in splits or validation is None:
+    raise ValueError(f"tfds dataset {name} needs a train split and a validation or test split, "
+                     f"has {sorted(splits)}")
+  return builder, {"train": "train", "validation": validation}
+
+
+@dataclasses.dataclass
+class Example:
+  """One example before layout; loss[i] = 1 where ids[i] is a target the loss is on."""
+  id: str
+  ids: list[int]  # the whole sequence, BOS to EOS
+  loss: list[int]
+  # float32[S, S, 3] each, in the order of their placeholders
+  images: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+class RecordSource(synthetic.Source):
+  """Token examples read by index, laid out one (or `pack`) per row.
+
+  Subclasses set `records` and `order` and turn a record into an Example.
+  Batches: tokens, targets int32[b, T], loss_weights float32[b, T], and
+  images float32[b, pack * max_images, S, S, 3] when max_images > 0 (slots in
+  the order their placeholders appear; unused slots are never read);
+  segment_ids and positions int32[b, T] when packing.
+  """
+
+  def __init__(self, batch_size: int, seq_len: int, *, tokenizer: str = "bytes", pack: int = 1,
+               max_images: int = 0, image_size: int = 0, **kwargs):
+    super().__init__(batch_size, **kwargs)
+    if pack < 1:
+      raise ValueError(f"config.data.pack must be >= 1, got {pack}")
+    self.seq_len = seq_len
+    self.pack = pack
+    self.max_images = max_images
+    self.image_size = image_size
+    self.tokenizer = tokenizers.load(tokenizer)
+    self.counts = collections.Counter()
+
+  def example(self, record: dict, position: int) -> Example:
+    """The record at global position `position` (which seeds any per-epoch choice)."""
+    raise NotImplementedError
+
+  def record(self, position: int) -> dict:
+    return self.records[int(self.order[position])]
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    rows = []
+    for row, _ in self.rows(step):
+      first = (step * self.batch_size + row) * self.pack
+      rows.append(self._fit([self.example(self.record(g), g)
+                             for g in range(first, first + self.pack)]))
+    return self._layout(rows)
+
+  def _fit(self, examples: list[Example]) -> list[Example]:
+    """The examples that fit one row of seq_len + 1 tokens; the first is truncated if it must be."""
+    room, kept = self.seq_len + 1, []
+    for e in examples:
+      if len(e.ids) > room and kept:
+        self._count("dropped from a full packed row (lower data.pack or raise data.seq_len)", e.id)
+        continue
+      if len(e.ids) > room:
+        self._count("truncated to data.seq_len", e.id)
+        e = dataclasses.replace(e, ids=e.ids[:room], loss=e.loss[:room])
+      kept.append(e)
+      room -= len(e.ids)
+    return kept
+
+  def _count(self, what: str, example_id: str):
+    self.counts[what] += 1
+    n = self.counts[what]
+    if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: counted, not spammed
+      logging.warning("%s: example %s %s; %d so far", type(self).__name__, example_id, what, n)
+
+  def _layout(self, rows: list[list[Example]]) -> dict[str, np.ndarray]:
+    shape = (len(rows), self.seq_len + 1)
+    tokens = np.full(shape, self.tokenizer.pad_id, np.int32)
+    weights = np.zeros(shape, np.float32)
+    segment_ids = np.zeros(shape, np.int32)
+    positions = np.zeros(shape, np.int32)
+    for b, examples in enumerate(rows):
+      start = 0
+      for k, e in enumerate(examples):
+        span = slice(start, start + len(e.ids))
+        tokens[b, span], weights[b, span] = e.ids, e.loss
+        segment_ids[b, span], positions[b, span] = k + 1, np.arange(len(e.ids))
+        start += len(e.ids)
+    # The loss is on targets: weight t belongs to token t + 1. An example's first
+    # token has no loss, so no target crosses from one packed example to the next.
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": weights[:, 1:]}
+    if self.pack > 1:
+      batch.update(segment_ids=segment_ids[:, :-1], positions=positions[:, :-1])
+    if self.max_images:
+      images = np.zeros((len(rows), self.pack * self.max_images, self.image_size,
+                         self.image_size, 3), np.float32)
+      for b, examples in enumerate(rows):
+        for i, image in enumerate(image for e in examples for image in e.images):
+          images[b, i] = image
+      batch["images"] = self.normalise(images)
+    return batch
 
 
 class TfdsScenes(synthetic.ShapeScenes):
   """`synthetic.ShapeScenes`, read from its tfds build (made on first use in data_dir)."""
 
   def __init__(self, batch_size: int, seq_len: int | None, image_size: int, image_tokens: int,
-               *, data_dir: str | None = None, train_size: int = 50_000, **kwargs):
+               *, data_dir: str | None = None, train_size: int = 50_000,
+               eval_size: int = 2_000, **kwargs):
     super().__init__(batch_size, seq_len, image_size, image_tokens, **kwargs)
-    builder = builders.MmjaxShapeScenes(
-        config=builders.ShapeScenesConfig(image_size=image_size, max_shapes=self.max_shapes,
-                                          train_size=train_size, seed=self.seed),
-        data_dir=data_dir or None, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+    config = builders.ShapeScenesConfig(image_size=image_size, max_shapes=self.max_shapes,
+                                        train_size=train_size, eval_size=eval_size,
+                                        seed=self.seed)
+    builder = arrayrecord(builders.MmjaxShapeScenes, config, data_dir)
     self.records, self.order = open_split(builder, self.split, self.seed)
 
   def __repr__(self):
@@ -61,58 +233,154 @@ class TfdsScenes(synthetic.ShapeScenes):
     return {"image": image_codec.decode(record["images"][0]), **text}
 
 
-class LlavaConversations(synthetic.Source):
+class LlavaConversations(RecordSource):
   """LLaVA conversations from their tfds build, laid out by `tokenizers.encode_conversation`.
 
-  Every sample has `max_images` image slots (unused ones stay black and are
-  never read: no placeholder points at them); images are resized to
-  image_size and scaled to [0, 1]. A conversation longer than seq_len is
-  truncated, and counted in a warning.
+  Each "<image>" becomes image_tokens placeholders (or one marker); an example
+  keeps its first max_images images, resized to image_size.
   """
 
   def __init__(self, batch_size: int, seq_len: int, *, json_path: str, image_dir: str,
-               image_size: int, image_tokens: int, image_token_id: int, tokenizer: str = "bytes",
-               max_images: int = 1, data_dir: str | None = None, **kwargs):
-    super().__init__(batch_size, **kwargs)
-    self.seq_len = seq_len
-    self.image_size = image_size
+               image_tokens: int, image_token_id: int, max_images: int = 1,
+               data_dir: str | None = None, **kwargs):
+    super().__init__(batch_size, seq_len, max_images=max_images, **kwargs)
     self.image_ids = [image_token_id] * image_tokens
-    self.max_images = max_images
-    self.tokenizer = tokenizers.load(tokenizer)
-    builder = builders.MmjaxLlava(
-        config=builders.LlavaConfig(json_path=json_path, image_dir=image_dir),
-        data_dir=data_dir or None, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+    config = builders.AnnotationsConfig(json_path=json_path, image_dir=image_dir)
+    builder = arrayrecord(builders.MmjaxLlava, config, data_dir)
     self.records, self.order = open_split(builder, self.split, self.seed)
     if not len(self.records):
       raise ValueError(f"LLaVA JSON {json_path} has no usable {self.split} examples")
-    self.truncated = 0
 
   def __repr__(self):
     return (f"LlavaConversations({self.records!r}, batch_size={self.batch_size}, "
-            f"seq_len={self.seq_len}, tokenizer={self.tokenizer!r}, seed={self.seed}, "
+            f"seq_len={self.seq_len}, pack={self.pack}, tokenizer={self.tokenizer!r}, "
+            f"seed={self.seed}, rows from {self.first_row})")
+
+  def example(self, record: dict, position: int) -> Example:
+    del position
+    ids, loss = tokenizers.encode_conversation(json.loads(record["conversation"]),
+                                               self.tokenizer, self.image_ids)
+    return Example(record["id"].decode(), ids, loss,
+                   [image_codec.decode(data, self.image_size)
+                    for data in record["images"][:self.max_images]])
+
+
+class CocoCaptions(RecordSource):
+  """Captioned images: BOS, the image's placeholders (or marker), a caption, EOS; loss on the
+  caption.
+
+  Each epoch draws one of the image's captions (seeded by the record's global
+  position). Held-out examples carry every caption as references for BLEU/CIDEr.
+  """
+
+  example_types = ("caption",)
+
+  def __init__(self, batch_size: int, seq_len: int, *, json_path: str, image_dir: str,
+               image_tokens: int, image_token_id: int, data_dir: str | None = None,
+               max_references: int = 5, **kwargs):
+    super().__init__(batch_size, seq_len, max_images=1, **kwargs)
+    self.prompt = [self.tokenizer.bos_id] + [image_token_id] * image_tokens
+    if seq_len <= len(self.prompt) + 1:
+      raise ValueError(f"config.data.seq_len={seq_len} leaves no room for a caption after "
+                       f"{image_tokens} image tokens")
+    self.max_references = max_references
+    config = builders.AnnotationsConfig(json_path=json_path, image_dir=image_dir)
+    builder = arrayrecord(builders.MmjaxCoco, config, data_dir)
+    self.records, self.order = open_split(builder, self.split, self.seed)
+
+  def __repr__(self):
+    return (f"CocoCaptions({self.records!r}, batch_size={self.batch_size}, "
+            f"seq_len={self.seq_len}, pack={self.pack}, tokenizer={self.tokenizer!r}, "
+            f"seed={self.seed}, rows from {self.first_row})")
+
+  def _caption(self, record: dict, position: int) -> str:
+    rng = np.random.default_rng((self.seed, synthetic.SPLITS[self.split], position))
+    return record["captions"][rng.integers(len(record["captions"]))].decode()
+
+  def example(self, record: dict, position: int) -> Example:
+    caption = self.tokenizer.encode(self._caption(record, position)) + [self.tokenizer.eos_id]
+    return Example(record["id"].decode(), self.prompt + caption,
+                   [0] * len(self.prompt) + [1] * len(caption),
+                   [image_codec.decode(record["images"][0], self.image_size)])
+
+  # The generative evaluator's interface (see evaluate.Generative).
+
+  def longest_prompt(self) -> int:
+    return len(self.prompt)
+
+  def longest_answer(self) -> int:
+    return self.seq_len - len(self.prompt)
+
+  def examples(self, step: int) -> list[dict]:
+    rows = []
+    for row, _ in self.rows(step):
+      record = self.record(step * self.batch_size + row)
+      captions = [c.decode() for c in record["captions"]]
+      image = image_codec.decode(record["images"][0], self.image_size)
+      rows.append({"image": self.normalise(image)[None], "prompt": self.prompt, "question": "",
+                   "answer": captions[0], "references": captions[:self.max_references],
+                   "type": "caption"})
+    return rows
+
+
+class Documents(RecordSource):
+  """Text documents for language-model training: BOS, the text, EOS; loss on all but BOS."""
+
+  def __init__(self, batch_size: int, seq_len: int, records, order, *, text_key: str = "text",
+               **kwargs):
+    super().__init__(batch_size, seq_len, **kwargs)
+    self.records, self.order = records, order
+    self.text_key = text_key
+
+  def __repr__(self):
+    return (f"Documents({self.records!r}, text_key={self.text_key!r}, "
+            f"batch_size={self.batch_size}, seq_len={self.seq_len}, pack={self.pack}, "
+            f"tokenizer={self.tokenizer!r}, seed={self.seed}, rows from {self.first_row})")
+
+  def example(self, record: dict, position: int) -> Example:
+    text = record[self.text_key]
+    ids = ([self.tokenizer.bos_id] + self.tokenizer.encode(
+        text.decode("utf-8", errors="replace") if isinstance(text, bytes) else str(text))
+           + [self.tokenizer.eos_id])
+    example_id = record["id"].decode() if "id" in record else str(int(self.order[position]))
+    return Example(example_id, ids, [0] + [1] * (len(ids) - 1))
+
+
+class ImageClasses(synthetic.Source):
+  """Labelled images -> {"images": float32[b, S, S, 3], "labels": int32[b]}, resized to S."""
+
+  def __init__(self, batch_size: int, image_size: int, records, order, num_classes: int, *,
+               image_key: str = "image", label_key: str = "label", **kwargs):
+    super().__init__(batch_size, **kwargs)
+    self.image_size = image_size
+    self.records, self.order = records, order
+    self.num_classes = num_classes
+    self.image_key, self.label_key = image_key, label_key
+
+  def __repr__(self):
+    return (f"ImageClasses({self.records!r}, {self.num_classes} classes, "
+            f"batch_size={self.batch_size}, image_size={self.image_size}, seed={self.seed}, "
             f"rows from {self.first_row})")
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """-> images float32[b, max_images, S, S, 3], tokens/targets int32[b, T], loss_weights."""
-    rows = list(self.rows(step))
-    images = np.zeros((len(rows), self.max_images, self.image_size, self.image_size, 3),
-                      np.float32)
-    tokens = np.full((len(rows), self.seq_len + 1), self.tokenizer.pad_id, np.int32)
-    weights = np.zeros((len(rows), self.seq_len + 1), np.float32)
-    for b, (row, _) in enumerate(rows):
+    images, labels = [], []
+    for row, _ in self.rows(step):
       record = self.records[int(self.order[step * self.batch_size + row])]
-      for i, data in enumerate(record["images"][:self.max_images]):
-        images[b, i] = image_codec.decode(data, self.image_size)
-      ids, mask = tokenizers.encode_conversation(json.loads(record["conversation"]),
-                                                 self.tokenizer, self.image_ids)
-      if len(ids) > self.seq_len + 1:
-        self.truncated += 1
-        if self.truncated & (self.truncated - 1) == 0:  # 1, 2, 4, 8, ...: counted, not spammed
-          logging.warning("truncated conversation %s (%d tokens) to data.seq_len=%d; %d so far",
-                          record["id"].decode(), len(ids), self.seq_len, self.truncated)
-        ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
-      tokens[b, :len(ids)] = ids
-      weights[b, :len(mask)] = mask
-    # The loss is on targets: weight t belongs to token t + 1.
-    return {"images": images, "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "loss_weights": weights[:, 1:]}
+      images.append(image_codec.decode(record[self.image_key], self.image_size))
+      labels.append(record[self.label_key])
+    return {"images": self.normalise(np.stack(images)), "labels": np.array(labels, np.int32)}
+
+
+def image_folder(image_dir: str, split: str, seed: int, data_dir: str | None = None):
+  """(records, order, number of classes) of a class-folder dataset, converted on first use."""
+  builder = arrayrecord(builders.MmjaxImageFolder, builders.ImageFolderConfig(image_dir=image_dir),
+                        data_dir)
+  records, order = open_split(builder, split, seed)
+  return records, order, builder.info.features["label"].num_classes
+
+
+def text_files(files: str, text_key: str, split: str, seed: int, data_dir: str | None = None):
+  """(records, order) of .txt/.jsonl documents, converted on first use."""
+  builder = arrayrecord(builders.MmjaxText, builders.TextConfig(files=files, text_key=text_key),
+                        data_dir)
+  return open_split(builder, split, seed)

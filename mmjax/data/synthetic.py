@@ -34,7 +34,9 @@ class Source:
   """Rows [process_index * B/P, (process_index + 1) * B/P) of each global batch of B."""
 
   def __init__(self, batch_size: int, seed: int = 0, split: str = "train",
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               image_mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+               image_std: tuple[float, ...] = (1.0, 1.0, 1.0)):
     if split not in SPLITS:
       raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if batch_size % process_count:
@@ -45,6 +47,12 @@ class Source:
     self.local_batch_size = batch_size // process_count
     self.first_row = process_index * self.local_batch_size
     self.tokenizer = tokenizers.ByteTokenizer()
+    self.image_mean = np.asarray(image_mean, np.float32)
+    self.image_std = np.asarray(image_std, np.float32)
+
+  def normalise(self, images: np.ndarray) -> np.ndarray:
+    """Pixels in [0, 1] -> (pixels - image_mean) / image_std, per channel (config.data keys)."""
+    return (images - self.image_mean) / self.image_std
 
   def rows(self, step: int):
     """(row of the global batch, its generator) for this process's rows of batch `step`."""
@@ -168,8 +176,8 @@ class ShapeScenes(Source):
         kind, question, answer = scene["type"], scene["question"], scene["answer"]
       prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
                 + self.tokenizer.encode(question + " " if question else ""))
-      rows.append({"image": scene["image"][None], "prompt": prompt, "question": question,
-                   "answer": answer, "type": kind})
+      rows.append({"image": self.normalise(scene["image"])[None], "prompt": prompt,
+                   "question": question, "answer": answer, "type": kind})
     return rows
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -201,7 +209,7 @@ class ShapeClasses(Source):
       image, (shape,) = draw_scene(rng, self.image_size, 1)
       images.append(image)
       labels.append(list(COLOURS).index(shape.colour) * len(PLACES) + PLACES.index(shape.place))
-    return {"images": np.stack(images), "labels": np.array(labels, np.int32)}
+    return {"images": self.normalise(np.stack(images)), "labels": np.array(labels, np.int32)}
 
 
 def draw_scene(rng: np.random.Generator, size: int,

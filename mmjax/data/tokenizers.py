@@ -140,3 +140,26 @@ def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int]) -> t
       ids += answer
       mask += [1] * len(answer)
   return ids, mask
+
+
+IMAGE = "<image>"
+
+
+def encode_prompt(prompt: str, num_images: int, template: str, image_ids: list[int],
+                  tokenizer) -> list[int]:
+  """BOS + the template with "{prompt}" filled in, each "<image>" replaced by image_ids.
+
+  A prompt that places its images itself ("<image>" inside it) overrides the
+  template's image positions; images without a marker go first.
+  """
+  if IMAGE in prompt:
+    template = template.replace(IMAGE, "")
+  text = template.replace("{prompt}", prompt)
+  missing = num_images - text.count(IMAGE)
+  if missing < 0:
+    raise ValueError(f"the prompt has {text.count(IMAGE)} {IMAGE} markers for {num_images} images")
+  text = IMAGE * missing + text
+  ids = [tokenizer.bos_id]
+  for i, part in enumerate(text.split(IMAGE)):
+    ids += (image_ids if i else []) + tokenizer.encode(part)
+  return ids
