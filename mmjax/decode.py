@@ -314,3 +314,13 @@ def _beam_search(model: nn.Module, sampling: Sampling):
             "logprobs": pick(carry["scores"])}
 
   return generate
+
+
+def image_layout(config: dict) -> tuple[int, list[int]]:
+  """A fusion model's {"family", "model"} config -> (image size, the ids standing for one image):
+  P placeholders for early fusion, one marker for deep fusion."""
+  vit = config["model"]["vit"]
+  size = vit.get("image_size", 224)
+  per_image = 1 if config["family"] == "deep_fusion" else early_fusion.num_image_tokens(
+      vit, size, config["model"].get("drop_cls", True))
+  return size, [config["model"]["image_token_id"]] * per_image

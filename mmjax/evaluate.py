@@ -76,6 +76,7 @@ class Generative:
     self.tokenizer = source.tokenizer
     self.prompt_len = source.longest_prompt()
     self.answer_len = source.longest_answer() + 1  # and EOS
+    self.max_references = getattr(source, "max_references", 1)
     generate = decode.make_generate(model, decode.Sampling(
         method="greedy", max_new_tokens=self.answer_len, eos_id=self.tokenizer.eos_id,
         pad_id=self.tokenizer.pad_id))
@@ -96,20 +97,27 @@ class Generative:
                "images": np.stack([e["image"] for e in examples])}
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
         generated = self.generate(params, *sharding.global_batch(local, self.mesh).values())
-      truths = np.full((len(examples), self.answer_len), self.tokenizer.pad_id, np.int32)
+      # Every reference answer, padded: [b, references, answer_len] (one for questions).
+      truths = np.full((len(examples), self.max_references, self.answer_len),
+                       self.tokenizer.pad_id, np.int32)
       for b, e in enumerate(examples):
-        truth = self.tokenizer.encode(e["answer"])
-        truths[b, :len(truth)] = truth
+        for r, reference in enumerate(e.get("references", [e["answer"]])[:self.max_references]):
+          truth = self.tokenizer.encode(reference)[:self.answer_len]
+          truths[b, r, :len(truth)] = truth
       kinds = np.array([self.source.example_types.index(e["type"]) for e in examples], np.int32)
       generated, truths, kinds, prompts, images = (
           np.asarray(multihost_utils.process_allgather(x, tiled=True))
           for x in (generated, truths, kinds, tokens, local["images"]))
       for b in range(len(generated)):
+        references = [self.tokenizer.decode(t) for t in truths[b]
+                      if (t != self.tokenizer.pad_id).any()]
         rows.append({"prompt": self.tokenizer.decode(prompts[b]),  # special tokens dropped
                      "answer": self.tokenizer.decode(_until_eos(generated[b],
                                                                 self.tokenizer.eos_id)),
-                     "truth": self.tokenizer.decode(truths[b]),
-                     "type": self.source.example_types[kinds[b]], "image": images[b, 0]})
+                     "truth": references[0], "references": references,
+                     "type": self.source.example_types[kinds[b]],
+                     # Back to [0, 1] pixels for pictures of the samples.
+                     "image": images[b, 0] * self.source.image_std + self.source.image_mean})
     scores = {}
     questions = [r for r in rows if r["type"] != "caption"]
     if questions:
@@ -118,7 +126,7 @@ class Generative:
     captions = [r for r in rows if r["type"] == "caption"]
     if captions:
       scores.update(caption_scores([r["answer"] for r in captions],
-                                   [[r["truth"]] for r in captions]))
+                                   [r["references"] for r in captions]))
     return scores, rows[:self.num_samples]
 
 

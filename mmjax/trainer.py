@@ -41,7 +41,18 @@ MODELS = {"lm": lm.Model, "vit": vit.Model, "early_fusion": early_fusion.Model,
 # Batch keys passed to the model as keyword arguments when present.
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
 NAN_POLICIES = ("skip", "stop")
-DATA_NAMES = ("arithmetic", "shapes", "tfds_scenes", "llava", "shape_classes")
+# Language models: arithmetic, text, tfds. ViTs: shape_classes, image_folder, tfds.
+# Image-text: shapes, tfds_scenes, llava, coco_captions.
+DATA_NAMES = ("arithmetic", "text", "tfds", "shape_classes", "image_folder", "shapes",
+              "tfds_scenes", "llava", "coco_captions")
+FAMILY_DATA = {"lm": ("arithmetic", "text", "tfds"),
+               "vit": ("shape_classes", "image_folder", "tfds"),
+               "early_fusion": ("shapes", "tfds_scenes", "llava", "coco_captions"),
+               "deep_fusion": ("shapes", "tfds_scenes", "llava", "coco_captions")}
+REQUIRED_DATA_KEYS = {"llava": ("json", "image_dir", "seq_len"),
+                      "coco_captions": ("json", "image_dir", "seq_len"),
+                      "image_folder": ("image_dir",), "text": ("files", "seq_len"),
+                      "tfds": ("tfds_name",)}
 
 
 # ----------------------------------------------------------------------------
@@ -60,29 +71,54 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
   data = config.data
   common = dict(seed=config.seed, split=split, process_index=jax.process_index(),
                 process_count=jax.process_count())
+  if "image_mean" in data:
+    common.update(image_mean=data.image_mean, image_std=data.image_std)
+  if data.name not in DATA_NAMES:
+    raise ValueError(f"config.data.name must be one of {DATA_NAMES}, got {data.name!r}")
   if data.name == "arithmetic":
     return synthetic.ArithmeticText(config.batch_size, data.seq_len, **common)
   if data.name == "shapes":
     return synthetic.ShapeScenes(config.batch_size, data.seq_len, data.image_size,
                                  data.image_tokens, task=data.task, max_shapes=data.max_shapes,
                                  image_token_id=config.model.image_token_id, **common)
+  if data.name == "shape_classes":
+    return synthetic.ShapeClasses(config.batch_size, data.image_size, **common)
+  # Imported here: only these sources need tfds and grain (the GPU benchmark image has neither).
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   if data.name == "tfds_scenes":
-    # Imported here: only this source needs tfds and grain (the GPU benchmark image has neither).
-    from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.TfdsScenes(config.batch_size, data.seq_len, data.image_size,
                                data.image_tokens, task=data.task, max_shapes=data.max_shapes,
                                data_dir=data.data_dir, train_size=data.train_size,
+                               eval_size=data.eval_size,
                                image_token_id=config.model.image_token_id, **common)
-  if data.name == "llava":
-    from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
-    return pipeline.LlavaConversations(
+  tokens = dict(tokenizer=data.get("tokenizer", "bytes"), pack=data.get("pack", 1))
+  if data.name in ("llava", "coco_captions"):
+    source = {"llava": pipeline.LlavaConversations, "coco_captions": pipeline.CocoCaptions}
+    images = dict(max_images=data.max_images) if data.name == "llava" else {}
+    return source[data.name](
         config.batch_size, data.seq_len, json_path=data.json, image_dir=data.image_dir,
         image_size=data.image_size, image_tokens=data.image_tokens,
-        image_token_id=config.model.image_token_id, tokenizer=data.tokenizer,
-        max_images=data.max_images, data_dir=data.data_dir, **common)
-  if data.name == "shape_classes":
-    return synthetic.ShapeClasses(config.batch_size, data.image_size, **common)
-  raise ValueError(f"config.data.name must be one of {DATA_NAMES}, got {data.name!r}")
+        image_token_id=config.model.image_token_id, data_dir=data.data_dir, **images, **tokens,
+        **common)
+  if data.name == "image_folder":
+    records, order, num_classes = pipeline.image_folder(data.image_dir, split, config.seed,
+                                                        data.data_dir)
+    return pipeline.ImageClasses(config.batch_size, data.image_size, records, order,
+                                 num_classes, **common)
+  if data.name == "text":
+    records, order = pipeline.text_files(data.files, data.text_key, split, config.seed,
+                                         data.data_dir)
+    return pipeline.Documents(config.batch_size, data.seq_len, records, order,
+                              text_key="text", **tokens, **common)
+  # "tfds": a prepared tfds dataset by name; its images and labels for a ViT, else its text.
+  builder, splits = pipeline.named_builder(data.tfds_name, data.data_dir)
+  records, order = pipeline.open_split(builder, splits[split], config.seed, prepare=False)
+  if config.family == "vit":
+    return pipeline.ImageClasses(config.batch_size, data.image_size, records, order,
+                                 builder.info.features[data.label_key].num_classes,
+                                 image_key=data.image_key, label_key=data.label_key, **common)
+  return pipeline.Documents(config.batch_size, data.seq_len, records, order,
+                            text_key=data.text_key, **tokens, **common)
 
 
 def init_inputs(batch: dict) -> tuple:
@@ -125,19 +161,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int):
     if kv_heads and tower.num_heads % kv_heads:
       raise ValueError(f"config.{key}.num_kv_heads={kv_heads} does not divide "
                        f"config.{key}.num_heads={tower.num_heads}")
-  lm_fields = {"lm": config.get("model"), "early_fusion": config.model.get("lm"),
-               "deep_fusion": config.model.get("lm")}.get(config.family)
-  if config.data.name == "llava":
-    for key in ("json", "image_dir", "seq_len"):
-      if not config.data.get(key):
-        raise ValueError(f"config.data.{key} must be set for config.data.name='llava'")
-  if config.data.name in ("arithmetic", "shapes", "tfds_scenes", "llava") and lm_fields is not None:
+  data = config.data
+  if data.name not in FAMILY_DATA[config.family]:
+    raise ValueError(f"config.data.name={data.name!r} does not feed a {config.family} model; "
+                     f"use one of {FAMILY_DATA[config.family]}")
+  for key in REQUIRED_DATA_KEYS.get(data.name, ()):
+    if not data.get(key):
+      raise ValueError(f"config.data.{key} must be set for config.data.name={data.name!r}")
+  if data.get("pack", 1) > 1 and data.name not in ("llava", "coco_captions", "text", "tfds"):
+    raise ValueError(f"config.data.pack={data.pack} packs only llava, coco_captions, text and "
+                     f"tfds text, not {data.name!r}")
+  if config.family != "vit":
+    lm_fields = config.model if config.family == "lm" else config.model.lm
     vocab = lm.Model(**lm_fields.to_dict()).vocab_size
-    tokenizer = synthetic.tokenizers.load(config.data.get("tokenizer", "bytes"))
+    tokenizer = synthetic.tokenizers.load(data.get("tokenizer", "bytes"))
     if vocab < tokenizer.vocab_size:
       key = "config.model.vocab_size" if config.family == "lm" else "config.model.lm.vocab_size"
       raise ValueError(f"{key}={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                       f"ids ({tokenizer!r}, config.data.name={config.data.name!r})")
+                       f"ids ({tokenizer!r}, config.data.name={data.name!r})")
   data_size, fsdp_size, _ = sharding.mesh_shape(config.mesh.shape, num_devices)
   sharding.rules(config.mesh.rules)
   parallel = data_size * fsdp_size
@@ -275,6 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = build_model(config)
     train_data = build_data(config, "train")
     eval_data = build_data(config, "validation")
+    if config.family == "vit" and config.model.num_classes < train_data.num_classes:
+      raise ValueError(f"config.model.num_classes={config.model.num_classes} is smaller than "
+                       f"the {train_data.num_classes} classes of {train_data!r}")
     example = jax.tree.map(lambda x: x[:1], train_data.batch(0))
     inputs = init_inputs(example)
 
@@ -330,6 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     peak = metrics.peak_tflops(jax.devices()[0])
     items_per_step = np.prod(abstract_batch["labels" if "labels" in example else "tokens"].shape)
     schedule = optim.schedule(config.optimizer)
+    # Deep fusion logs how far its tanh gates have opened (tools/plot.py draws them).
+    gates = jax.jit(deep_fusion.gate_values) if config.family == "deep_fusion" else None
 
     # 8. The loop. Host syncs (float(), device_get) happen on logging steps only.
     writer = metrics.Writer(workdir, config.total_steps)
@@ -355,6 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           scalars.update(
               learning_rate=float(schedule(step - 1)), steps_per_sec=1.0 / seconds,
               items_per_sec=items_per_step / seconds, skipped_steps=int(state["skipped"]))
+          if gates:
+            scalars.update({k: float(v) for k, v in gates(state["params"]).items()})
           if flops:
             scalars["tflops_per_device"] = flops / seconds / 1e12
             if peak:

@@ -17,11 +17,12 @@ import transformers
 from mmjax import checkpoint
 from mmjax import decode
 from mmjax import trainer
+from mmjax.data import images as image_codec
 from mmjax.data import synthetic
+from mmjax.data import tokenizers
 import train_cli
 
 sys.path.insert(0, str(train_cli.ROOT / "tools"))
-import generate  # pylint: disable=g-import-not-at-top,wrong-import-position
 import show_params  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import lm as lm_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -123,8 +124,8 @@ def test_generate_answers_like_decode(tmp_path, run_train):
     Image.fromarray(np.round(example["image"][0] * 255).astype(np.uint8)).save(path)
     requests.append({"prompt": example["question"], "images": [str(path)]})
     # The default template lays a prompt out as the training data does.
-    assert generate.prompt_ids(example["question"], 1, "<image>{prompt} ", [258] * 16,
-                               source.tokenizer) == example["prompt"]
+    assert tokenizers.encode_prompt(example["question"], 1, "<image>{prompt} ", [258] * 16,
+                                    source.tokenizer) == example["prompt"]
   requests.append({"prompt": "two images: <image> and <image>?", "images": [
       str(tmp_path / "scene_0.png"), str(tmp_path / "scene_1.png")]})
   (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in requests))
@@ -137,7 +138,7 @@ def test_generate_answers_like_decode(tmp_path, run_train):
   images = np.zeros((3, 2, 32, 32, 3), np.float32)
   for b, request in enumerate(requests):
     for i, path in enumerate(request["images"]):
-      images[b, i] = generate.load_image(path, 32)
+      images[b, i] = image_codec.read(path, 32)
   prompts = [e["prompt"] for e in examples] + [
       [256] + list(b"two images: ") + [258] * 16 + list(b" and ") + [258] * 16 + list(b"? ")]
   tokens, lengths = decode.left_pad(prompts, 0)

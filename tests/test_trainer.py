@@ -89,7 +89,7 @@ def test_tiny_lm_trains(tmp_path, run_train):
 def test_fusion_models_learn_from_the_image(tmp_path, run_train, name):
   rows = run_train(tmp_path, f"{name}.py:tiny", {
       "total_steps": 300, "log_every": 50, "eval_every": 300, "optimizer.decay_steps": 300,
-      "data.max_shapes": 1})
+      "data.max_shapes": 1, "data.name": "shapes"})  # in memory: no 50k-scene build for this
   # Greedy answers to 128 held-out questions about one-shape scenes. The question alone leaves
   # colour and place at 1/4 and the count ("how many squares?": zero or one) at 1/2.
   last = rows[-1]

@@ -12,7 +12,8 @@ images without an "<image>" in the template go first. The default template
 matches the generated shapes dataset: the question, then a space; a prompt
 with its own "<image>" markers places its images itself. Text is byte-level
 unless --tokenizer names a SentencePiece or HuggingFace file; images are read
-with Pillow, made RGB, resized to the model's resolution and scaled to [0, 1].
+with Pillow, made RGB, resized to the model's resolution and normalised as in
+training (config.data.image_mean/std, or an import's preprocessor values).
 """
 import json
 
@@ -26,9 +27,6 @@ from mmjax import decode
 from mmjax import trainer
 from mmjax.data import images as image_codec
 from mmjax.data import tokenizers
-from mmjax.models import early_fusion
-
-IMAGE = "<image>"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or params-only export.")
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
@@ -36,7 +34,7 @@ _IMAGES = flags.DEFINE_multi_string("image", [], "Image file(s) for --prompt; re
 _PROMPTS = flags.DEFINE_string("prompts", None, "A JSONL file of {prompt, images} objects.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "'bytes', a SentencePiece .model file "
                                  "or a HuggingFace tokenizer.json (tools/train_tokenizer.py).")
-_TEMPLATE = flags.DEFINE_string("template", IMAGE + "{prompt} ", "How a prompt is laid out.")
+_TEMPLATE = flags.DEFINE_string("template", "<image>{prompt} ", "How a prompt is laid out.")
 _METHOD = flags.DEFINE_enum("method", "greedy", list(decode.METHODS), "How to choose tokens.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--method=sample: logits / temperature.")
@@ -44,35 +42,6 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "--method=sample: keep the k likeliest
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "--method=sample: nucleus probability mass.")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "--method=beam: beams per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "--method=sample: random seed.")
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-  """An image file -> float32[size, size, 3] in [0, 1]."""
-  try:
-    with open(path, "rb") as f:
-      return image_codec.decode(f.read(), size)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def prompt_ids(prompt: str, num_images: int, template: str, image_ids: list[int],
-               tokenizer) -> list[int]:
-  """BOS + the template with the prompt filled in; each "<image>" -> image_ids.
-
-  A prompt that places its images itself ("<image>" inside it) overrides the
-  template's image positions.
-  """
-  if IMAGE in prompt:
-    template = template.replace(IMAGE, "")
-  text = template.replace("{prompt}", prompt)
-  missing = num_images - text.count(IMAGE)
-  if missing < 0:
-    raise ValueError(f"the prompt has {text.count(IMAGE)} {IMAGE} markers for {num_images} images")
-  text = IMAGE * missing + text
-  ids = [tokenizer.bos_id]
-  for i, part in enumerate(text.split(IMAGE)):
-    ids += (image_ids if i else []) + tokenizer.encode(part)
-  return ids
 
 
 def read_requests() -> list[dict]:
@@ -97,20 +66,18 @@ def main(argv):
   images = None
   image_ids = []
   if config["family"] in ("early_fusion", "deep_fusion"):
-    size = config["model"]["vit"].get("image_size", 224)
-    per_image = 1 if config["family"] == "deep_fusion" else early_fusion.num_image_tokens(
-        config["model"]["vit"], size, config["model"].get("drop_cls", True))
-    image_ids = [config["model"]["image_token_id"]] * per_image
+    size, image_ids = decode.image_layout(config)
     most = max(len(r.get("images", [])) for r in requests)
     if most:  # rows with fewer images get blank slots: no placeholder ever reads them
       images = np.zeros((len(requests), most, size, size, 3), np.float32)
       for b, request in enumerate(requests):
         for i, path in enumerate(request.get("images", [])):
-          images[b, i] = load_image(path, size)
+          images[b, i] = image_codec.read(path, size)
+      images = image_codec.normalise(images, **config.get("pixels", {}))
   elif any(r.get("images") for r in requests):
     raise ValueError(f"a {config['family']} model takes no images")
-  prompts = [prompt_ids(r["prompt"], len(r.get("images", [])), _TEMPLATE.value, image_ids,
-                        tokenizer) for r in requests]
+  prompts = [tokenizers.encode_prompt(r["prompt"], len(r.get("images", [])), _TEMPLATE.value,
+                                      image_ids, tokenizer) for r in requests]
   tokens, lengths = decode.left_pad(prompts, tokenizer.pad_id)
   sampling = decode.Sampling(
       method=_METHOD.value, max_new_tokens=_MAX_NEW_TOKENS.value, eos_id=tokenizer.eos_id,

@@ -240,3 +240,13 @@ def visible_images(seen: jax.Array, image: jax.Array, rule: str) -> jax.Array:
   if rule == "latest":
     return image == seen[..., None] - 1
   raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}, got {rule!r}")
+
+
+def gate_values(params: dict) -> dict[str, jax.Array]:
+  """How open each cross-attention block is: mean |tanh(gate)|, 0 at init, 1 fully open.
+
+  -> {"gate/attn_<i>": ..., "gate/mlp_<i>": ...} for the blocks xattn_<i>.
+  """
+  return {f"gate/{kind}_{name.split('_')[1]}": jnp.mean(jnp.abs(jnp.tanh(block[f"{kind}_gate"])))
+          for name, block in params.items() if name.startswith("xattn_")
+          for kind in ("attn", "mlp")}

@@ -119,6 +119,26 @@ class KVCache:
 # ----------------------------------------------------------------------------
 
 
+def attention_probs(q: jax.Array, k: jax.Array, mask: Mask) -> jax.Array:
+  """Softmax attention probabilities.
+
+  q: float[B, T, N, H]; k: float[B, S, K, H] -> float32[B, K, G, T, S], where
+  G = N / K query heads share each key head (head n = k * G + g). A query whose
+  keys are all masked gets all zeros, not a uniform average.
+  """
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  q = q.reshape(B, T, K, N // K, H)
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(H)
+  allowed = mask.dense(T, S)
+  if allowed is None:
+    return jax.nn.softmax(logits, axis=-1)
+  allowed = allowed[:, :, None]  # [B, 1, 1, T, S]
+  probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
+  return probs * jnp.any(allowed, axis=-1, keepdims=True)
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
   """Reference attention in plain einsums.
 
@@ -127,17 +147,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.A
   so text before any image gets nothing from cross-attention.
   """
   B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  q = q.reshape(B, T, K, N // K, H)
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-  logits = logits / math.sqrt(H)
-  allowed = mask.dense(T, S)
-  if allowed is not None:
-    allowed = allowed[:, :, None]  # [B, 1, 1, T, S]
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if allowed is not None:
-    probs = probs * jnp.any(allowed, axis=-1, keepdims=True)
+  probs = attention_probs(q, k, mask)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
   return out.reshape(B, T, N, H)
 
@@ -382,8 +392,11 @@ class Attention(nn.Module):
             buffer, new.astype(buffer.dtype), cache.end, axis=1)
         new_cache = KVCache(k=write(cache.k, k), v=write(cache.v, v), end=cache.end + x.shape[1])
 
-    out = dot_product_attention(q, new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype),
-                                mask, self.attention_impl)
+    k, v = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype)
+    if self.is_mutable_collection("intermediates"):  # asked for by mmjax/plots.py
+      probs = attention_probs(q, k, mask)
+      self.sow("intermediates", "attention", probs.reshape(x.shape[0], N, *probs.shape[-2:]))
+    out = dot_product_attention(q, k, v, mask, self.attention_impl)
     out = HeadProjection((D,), use_bias=self.use_bias,
                          kernel_init=self.out_init or self.kernel_init, dtype=self.dtype,
                          name="out")(out)

@@ -1,0 +1,121 @@
+"""Pictures of runs and models: metric charts, and where an answer looks in the image.
+
+matplotlib's object API (a `Figure`, no pyplot state), so the same code saves
+PNGs from tools/plot.py and shows inline in notebooks.
+"""
+import json
+import math
+import pathlib
+
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+from matplotlib.figure import Figure
+import numpy as np
+
+from mmjax.models import deep_fusion
+
+# Chart panels: a title and which metrics.jsonl keys it draws.
+PANELS = (
+    ("loss", lambda key: key in ("loss", "eval_loss")),
+    ("held-out scores", lambda key: key.startswith(("vqa/", "caption/"))
+     or key in ("eval_accuracy", "eval_top1")),
+    ("learning rate", lambda key: key == "learning_rate"),
+    ("throughput (items/s)", lambda key: key == "items_per_sec"),
+    ("cross-attention gates |tanh|", lambda key: key.startswith("gate/")),
+)
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist (is {workdir} a training workdir?)")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metrics_figure(runs: dict[str, list[dict]]) -> Figure:
+  """One panel per kind of metric that any run logged; each run a colour, each key a line style."""
+  panels = []
+  for title, wanted in PANELS:
+    keys = sorted({k for rows in runs.values() for row in rows for k in row if wanted(k)})
+    if keys:
+      panels.append((title, keys))
+  if not panels:
+    raise ValueError(f"no metrics to plot in {sorted(runs)}")
+  columns = min(3, len(panels))
+  rows = math.ceil(len(panels) / columns)
+  figure = Figure(figsize=(5 * columns, 3.6 * rows), layout="constrained")
+  for n, (title, keys) in enumerate(panels):
+    axis = figure.add_subplot(rows, columns, n + 1)
+    for colour, (name, metrics) in enumerate(runs.items()):
+      for style, key in enumerate(keys):
+        points = [(row["step"], row[key]) for row in metrics if key in row]
+        if not points:
+          continue
+        steps, values = zip(*points)
+        axis.plot(steps, values, color=f"C{colour}", linestyle=LINE_STYLES[style % 4],
+                  marker="o" if len(points) <= 12 else None, markersize=3,
+                  label=f"{name}: {key}" if len(runs) > 1 else key)
+    axis.set_title(title)
+    axis.set_xlabel("step")
+    if title == "loss":
+      axis.set_yscale("log")
+    axis.legend(fontsize=7)
+  return figure
+
+
+def image_attention(model, params, tokens: jax.Array, images: jax.Array,
+                    rows: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  """Where the positions `rows` look in the first image -> (maps float32[B, g, g], share [B]).
+
+  tokens int[B, T]; images float[B, I, H, W, 3]; rows bool[B, T]: the positions
+  to average over (e.g. those that produced an answer). Probabilities are
+  averaged over heads, layers and rows. maps sums to one over the image's g x g
+  patches; share is the part of the rows' attention that went to those patches
+  (1 for deep fusion's cross-attention, which sees only images).
+
+  Deep fusion: the gated cross-attention layers, over the image's visual tokens
+  (the ViT's patches: a resampler's latents have no place in the image).
+  Early fusion: the LM's self-attention, over the image's placeholder positions.
+  """
+  _, state = model.apply({"params": params}, tokens, images, mutable=["intermediates"])
+  sown = traverse_util.flatten_dict(state["intermediates"])
+  cross = isinstance(model, deep_fusion.Model)
+  layers = "xattn_" if cross else "lm"  # deep fusion's xattn_<i> blocks; early fusion's LM
+  probs = [v[0] for path, v in sown.items()
+           if path[-1] == "attention" and path[0].startswith(layers)]
+  probs = jnp.mean(jnp.stack(probs), axis=(0, 2))  # [B, T, S]: layers and heads averaged
+  weights = rows.astype(jnp.float32)[..., None]
+  probs = jnp.sum(probs * weights, axis=1) / jnp.sum(weights, axis=1)  # [B, S]
+  if cross:
+    num_tokens = probs.shape[-1] // images.shape[1]  # visual keys are image-major: [I * R]
+    image = probs[:, :num_tokens]
+  else:  # the first P placeholder positions of each row hold the first image
+    placeholders = np.asarray(tokens == model.image_token_id)
+    num_tokens = int(placeholders.sum(axis=1).min()) // images.shape[1]
+    columns = np.stack([np.flatnonzero(p)[:num_tokens] for p in placeholders])
+    image = jnp.take_along_axis(probs, jnp.asarray(columns), axis=1)
+  side = math.isqrt(num_tokens)
+  if side * side != num_tokens:
+    raise ValueError(f"{num_tokens} image tokens are not a square patch grid (a resampler, or "
+                     "a class token): no map onto the image")
+  share = jnp.sum(image, axis=-1)
+  maps = image / jnp.maximum(share, 1e-9)[:, None]
+  return np.asarray(maps.reshape(-1, side, side)), np.asarray(share)
+
+
+def attention_figure(images: np.ndarray, maps: np.ndarray, titles: list[str]) -> Figure:
+  """Each image (float[H, W, 3] in [0, 1]) with its patch map laid over it, titled."""
+  columns = min(4, len(images))
+  rows = math.ceil(len(images) / columns)
+  figure = Figure(figsize=(3 * columns, 3.3 * rows), layout="constrained")
+  for n, (image, grid, title) in enumerate(zip(images, maps, titles)):
+    axis = figure.add_subplot(rows, columns, n + 1)
+    height, width = image.shape[:2]
+    axis.imshow(np.clip(image, 0, 1))
+    axis.imshow(grid, cmap="inferno", alpha=0.55, extent=(0, width, height, 0),
+                interpolation="nearest")
+    axis.set_title(title, fontsize=8)
+    axis.axis("off")
+  return figure

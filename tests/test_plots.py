@@ -1,0 +1,120 @@
+"""Pictures from a real short run: metric charts, gate values, attention maps over patches."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import deep_fusion as deep_config
+from configs import early_fusion as early_config
+from mmjax import checkpoint
+from mmjax import plots
+from mmjax import trainer
+from mmjax.models import layers
+from test_tools import run_tool
+
+
+@pytest.fixture(scope="module")
+def deep_run(tmp_path_factory):
+  """A short deep-fusion run on in-memory scenes, with held-out evaluation."""
+  workdir = tmp_path_factory.mktemp("deep")
+  config = deep_config.get_config("tiny")
+  config.update_from_flattened_dict({
+      "data.name": "shapes", "total_steps": 40, "log_every": 10, "eval_every": 20,
+      "eval_steps": 1, "checkpoint_every": 0, "checkpoint.async_save": False})
+  trainer.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def test_gates_are_logged_and_open_from_zero(deep_run):
+  rows = plots.read_metrics(deep_run)
+  _, params, _ = checkpoint.read_model(str(deep_run))
+  blocks = [name.split("_")[1] for name in params if name.startswith("xattn_")]
+  assert blocks and all({f"gate/attn_{i}", f"gate/mlp_{i}"} <= set(row)
+                        for row in rows for i in blocks)
+  for i in blocks:
+    assert rows[-1][f"gate/attn_{i}"] == pytest.approx(
+        float(np.mean(np.abs(np.tanh(params[f"xattn_{i}"]["attn_gate"])))), rel=1e-5)
+    values = [row[f"gate/attn_{i}"] for row in rows]
+    assert all(0 < v < 1 for v in values) and len(set(values)) == len(values)  # moving off 0
+
+
+def test_plot_tool_writes_a_chart_of_runs(deep_run, tmp_path):
+  out = tmp_path / "runs.png"
+  run_tool("plot.py", f"--workdir={deep_run}", f"--workdir={deep_run}", f"--out={out}")
+  with Image.open(out) as image:
+    assert image.format == "PNG" and image.size[0] > 800
+    pixels = np.asarray(image.convert("L"), np.float32)
+  assert pixels.std() > 10  # drawn, not blank
+  figure = plots.metrics_figure({"a": plots.read_metrics(deep_run)})
+  titles = [axis.get_title() for axis in figure.axes]
+  assert titles == ["loss", "held-out scores", "learning rate", "throughput (items/s)",
+                    "cross-attention gates |tanh|"]
+
+
+def test_attention_probs_against_a_direct_softmax():
+  q = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))  # 4 query heads
+  k = jax.random.normal(jax.random.key(1), (2, 5, 2, 8))  # 2 key heads: GQA groups of 2
+  allowed = jax.random.bernoulli(jax.random.key(2), 0.6, (2, 3, 5)).at[:, :, 0].set(True)
+  allowed = allowed.at[1, 2].set(False)  # a query with no key: all zeros
+  probs = layers.attention_probs(q, k, layers.Mask(explicit=allowed)).reshape(2, 4, 3, 5)
+  for n in range(4):
+    logits = jnp.einsum("btd,bsd->bts", q[:, :, n], k[:, :, n // 2]) / np.sqrt(8)
+    expected = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    expected = jnp.where(allowed.any(-1, keepdims=True), expected, 0)
+    np.testing.assert_allclose(probs[:, n], expected, atol=1e-6)
+
+
+def scenes(config, count):
+  examples = trainer.build_data(config, "validation").examples(0)[:count]
+  width = max(len(e["prompt"]) for e in examples) + 2
+  tokens = np.zeros((count, width), np.int32)
+  rows = np.zeros((count, width), bool)
+  for b, e in enumerate(examples):
+    tokens[b, :len(e["prompt"]) + 2] = e["prompt"] + list(b"re")  # a two-token "answer"
+    rows[b, len(e["prompt"]) - 1:len(e["prompt"]) + 1] = True
+  return jnp.asarray(tokens), jnp.asarray(np.stack([e["image"] for e in examples])), rows
+
+
+@pytest.mark.parametrize("name", ["early_fusion", "deep_fusion"])
+def test_attention_maps_cover_the_patch_grid(name):
+  config = {"early_fusion": early_config, "deep_fusion": deep_config}[name].get_config("tiny")
+  config.data.name = "shapes"
+  model = trainer.build_model(config)
+  tokens, images, rows = scenes(config, 3)
+  params = model.init(jax.random.key(0), tokens, images)["params"]
+  # Sharper queries: at init (weights ~ N(0, 0.02)) every map is nearly flat.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: 30 * x if "query" in jax.tree_util.keystr(path) else x, params)
+  maps, share = plots.image_attention(model, params, tokens, images, jnp.asarray(rows))
+  assert maps.shape == (3, 4, 4)  # 32 px / 8 px patches
+  np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1, atol=1e-5)
+  assert (maps >= 0).all() and not np.allclose(maps, 1 / 16, atol=1e-3)  # not flat
+  if name == "deep_fusion":  # cross-attention sees only the image
+    np.testing.assert_allclose(share, 1, atol=1e-5)
+  else:  # self-attention shares itself between the image and the text
+    assert ((share > 0) & (share < 1)).all()
+  # Over two rows, the map is the share-weighted mean of each row's own map.
+  singles = []
+  for offset in range(2):
+    one = np.zeros_like(rows)
+    one[np.arange(3), np.argmax(rows, axis=1) + offset] = True
+    singles.append(plots.image_attention(model, params, tokens, images, jnp.asarray(one)))
+  (map_a, share_a), (map_b, share_b) = singles
+  expected = (share_a[:, None, None] * map_a + share_b[:, None, None] * map_b) / (
+      share_a + share_b)[:, None, None]
+  np.testing.assert_allclose(maps, expected, atol=1e-5)
+  np.testing.assert_allclose(share, (share_a + share_b) / 2, atol=1e-6)
+
+
+def test_plot_tool_draws_attention_over_an_image(deep_run, tmp_path):
+  image = tmp_path / "scene.png"
+  config = deep_config.get_config("tiny")
+  config.data.name = "shapes"
+  example = trainer.build_data(config, "validation").examples(0)[0]
+  Image.fromarray(np.round(example["image"][0] * 255).astype(np.uint8)).save(image)
+  out = tmp_path / "attention.png"
+  run_tool("plot.py", "--attention", f"--workdir={deep_run}", f"--image={image}",
+           f"--prompt={example['question']}", f"--out={out}")
+  with Image.open(out) as picture:
+    assert picture.format == "PNG" and np.asarray(picture.convert("L")).std() > 10
