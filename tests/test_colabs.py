@@ -1,0 +1,30 @@
+"""The notebooks in colabs/ run end to end, headless, in the small setting they pick on a CPU."""
+import nbclient
+import nbformat
+import pytest
+
+import train_cli
+
+NOTEBOOKS = sorted((train_cli.ROOT / "colabs").glob("*.ipynb"))
+PICTURES = {"quickstart": 3}  # charts the notebook must show (loss curves, answers, attention)
+
+
+def test_every_notebook_is_tested():
+  assert {p.stem for p in NOTEBOOKS} == {"quickstart", "bring_your_weights", "scale"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path, monkeypatch):
+  notebook = nbformat.read(path, as_version=4)
+  code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+  assert not any(cell.outputs for cell in code), f"{path.name} is committed with outputs"
+  assert "colab-badge.svg" in notebook.cells[0].source
+  # The kernel is a fresh process: one CPU device unless the notebook asks for more, and its
+  # workdirs (under tempfile.gettempdir()) in this test's directory.
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(path.parent)}}).execute()
+  pictures = sum("image/png" in output.get("data", {}) for cell in code
+                 for output in cell.outputs)
+  assert pictures >= PICTURES.get(path.stem, 0)
