@@ -100,6 +100,7 @@ def image_data(image_size: int) -> ml_collections.ConfigDict:
       image_size=image_size,
       image_dir="",  # image_folder
       tfds_name="", image_key="image", label_key="label",  # tfds: e.g. "cifar10"
+      resize="bilinear",  # user images to image_size: or "bicubic", "lanczos", "box", "nearest"
       **pixels(),
       data_dir=""))
 
@@ -107,6 +108,7 @@ def image_data(image_size: int) -> ml_collections.ConfigDict:
 def pixels(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> dict:
   """Pixels reach the model as ([0, 1] - image_mean) / image_std, per channel."""
   return dict(image_mean=tuple(mean), image_std=tuple(std))
+
 
 
 def image_text_data(image_size: int, image_tokens: int,
@@ -128,6 +130,7 @@ def image_text_data(image_size: int, image_tokens: int,
       max_shapes=max_shapes,  # per image; 1 is easy, 3 makes counting and binding matter
       image_size=image_size,
       image_tokens=image_tokens,  # P placeholders per image (early fusion), or 1 marker (deep)
+      resize="bilinear",  # user images to image_size: or "bicubic", "lanczos", "box", "nearest"
       **pixels(),
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example
 

@@ -92,6 +92,7 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
                                eval_size=data.eval_size,
                                image_token_id=config.model.image_token_id, **common)
   tokens = dict(tokenizer=data.get("tokenizer", "bytes"), pack=data.get("pack", 1))
+  resize = dict(resize=data.get("resize", "bilinear"))
   if data.name in ("llava", "coco_captions"):
     source = {"llava": pipeline.LlavaConversations, "coco_captions": pipeline.CocoCaptions}
     images = dict(max_images=data.max_images) if data.name == "llava" else {}
@@ -99,12 +100,12 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
         config.batch_size, data.seq_len, json_path=data.json, image_dir=data.image_dir,
         image_size=data.image_size, image_tokens=data.image_tokens,
         image_token_id=config.model.image_token_id, data_dir=data.data_dir, **images, **tokens,
-        **common)
+        **resize, **common)
   if data.name == "image_folder":
     records, order, num_classes = pipeline.image_folder(data.image_dir, split, config.seed,
                                                         data.data_dir)
     return pipeline.ImageClasses(config.batch_size, data.image_size, records, order,
-                                 num_classes, **common)
+                                 num_classes, **resize, **common)
   if data.name == "text":
     records, order = pipeline.text_files(data.files, data.text_key, split, config.seed,
                                          data.data_dir)
@@ -116,7 +117,8 @@ def build_data(config: ml_collections.ConfigDict, split: str = "train"):
   if config.family == "vit":
     return pipeline.ImageClasses(config.batch_size, data.image_size, records, order,
                                  builder.info.features[data.label_key].num_classes,
-                                 image_key=data.image_key, label_key=data.label_key, **common)
+                                 image_key=data.image_key, label_key=data.label_key, **resize,
+                                 **common)
   return pipeline.Documents(config.batch_size, data.seq_len, records, order,
                             text_key=data.text_key, **tokens, **common)
 

@@ -329,3 +329,18 @@ def test_data_config_errors_name_the_key():
   config.data.name = "shapes"
   with pytest.raises(ValueError, match="config.data.name='shapes' does not feed a lm model"):
     trainer.validate(config, num_devices=1)
+
+
+def test_resize_method_is_configurable(tmp_path):
+  root = tmp_path / "classes"
+  checker = np.indices((8, 8)).sum(axis=0) % 2 * 255  # a 1-pixel checkerboard
+  for name in ("a", "b"):
+    for n in range(2):
+      save(root / name / f"{n}.png", np.stack([checker] * 3, axis=-1))
+  records, order, classes = pipeline.image_folder(str(root), "train", 0, str(tmp_path / "t"))
+  box = pipeline.ImageClasses(2, 4, records, order, classes, resize="box").batch(0)["images"]
+  nearest = pipeline.ImageClasses(2, 4, records, order, classes, resize="nearest")
+  np.testing.assert_allclose(box, 0.5, atol=1 / 255)  # each 2 x 2 block averages to grey
+  assert set(np.unique(nearest.batch(0)["images"])) <= {0.0, 1.0}  # picks pixels
+  with pytest.raises(ValueError, match="config.data.resize must be one of"):
+    pipeline.ImageClasses(2, 4, records, order, classes, resize="fancy")

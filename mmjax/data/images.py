@@ -5,9 +5,14 @@ import numpy as np
 from PIL import Image
 
 
-def decode(data: bytes | np.ndarray, size: int | None = None) -> np.ndarray:
-  """Encoded image bytes, or uint8[H, W, C], -> float32[H, W, 3] in [0, 1], resized (bilinear)
-  to size x size if given.
+RESIZE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
+          "box": Image.BOX, "nearest": Image.NEAREST}
+
+
+def decode(data: bytes | np.ndarray, size: int | None = None,
+           resize: str = "bilinear") -> np.ndarray:
+  """Encoded image bytes, or uint8[H, W, C], -> float32[H, W, 3] in [0, 1], resized to
+  size x size (by a RESIZE method) if size is given.
 
   Greyscale, palette and RGBA images become RGB. A truncated or unreadable file
   raises OSError or ValueError.
@@ -19,7 +24,7 @@ def decode(data: bytes | np.ndarray, size: int | None = None) -> np.ndarray:
   with image:
     image = image.convert("RGB")
     if size is not None:
-      image = image.resize((size, size), Image.BILINEAR)
+      image = image.resize((size, size), RESIZE[resize])
     return np.asarray(image, np.float32) / 255.0
 
 

@@ -131,10 +131,12 @@ class RecordSource(synthetic.Source):
   """
 
   def __init__(self, batch_size: int, seq_len: int, *, tokenizer: str = "bytes", pack: int = 1,
-               max_images: int = 0, image_size: int = 0, **kwargs):
+               max_images: int = 0, image_size: int = 0, resize: str = "bilinear", **kwargs):
     super().__init__(batch_size, **kwargs)
     if pack < 1:
       raise ValueError(f"config.data.pack must be >= 1, got {pack}")
+    check_resize(resize)
+    self.resize = resize
     self.seq_len = seq_len
     self.pack = pack
     self.max_images = max_images
@@ -205,6 +207,12 @@ class RecordSource(synthetic.Source):
     return batch
 
 
+def check_resize(method: str):
+  if method not in image_codec.RESIZE:
+    raise ValueError(f"config.data.resize must be one of {sorted(image_codec.RESIZE)}, "
+                     f"got {method!r}")
+
+
 class TfdsScenes(synthetic.ShapeScenes):
   """`synthetic.ShapeScenes`, read from its tfds build (made on first use in data_dir)."""
 
@@ -261,7 +269,7 @@ class LlavaConversations(RecordSource):
     ids, loss = tokenizers.encode_conversation(json.loads(record["conversation"]),
                                                self.tokenizer, self.image_ids)
     return Example(record["id"].decode(), ids, loss,
-                   [image_codec.decode(data, self.image_size)
+                   [image_codec.decode(data, self.image_size, self.resize)
                     for data in record["images"][:self.max_images]])
 
 
@@ -301,7 +309,7 @@ class CocoCaptions(RecordSource):
     caption = self.tokenizer.encode(self._caption(record, position)) + [self.tokenizer.eos_id]
     return Example(record["id"].decode(), self.prompt + caption,
                    [0] * len(self.prompt) + [1] * len(caption),
-                   [image_codec.decode(record["images"][0], self.image_size)])
+                   [image_codec.decode(record["images"][0], self.image_size, self.resize)])
 
   # The generative evaluator's interface (see evaluate.Generative).
 
@@ -316,7 +324,7 @@ class CocoCaptions(RecordSource):
     for row, _ in self.rows(step):
       record = self.record(step * self.batch_size + row)
       captions = [c.decode() for c in record["captions"]]
-      image = image_codec.decode(record["images"][0], self.image_size)
+      image = image_codec.decode(record["images"][0], self.image_size, self.resize)
       rows.append({"image": self.normalise(image)[None], "prompt": self.prompt, "question": "",
                    "answer": captions[0], "references": captions[:self.max_references],
                    "type": "caption"})
@@ -350,8 +358,11 @@ class ImageClasses(synthetic.Source):
   """Labelled images -> {"images": float32[b, S, S, 3], "labels": int32[b]}, resized to S."""
 
   def __init__(self, batch_size: int, image_size: int, records, order, num_classes: int, *,
-               image_key: str = "image", label_key: str = "label", **kwargs):
+               image_key: str = "image", label_key: str = "label", resize: str = "bilinear",
+               **kwargs):
     super().__init__(batch_size, **kwargs)
+    check_resize(resize)
+    self.resize = resize
     self.image_size = image_size
     self.records, self.order = records, order
     self.num_classes = num_classes
@@ -366,7 +377,7 @@ class ImageClasses(synthetic.Source):
     images, labels = [], []
     for row, _ in self.rows(step):
       record = self.records[int(self.order[step * self.batch_size + row])]
-      images.append(image_codec.decode(record[self.image_key], self.image_size))
+      images.append(image_codec.decode(record[self.image_key], self.image_size, self.resize))
       labels.append(record[self.label_key])
     return {"images": self.normalise(np.stack(images)), "labels": np.array(labels, np.int32)}
 
