@@ -25,6 +25,7 @@ PANELS = (
     ("cross-attention gates |tanh|", lambda key: key.startswith("gate/")),
 )
 LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "v", "D", "x")  # with LINE_STYLES, one look per key in a panel
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -55,7 +56,8 @@ def metrics_figure(runs: dict[str, list[dict]]) -> Figure:
           continue
         steps, values = zip(*points)
         axis.plot(steps, values, color=f"C{colour}", linestyle=LINE_STYLES[style % 4],
-                  marker="o" if len(points) <= 12 else None, markersize=3,
+                  marker=MARKERS[style % len(MARKERS)] if len(points) <= 12 else None,
+                  markersize=3,
                   label=f"{name}: {key}" if len(runs) > 1 else key)
     axis.set_title(title)
     axis.set_xlabel("step")
@@ -114,7 +116,8 @@ def attention_figure(images: np.ndarray, maps: np.ndarray, titles: list[str]) ->
     axis = figure.add_subplot(rows, columns, n + 1)
     height, width = image.shape[:2]
     axis.imshow(np.clip(image, 0, 1))
-    axis.imshow(grid, cmap="inferno", alpha=0.55, extent=(0, width, height, 0),
+    # The same extent as the image's pixels (centres at integers), so patches line up.
+    axis.imshow(grid, cmap="inferno", alpha=0.5, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
                 interpolation="nearest")
     axis.set_title(title, fontsize=8)
     axis.axis("off")

@@ -36,6 +36,7 @@ _TEMPLATE = flags.DEFINE_string("template", "<image>{prompt} ", "How a prompt is
                                 "(as tools/generate.py).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "As tools/generate.py.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 16, "Answer tokens at most.")
+_DPI = flags.DEFINE_integer("dpi", 100, "Resolution of the PNG.")
 
 
 def run_names(workdirs: list[str]) -> list[str]:
@@ -91,7 +92,7 @@ def main(argv):
   else:
     figure = plots.metrics_figure({name: plots.read_metrics(w)
                                    for name, w in zip(run_names(workdirs), workdirs)})
-  figure.savefig(_OUT.value, dpi=100)
+  figure.savefig(_OUT.value, dpi=_DPI.value, bbox_inches="tight")
   print(f"wrote {_OUT.value}")
 
 
