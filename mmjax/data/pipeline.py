@@ -27,8 +27,6 @@ import json
 
 from absl import logging
 import grain
-import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -62,12 +60,7 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int, *, prep
   A named tfds dataset must already be prepared: nothing is downloaded here.
   """
   if prepare:
-    # Process 0 builds first and the others after it: on a shared filesystem they find the
-    # dataset built; on disks of their own they each build the same (deterministic) copy.
     hide_accelerators_from_tensorflow()
-    ordered = jax.process_count() > 1
-    if ordered and jax.process_index():
-      multihost_utils.sync_global_devices(f"built {builder.name}")
     try:
       builder.download_and_prepare()
     except AssertionError as e:
@@ -83,8 +76,6 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int, *, prep
       raise RuntimeError(f"building {builder.name} ({builder.builder_config.name}) takes more "
                          "than tfds' 1 GB in-memory buffer, and spilling to disk needs "
                          "TensorFlow: pip install tensorflow-cpu, then run again") from e
-    if ordered and not jax.process_index():
-      multihost_utils.sync_global_devices(f"built {builder.name}")
   records = builder.as_data_source(split=split)
   return records, grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat()
 
