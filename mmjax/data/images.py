@@ -1,12 +1,13 @@
-"""Image bytes (or a tfds dataset's uint8 arrays) <-> float32 arrays in [0, 1], with Pillow."""
+"""Image bytes (or a tfds dataset's uint8 arrays) <-> float32 arrays in [0, 1], with Pillow.
+
+Pillow is imported by the functions that decode or encode, so the in-memory
+sources, which only `normalise`, run where it is not installed (the GPU image).
+"""
 import io
 
 import numpy as np
-from PIL import Image
 
-
-RESIZE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
-          "box": Image.BOX, "nearest": Image.NEAREST}
+RESIZE = ("bilinear", "bicubic", "lanczos", "box", "nearest")  # Pillow's resampling filters
 
 
 def decode(data: bytes | np.ndarray, size: int | None = None,
@@ -17,6 +18,7 @@ def decode(data: bytes | np.ndarray, size: int | None = None,
   Greyscale, palette and RGBA images become RGB. A truncated or unreadable file
   raises OSError or ValueError.
   """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   if isinstance(data, np.ndarray):
     image = Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data)
   else:
@@ -24,12 +26,13 @@ def decode(data: bytes | np.ndarray, size: int | None = None,
   with image:
     image = image.convert("RGB")
     if size is not None:
-      image = image.resize((size, size), RESIZE[resize])
+      image = image.resize((size, size), Image.Resampling[resize.upper()])
     return np.asarray(image, np.float32) / 255.0
 
 
 def encode_png(image: np.ndarray) -> bytes:
   """float[H, W, 3] in [0, 1] -> PNG bytes (8 bits per channel)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
   Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buffer, "PNG")
   return buffer.getvalue()

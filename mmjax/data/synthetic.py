@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data import images as image_codec
 from mmjax.data import tokenizers
 
 
@@ -52,7 +53,7 @@ class Source:
 
   def normalise(self, images: np.ndarray) -> np.ndarray:
     """Pixels in [0, 1] -> (pixels - image_mean) / image_std, per channel (config.data keys)."""
-    return (images - self.image_mean) / self.image_std
+    return image_codec.normalise(images, self.image_mean, self.image_std)
 
   def rows(self, step: int):
     """(row of the global batch, its generator) for this process's rows of batch `step`."""
