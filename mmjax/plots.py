@@ -67,6 +67,23 @@ def metrics_figure(runs: dict[str, list[dict]]) -> Figure:
   return figure
 
 
+def answer_rows(prompts: list[list[int]], answers: list[list[int]],
+                pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each prompt then its answer, right-padded -> (tokens int32[B, W], rows bool[B, W]).
+
+  rows marks the positions whose next-token predictions were the answer: from the
+  prompt's last token to the answer's second-to-last (the prompt's last alone for
+  an empty answer), the `rows` that `image_attention` averages over.
+  """
+  width = max(len(p) + len(a) for p, a in zip(prompts, answers))
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  rows = np.zeros((len(prompts), width), bool)
+  for b, (prompt, answer) in enumerate(zip(prompts, answers)):
+    tokens[b, :len(prompt) + len(answer)] = list(prompt) + list(answer)
+    rows[b, len(prompt) - 1:len(prompt) - 1 + max(1, len(answer))] = True
+  return tokens, rows
+
+
 def image_attention(model, params, tokens: jax.Array, images: jax.Array,
                     rows: jax.Array) -> tuple[np.ndarray, np.ndarray]:
   """Where the positions `rows` look in the first image -> (maps float32[B, g, g], share [B]).

@@ -67,13 +67,15 @@ def test_attention_probs_against_a_direct_softmax():
 
 def scenes(config, count):
   examples = trainer.build_data(config, "validation").examples(0)[:count]
-  width = max(len(e["prompt"]) for e in examples) + 2
-  tokens = np.zeros((count, width), np.int32)
-  rows = np.zeros((count, width), bool)
-  for b, e in enumerate(examples):
-    tokens[b, :len(e["prompt"]) + 2] = e["prompt"] + list(b"re")  # a two-token "answer"
-    rows[b, len(e["prompt"]) - 1:len(e["prompt"]) + 1] = True
+  tokens, rows = plots.answer_rows([e["prompt"] for e in examples], [list(b"re")] * count, 0)
   return jnp.asarray(tokens), jnp.asarray(np.stack([e["image"] for e in examples])), rows
+
+
+def test_answer_rows_by_hand():
+  tokens, rows = plots.answer_rows([[5, 6, 7], [8]], [[1, 2], []], pad_id=0)
+  np.testing.assert_array_equal(tokens, [[5, 6, 7, 1, 2], [8, 0, 0, 0, 0]])
+  # 7 predicted 1 and 1 predicted 2; the empty answer keeps the prompt's last position.
+  np.testing.assert_array_equal(rows, [[0, 0, 1, 1, 0], [1, 0, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("name", ["early_fusion", "deep_fusion"])

@@ -64,13 +64,7 @@ def attention_maps(workdir: str, image_paths: list[str], prompts: list[str]):
       pad_id=tokenizer.pad_id)))
   out = jax.device_get(generate(params, tokens, lengths, normalised, jax.random.key(0)))
   answers = [list(out["tokens"][b][:out["lengths"][b]]) for b in range(len(prompts))]
-  # The prompt and its answer, right-padded; rows mark the positions that produced the answer.
-  width = max(len(p) + len(a) for p, a in zip(prompt_ids, answers))
-  sequence = np.full((len(prompts), width), tokenizer.pad_id, np.int32)
-  rows = np.zeros((len(prompts), width), bool)
-  for b, (prompt, answer) in enumerate(zip(prompt_ids, answers)):
-    sequence[b, :len(prompt) + len(answer)] = prompt + answer
-    rows[b, len(prompt) - 1:len(prompt) - 1 + max(1, len(answer))] = True
+  sequence, rows = plots.answer_rows(prompt_ids, answers, tokenizer.pad_id)
   maps, share = plots.image_attention(model, params, jnp.asarray(sequence),
                                       jnp.asarray(normalised), jnp.asarray(rows))
   return pixels, maps, share, [tokenizer.decode(a) for a in answers], config["family"]
