@@ -41,14 +41,12 @@ MODELS = {"lm": lm.Model, "vit": vit.Model, "early_fusion": early_fusion.Model,
 # Batch keys passed to the model as keyword arguments when present.
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
 NAN_POLICIES = ("skip", "stop")
-# Language models: arithmetic, text, tfds. ViTs: shape_classes, image_folder, tfds.
-# Image-text: shapes, tfds_scenes, llava, coco_captions.
-DATA_NAMES = ("arithmetic", "text", "tfds", "shape_classes", "image_folder", "shapes",
-              "tfds_scenes", "llava", "coco_captions")
+# The data sources (config.data.name) that feed each model family.
 FAMILY_DATA = {"lm": ("arithmetic", "text", "tfds"),
                "vit": ("shape_classes", "image_folder", "tfds"),
                "early_fusion": ("shapes", "tfds_scenes", "llava", "coco_captions"),
                "deep_fusion": ("shapes", "tfds_scenes", "llava", "coco_captions")}
+DATA_NAMES = tuple(dict.fromkeys(n for names in FAMILY_DATA.values() for n in names))
 REQUIRED_DATA_KEYS = {"llava": ("json", "image_dir", "seq_len"),
                       "coco_captions": ("json", "image_dir", "seq_len"),
                       "image_folder": ("image_dir",), "text": ("files", "seq_len"),
