@@ -8,7 +8,6 @@ import sys
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 # Dense bf16 peak TFLOP/s by device kind, for the MFU estimate.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
@@ -32,6 +31,8 @@ class Writer:
       return
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
     self.samples = open(os.path.join(workdir, "samples.jsonl"), "a")
+    # Imported here: tools/bench.py needs only peak_tflops, on GPU images without tensorboardX.
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]):

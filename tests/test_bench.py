@@ -82,3 +82,38 @@ def test_data_bench_reports_both_sources():
   assert [r["source"] for r in rows] == ["shapes", "tfds_scenes"]
   for row in rows:
     assert row["examples_per_s"] == pytest.approx(16 * 1000 / row["ms_per_batch"])
+
+
+def test_gpu_script_keeps_going_after_a_failed_stage(tmp_path):
+  # tools/gpu_bench.sh is what a short GPU lease runs; here on the CPU with the tiny LM. A
+  # stage that fails (an unknown case) is logged and the stages after it still run.
+  settings = dict(CASES="no-such-case,lm-tiny", FLAG_CASES="lm-tiny", DECODE_CASES="",
+                  STEPS="2", LIMIT="300")
+  result = subprocess.run(["bash", str(train_cli.ROOT / "tools" / "gpu_bench.sh"), str(tmp_path)],
+                          cwd=train_cli.ROOT, env={**train_cli.env(1), **settings},
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-2000:]
+  log = (tmp_path / "log.txt").read_text()
+  assert "== train --cases no-such-case --steps 2: exit 1" in log
+  assert log.rstrip().splitlines()[-1].startswith("done")
+  for name in ("train", "train_flags"):
+    lines = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    assert [line.get("impl") for line in lines] == ["mmjax", "naive_reference", None]
+    assert lines[0]["case"] == "lm-tiny" and lines[2]["ratio_mmjax_over_reference"] > 0
+  assert f"jax {jax.__version__}" in (tmp_path / "environment.txt").read_text()
+
+
+def test_bench_needs_none_of_what_the_gpu_image_lacks():
+  # The GPU image has no tfds, grain, tensorflow or tensorboardX (and may lack Pillow); a None
+  # in sys.modules makes any import of them fail, so a stray top-level import shows up here.
+  script = (
+      "import sys\n"
+      "for name in ('tensorflow_datasets', 'grain', 'tensorflow', 'tensorboardX', 'PIL'):\n"
+      "  sys.modules[name] = None\n"
+      f"sys.path.insert(0, {str(train_cli.ROOT / 'tools')!r})\n"
+      "import bench\n"
+      "print(bench.run_case('lm-tiny', 1, 'float32', 'xla')['tokens_per_s'] > 0)\n")
+  result = subprocess.run([sys.executable, "-c", script], env=train_cli.env(1),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().splitlines()[-1] == "True"
