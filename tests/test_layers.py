@@ -70,27 +70,6 @@ class TestMask:
                        kv_segment_ids=jnp.array([[2, 1, 1]])).dense(2, 3)
     np.testing.assert_array_equal(mask[0, 0], np.array([[0, 1, 1], [1, 0, 0]], bool))
 
-  def test_keeps_diagonal_only_when_no_row_can_be_empty(self):
-    # attention_probs skips zeroing empty rows when keeps_diagonal says there are none, so a
-    # mask it vouches for must allow some key in every row, whatever the ids and prefixes.
-    rng = np.random.RandomState(0)
-    for _ in range(20):
-      segments = jnp.asarray(np.sort(rng.randint(0, 3, (2, 6)), axis=1))
-      for mask in (layers.Mask(causal=True),
-                   layers.Mask(causal=True, segment_ids=segments),
-                   layers.Mask(causal=True, prefix_len=jnp.asarray(rng.randint(0, 6, 2)),
-                               segment_ids=segments),
-                   layers.Mask(segment_ids=segments)):
-        assert mask.keeps_diagonal(6, 6)
-        assert np.asarray(mask.dense(6, 6)).any(axis=-1).all()
-    # Each of these can leave a query with nothing to attend to (row 0 of the first two,
-    # both rows of the third), so the zeroing must stay.
-    assert not layers.Mask(kv_lengths=jnp.array([0, 3])).keeps_diagonal(2, 2)
-    assert not layers.Mask(explicit=jnp.zeros((1, 2, 2), bool)).keeps_diagonal(2, 2)
-    assert not layers.Mask(segment_ids=jnp.array([[1, 1]]),
-                           kv_segment_ids=jnp.array([[2, 2]])).keeps_diagonal(2, 2)
-    assert not layers.Mask(causal=True).keeps_diagonal(1, 4)  # decoding: q is not key 0
-
   def test_empty_mask_is_none(self):
     assert layers.Mask().dense(3, 3) is None
 

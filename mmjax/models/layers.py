@@ -68,15 +68,6 @@ class Mask:
   def only_causal_and_lengths(self) -> bool:
     return self.prefix_len is None and self.segment_ids is None and self.explicit is None
 
-  def keeps_diagonal(self, q_len: int, kv_len: int) -> bool:
-    """Whether every query may attend to its own position, so no query has all keys masked.
-
-    Causal, prefix and same-sequence segment masks always allow position t to see t;
-    key lengths, another sequence's segments or an explicit mask may not.
-    """
-    return (q_len == kv_len and self.kv_lengths is None and self.kv_segment_ids is None
-            and self.explicit is None)
-
   def dense(self, q_len: int, kv_len: int) -> jax.Array | None:
     """Materialises the mask as bool[B or 1, 1, T, S], or None when it allows all."""
     q = jnp.arange(q_len)[:, None]
@@ -145,8 +136,6 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: Mask) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1)
   allowed = allowed[:, :, None]  # [B, 1, 1, T, S]
   probs = jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(jnp.float32).min), axis=-1)
-  if mask.keeps_diagonal(T, S):  # no empty rows to zero: skip a pass over [B, N, T, S]
-    return probs
   return probs * jnp.any(allowed, axis=-1, keepdims=True)
 
 
