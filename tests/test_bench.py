@@ -1,4 +1,5 @@
 """tools/bench.py: its FLOP count against hand-written MaxText formulas, and one real run."""
+import gzip
 import json
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_gpu_script_keeps_going_after_a_failed_stage(tmp_path):
   # tools/gpu_bench.sh is what a short GPU lease runs; here on the CPU with the tiny LM. A
   # stage that fails (an unknown case) is logged and the stages after it still run.
   settings = dict(CASES="no-such-case,lm-tiny", FLAG_CASES="lm-tiny", DECODE_CASES="",
-                  STEPS="2", LIMIT="300")
+                  PROFILE_CASES="lm-tiny", STEPS="2", LIMIT="300")
   result = subprocess.run(["bash", str(train_cli.ROOT / "tools" / "gpu_bench.sh"), str(tmp_path)],
                           cwd=train_cli.ROOT, env={**train_cli.env(1), **settings},
                           capture_output=True, text=True, timeout=900)
@@ -101,6 +102,12 @@ def test_gpu_script_keeps_going_after_a_failed_stage(tmp_path):
     assert [line.get("impl") for line in lines] == ["mmjax", "naive_reference", None]
     assert lines[0]["case"] == "lm-tiny" and lines[2]["ratio_mmjax_over_reference"] > 0
   assert f"jax {jax.__version__}" in (tmp_path / "environment.txt").read_text()
+  # The profile stage: mmjax alone (no reference line), and a trace of its step's ops.
+  (profiled,) = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
+  assert profiled["impl"] == "mmjax" and profiled["case"] == "lm-tiny"
+  (trace,) = (tmp_path / "profile" / "lm-tiny").glob("**/*.trace.json.gz")
+  events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+  assert any("train_step" in event.get("name", "") for event in events)
 
 
 def test_bench_needs_none_of_what_the_gpu_image_lacks():

@@ -9,8 +9,10 @@ Prints one JSON line per case: seconds per step (median after warm-up),
 tokens/s or images/s, model TFLOP/s and MFU by MaxText's count (3 x forward
 matmul FLOPs + attention, causal attention halved), peak device memory, compile
 time; then the reference's line at the same shapes and the ratio mmjax /
-reference. --repeats N alternates the two N times and compares the best of each. Batches are synthetic and in memory, so it needs neither tfds nor
-TensorFlow; the step is the trainer's own (`trainer.make_train_step`).
+reference. --repeats N alternates the two N times and compares the best of each;
+--profile DIR traces three more of mmjax's steps per case. Batches are
+synthetic and in memory, so it needs neither tfds nor TensorFlow; the step is
+the trainer's own (`trainer.make_train_step`).
 
 --decode times `decode.make_generate` (greedy, no EOS, so every row makes
 every token) and compares new tokens/s with the memory-bandwidth bound: each
@@ -143,7 +145,7 @@ def model_flops(family, model, params, batch: dict) -> float:
   return 3 * forward
 
 
-def run_case(name: str, steps: int, dtype: str, attention: str) -> dict:
+def run_case(name: str, steps: int, dtype: str, attention: str, profile: str = "") -> dict:
   family, fields, batch_size, text_len, images_per_sample, _ = CASES[name]
   fields = dict(fields)
   if family in ("lm", "vit"):
@@ -185,6 +187,11 @@ def run_case(name: str, steps: int, dtype: str, attention: str) -> dict:
     jax.block_until_ready(out)
     times.append(time.perf_counter() - tic)
   seconds = float(np.median(times))
+  if profile:  # three more steps under the profiler, after (not inside) the timed ones
+    with jax.profiler.trace(os.path.join(profile, name), create_perfetto_trace=True):
+      for _ in range(3):
+        state, out = compiled(state, batch)
+      jax.block_until_ready(out)
   flops = model_flops(family, model, abstract["params"], batch)
   device = jax.devices()[0]
   peak = metrics.peak_tflops(device)
@@ -300,6 +307,9 @@ def main():
                       help="mmjax's attention_impl; the reference gets naive on CPU, cudnn on GPU")
   parser.add_argument("--reference", default=str(DEFAULT_REFERENCE),
                       help="path to naive_reference.py; '' to skip it")
+  parser.add_argument("--profile", default="",
+                      help="also trace three mmjax steps per case into DIR/<case> (a Perfetto "
+                      "trace.json.gz, and xplane.pb for TensorBoard's profiler)")
   parser.add_argument("--decode", action="store_true", help="time generation instead")
   parser.add_argument("--data", action="store_true",
                       help="time the fusion configs' data sources (batch 16) instead")
@@ -328,7 +338,7 @@ def main():
     # mmjax and the reference take turns, so drift in a shared machine's load hits both alike.
     ours, theirs = [], []
     for _ in range(args.repeats):
-      ours.append(run_case(name, args.steps, args.dtype, args.attention))
+      ours.append(run_case(name, args.steps, args.dtype, args.attention, args.profile))
       print(json.dumps(ours[-1]), flush=True)
       if reference_model:
         theirs.append(run_reference(args.reference, reference_model, args.steps, args.dtype,

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement BENCHMARKS.md asks for, in one run that a short device lease affords:
-# the training cases against the naive reference, gpt2-124m again under GPU XLA flags, then
-# decoding. Each stage appends its JSON lines as it finishes, so a run cut short keeps what it
-# measured; a stage that fails or overruns its limit is logged and the next one runs.
+# the training cases against the naive reference, gpt2-124m again under GPU XLA flags,
+# decoding, then a profiler trace of gpt2-124m's step. Each stage appends its JSON lines as it
+# finishes, so a run cut short keeps what it measured; a stage that fails or overruns its limit
+# is logged and the next one runs.
 #
 #   bash tools/gpu_bench.sh OUT_DIR          # on the GPU machine, from the repository root
-#   CASES=lm-tiny FLAG_CASES= DECODE_CASES=lm-tiny STEPS=3 bash tools/gpu_bench.sh /tmp/out  # CPU
+#   CASES=lm-tiny FLAG_CASES= DECODE_CASES=lm-tiny PROFILE_CASES= STEPS=3 \
+#     bash tools/gpu_bench.sh /tmp/out    # the same stages on a CPU
 #
 # The GPU image lacks ml_collections (../shared/DESIGN.md): when it is missing, the wheels in
 # ./wheels are installed (`pip download --no-deps ml-collections -d wheels` on a machine with the
@@ -18,6 +20,7 @@ limit=${LIMIT:-120}  # seconds per stage
 cases=${CASES-gpt2-124m,vit-b16,early-fusion,deep-fusion,llama-1b}
 flag_cases=${FLAG_CASES-gpt2-124m}
 decode_cases=${DECODE_CASES-gpt2-124m,llama-1b}
+profile_cases=${PROFILE_CASES-gpt2-124m}  # traced last: where the step's time goes
 # Flags measured against the defaults: cuBLAS instead of Triton for GEMMs, and the latency-hiding
 # scheduler (MaxText's GPU settings; unknown flags abort jax, which the log then shows).
 gpu_flags=${GPU_FLAGS---xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_scheduler=true}
@@ -47,5 +50,8 @@ for case in ${flag_cases//,/ }; do
 done
 for case in ${decode_cases//,/ }; do
   stage decode --decode --cases "$case" --steps "$steps"
+done
+for case in ${profile_cases//,/ }; do
+  stage profile --cases "$case" --steps 3 --reference "" --profile "$out/profile"
 done
 echo "done $(date -u)" >> "$out/log.txt"
