@@ -9,9 +9,14 @@
 #   CASES=lm-tiny FLAG_CASES= DECODE_CASES=lm-tiny PROFILE_CASES= STEPS=3 \
 #     bash tools/gpu_bench.sh /tmp/out    # the same stages on a CPU
 #
-# The GPU image lacks ml_collections (../shared/DESIGN.md): when it is missing, the wheels in
-# ./wheels are installed (`pip download --no-deps ml-collections -d wheels` on a machine with the
-# registry; its PyYAML and absl come with transformers and orbax there).
+# The device machine gets the checkout but not ../shared beside it, and its image lacks
+# ml_collections (../shared/DESIGN.md). So, before the call, fill ./bench_kit (git-ignored; name
+# it in the device call's carry):
+#   pip download --no-deps ml-collections -d bench_kit
+#   cp ../shared/bench/naive_reference.py bench_kit/
+# The wheels are installed when ml_collections is missing (its PyYAML and absl come with
+# transformers and orbax there), and the reference is read from ../shared when it is beside the
+# checkout, else from bench_kit.
 set -u
 out=${1:?usage: tools/gpu_bench.sh OUT_DIR}
 mkdir -p "$out"
@@ -25,13 +30,16 @@ profile_cases=${PROFILE_CASES-gpt2-124m}  # traced last: where the step's time g
 # scheduler (MaxText's GPU settings; unknown flags abort jax, which the log then shows).
 gpu_flags=${GPU_FLAGS---xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_scheduler=true}
 
+reference=${REFERENCE:-../shared/bench/naive_reference.py}
+[ -f "$reference" ] || reference=bench_kit/naive_reference.py
 if ! python -c "import ml_collections" 2>/dev/null; then
-  pip install -q --no-deps wheels/*.whl >> "$out/log.txt" 2>&1
+  pip install -q --no-deps bench_kit/*.whl >> "$out/log.txt" 2>&1
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
   python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
   date -u
+  echo "reference $reference"
 } > "$out/environment.txt" 2>&1
 
 stage() {  # output name, then tools/bench.py's arguments
@@ -43,10 +51,11 @@ stage() {  # output name, then tools/bench.py's arguments
 }
 
 for case in ${cases//,/ }; do
-  stage train --cases "$case" --steps "$steps"
+  stage train --cases "$case" --steps "$steps" --reference "$reference"
 done
 for case in ${flag_cases//,/ }; do
-  XLA_FLAGS="${XLA_FLAGS:-} $gpu_flags" stage train_flags --cases "$case" --steps "$steps"
+  XLA_FLAGS="${XLA_FLAGS:-} $gpu_flags" stage train_flags --cases "$case" --steps "$steps" \
+    --reference "$reference"
 done
 for case in ${decode_cases//,/ }; do
   stage decode --decode --cases "$case" --steps "$steps"
