@@ -135,6 +135,11 @@ class RecordSource(synthetic.Source):
     self.tokenizer = tokenizers.load(tokenizer)
     self.counts = collections.Counter()
 
+  def __repr__(self):
+    return (f"{type(self).__name__}({self.records!r}, batch_size={self.batch_size}, "
+            f"seq_len={self.seq_len}, pack={self.pack}, tokenizer={self.tokenizer!r}, "
+            f"seed={self.seed}, rows from {self.first_row})")
+
   def example(self, record: dict, position: int) -> Example:
     """The record at global position `position` (which seeds any per-epoch choice)."""
     raise NotImplementedError
@@ -250,11 +255,6 @@ class LlavaConversations(RecordSource):
     if not len(self.records):
       raise ValueError(f"LLaVA JSON {json_path} has no usable {self.split} examples")
 
-  def __repr__(self):
-    return (f"LlavaConversations({self.records!r}, batch_size={self.batch_size}, "
-            f"seq_len={self.seq_len}, pack={self.pack}, tokenizer={self.tokenizer!r}, "
-            f"seed={self.seed}, rows from {self.first_row})")
-
   def example(self, record: dict, position: int) -> Example:
     del position
     ids, loss = tokenizers.encode_conversation(json.loads(record["conversation"]),
@@ -286,11 +286,6 @@ class CocoCaptions(RecordSource):
     config = builders.AnnotationsConfig(json_path=json_path, image_dir=image_dir)
     builder = arrayrecord(builders.MmjaxCoco, config, data_dir)
     self.records, self.order = open_split(builder, self.split, self.seed)
-
-  def __repr__(self):
-    return (f"CocoCaptions({self.records!r}, batch_size={self.batch_size}, "
-            f"seq_len={self.seq_len}, pack={self.pack}, tokenizer={self.tokenizer!r}, "
-            f"seed={self.seed}, rows from {self.first_row})")
 
   def _caption(self, record: dict, position: int) -> str:
     rng = np.random.default_rng((self.seed, synthetic.SPLITS[self.split], position))
