@@ -1,4 +1,6 @@
 """Pieces every config file shares: the common keys, the optimizer, paired backbones."""
+import importlib
+
 import ml_collections
 
 from mmjax.data import tokenizers
@@ -9,11 +11,18 @@ BACKBONES = {
     # Fixed 2-d sincos positions: with learned ones (init 0.02) the tiny towers barely learn
     # where things are in 3000 steps (position answers at chance instead of ~70%).
     "tiny": dict(vit=dict(variant="mu/8", image_size=32, pool="none", posemb="sincos2d"),
-                 lm=dict(variant="gpt2-tiny", vocab_size=320, max_len=128), image_size=32),
+                 lm=dict(variant="gpt2-tiny", vocab_size=320, max_len=128)),
     # The benchmark pair: ViT-B/16 at 224 px + GPT-2 124M.
     "base": dict(vit=dict(variant="B/16", image_size=224, pool="none"),
-                 lm=dict(variant="gpt2-124m"), image_size=224),
+                 lm=dict(variant="gpt2-124m")),
 }
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """"lm.py:tiny" -> configs/lm.py's get_config("tiny"), as `--config configs/lm.py:tiny` does."""
+  file, _, arg = spec.partition(":")
+  module = importlib.import_module(f"configs.{file.removesuffix('.py')}")
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def variant(variants: dict, arg: str, file: str) -> dict:
@@ -55,7 +64,7 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
 
 
 def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
-  """Parses "BACKBONE[,STAGE]" -> (base config with the stage's freezing and towers, the pair)."""
+  """Parses "BACKBONE[,STAGE]" -> the base config with the stage's freezing, towers and data."""
   backbone, _, stage = arg.partition(",")
   stage = stage or "all"
   if backbone not in BACKBONES or stage not in stages:
@@ -73,7 +82,8 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
       image_token_id=tokenizers.ByteTokenizer.image_id,
       dtype="float32",  # compute dtype of every part; "bfloat16" on accelerators
   ))
-  return config, pair
+  config.data = image_text_data()
+  return config
 
 
 def text_data(seq_len: int) -> ml_collections.ConfigDict:
@@ -91,18 +101,24 @@ def text_data(seq_len: int) -> ml_collections.ConfigDict:
       data_dir=""))  # where tfds writes and reads ("" = tfds' default)
 
 
-def image_data(image_size: int) -> ml_collections.ConfigDict:
+def image_data() -> ml_collections.ConfigDict:
   """config.data of ViT classifiers: synthetic shapes, class folders, or a tfds dataset."""
   return ml_collections.ConfigDict(dict(
       # "shape_classes": generated in memory; "image_folder": image_dir/CLASS/*.jpg (or train/
       # and val/ folders of those), converted once by tfds; "tfds": a prepared tfds dataset.
       name="shape_classes",
-      image_size=image_size,
+      image_size=model_image_size(),
       image_dir="",  # image_folder
       tfds_name="", image_key="image", label_key="label",  # tfds: e.g. "cifar10"
       resize="bilinear",  # user images to image_size: or "bicubic", "lanczos", "box", "nearest"
       **pixels(),
       data_dir=""))
+
+
+def model_image_size():
+  """config.data.image_size: None is the resolution of the model's ViT. Set, images are resized
+  to it (a multiple of the patch size) and the ViT interpolates its position embeddings."""
+  return ml_collections.config_dict.placeholder(int)  # a new reference for every config
 
 
 def pixels(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> dict:
@@ -111,9 +127,12 @@ def pixels(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)) -> dict:
 
 
 
-def image_text_data(image_size: int, image_tokens: int,
-                    max_shapes: int = 2) -> ml_collections.ConfigDict:
-  """config.data of the image-text families: generated scenes, LLaVA or COCO-style folders."""
+def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
+  """config.data of the image-text families: generated scenes, LLaVA or COCO-style folders.
+
+  The tokens the text holds per image are derived from the model (mmjax/data/sources.py):
+  P placeholders for early fusion, one marker for deep fusion.
+  """
   return ml_collections.ConfigDict(dict(
       # "tfds_scenes": generated scenes as a tfds ArrayRecord dataset, built on first use
       # (50k in about a minute); "shapes": the same scenes made in memory, no files;
@@ -128,8 +147,7 @@ def image_text_data(image_size: int, image_tokens: int,
       pack=1,  # llava, coco_captions: examples per row, > 1 packs them with segment ids
       task="vqa",  # scenes: or "caption", "mixed"
       max_shapes=max_shapes,  # per image; 1 is easy, 3 makes counting and binding matter
-      image_size=image_size,
-      image_tokens=image_tokens,  # P placeholders per image (early fusion), or 1 marker (deep)
+      image_size=model_image_size(),
       resize="bilinear",  # user images to image_size: or "bicubic", "lanczos", "box", "nearest"
       **pixels(),
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example

@@ -11,7 +11,7 @@ STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  config, pair = common.fusion_config(arg, family="deep_fusion", stages=STAGES)
+  config = common.fusion_config(arg, family="deep_fusion", stages=STAGES)
   config.model.update(dict(
       cross_every=1,  # a cross block before every LM block: the tiny LM has only 2
       adapter_layers=2,
@@ -19,8 +19,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       media_attention="previous",  # or "latest"
       gate="scalar",  # or "channel"
   ))
-  if pair["lm"]["variant"] == "gpt2-124m":
+  if config.model.lm.variant == "gpt2-124m":
     config.model.cross_every = 4  # 3 cross blocks in GPT-2's 12
-  # One marker per image: resolution never changes the text length.
-  config.data = common.image_text_data(pair["image_size"], image_tokens=1)
   return config

@@ -6,19 +6,15 @@ projector and the LM; "all" (the default) trains everything.
 import ml_collections
 
 from configs import common
-from mmjax.models import early_fusion
 
 STAGES = {"all": "", "stage1": r"^(vit|lm)/", "stage2": r"^vit/"}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  config, pair = common.fusion_config(arg, family="early_fusion", stages=STAGES)
+  config = common.fusion_config(arg, family="early_fusion", stages=STAGES)
   config.model.update(dict(
       projector="mlp2x_gelu",  # or "linear"
       vision_layer=ml_collections.config_dict.placeholder(int),  # None: final tokens; -2: LLaVA
       drop_cls=True,
   ))
-  image_tokens = early_fusion.num_image_tokens(pair["vit"], pair["image_size"],
-                                              config.model.drop_cls)  # P per image
-  config.data = common.image_text_data(pair["image_size"], image_tokens)
   return config

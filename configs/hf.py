@@ -14,7 +14,6 @@ import os
 import ml_collections
 
 from configs import common
-from mmjax.models import early_fusion
 
 
 def get_config(arg: str) -> ml_collections.ConfigDict:
@@ -32,11 +31,6 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
   if imported["family"] == "lm":
     config.data = common.text_data(seq_len=min(128, model["max_len"]))
     return config
-  if imported["family"] == "vit":
-    config.data = common.image_data(model["image_size"])
-  else:
-    image_size = model["vit"]["image_size"]
-    tokens = early_fusion.num_image_tokens(model["vit"], image_size, model["drop_cls"])
-    config.data = common.image_text_data(image_size, tokens)
+  config.data = common.image_data() if imported["family"] == "vit" else common.image_text_data()
   config.data.update(common.pixels(**imported.get("pixels", {})))
   return config

@@ -21,6 +21,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       num_classes=synthetic.ShapeClasses.num_classes, pool="gap",
       dtype="float32",  # "bfloat16" on accelerators
       attention_impl="xla"))  # "auto": cuDNN on GPUs
-  config.data = common.image_data(preset["image_size"])
+  config.data = common.image_data()
   config.optimizer.learning_rate = 1e-3
   return config

@@ -1,6 +1,6 @@
 """Checkpoints: an Orbax CheckpointManager under DIR/checkpoints, and loading pretrained parts.
 
-A checkpoint holds the train state (params, optimizer state, step, RNG), the
+A checkpoint holds the train state (params, optimizer state, step, NaN counters), the
 data iterator's state and the config, each as an Orbax item. Orbax lists a
 step folder even without its commit marker and raises on a corrupt latest
 step; `Checkpointer.restore_latest` checks and falls back to older steps
@@ -92,9 +92,6 @@ class Checkpointer:
     saved = getattr(saved, "tree", saved)
     if saved is not None:
       _compare_trees(f"checkpoint step {step}", saved, abstract_state)
-
-  def wait(self):
-    self.manager.wait_until_finished()
 
   def close(self):
     """Waits for pending saves; their errors surface here, never swallowed."""

@@ -7,7 +7,7 @@
                              caption metrics (pycocoevalcap's scorers); a few samples
                              to DIR/samples.jsonl and TensorBoard
 
-Generation uses `decode` with the training mesh: parameters stay sharded as
+Generation uses `mmjax.generation` with the training mesh: parameters stay sharded as
 they were trained and the prompts are sharded over the batch axes.
 """
 import re
@@ -17,7 +17,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from mmjax import decode
+from mmjax import generation
 from mmjax import sharding
 
 
@@ -61,7 +61,7 @@ def caption_scores(captions: list[str], references: list[list[str]]) -> dict[str
 
 
 class Generative:
-  """Greedy answers to the held-out prompts of a source with `examples(step)`, scored.
+  """Greedy answers to the held-out prompts of a source (`example_types` non-empty), scored.
 
   The source's rows are this process's share of each global batch; generated
   tokens and references are gathered so every process computes the same scores.
@@ -76,8 +76,8 @@ class Generative:
     self.tokenizer = source.tokenizer
     self.prompt_len = source.longest_prompt()
     self.answer_len = source.longest_answer() + 1  # and EOS
-    self.max_references = getattr(source, "max_references", 1)
-    generate = decode.make_generate(model, decode.Sampling(
+    self.max_references = source.max_references
+    generate = generation.make_generate(model, generation.Sampling(
         method="greedy", max_new_tokens=self.answer_len, eos_id=self.tokenizer.eos_id,
         pad_id=self.tokenizer.pad_id))
     batch = sharding.batch_sharding(mesh)
@@ -91,7 +91,7 @@ class Generative:
     rows = []
     for i in range(self.num_batches):
       examples = self.source.examples(i)
-      tokens, lengths = decode.left_pad([e["prompt"] for e in examples], self.tokenizer.pad_id,
+      tokens, lengths = generation.left_pad([e["prompt"] for e in examples], self.tokenizer.pad_id,
                                         width=self.prompt_len)
       local = {"tokens": tokens, "lengths": lengths,
                "images": np.stack([e["image"] for e in examples])}

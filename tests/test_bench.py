@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import trainer
+from mmjax import models
+from mmjax import steps
 import train_cli
 
 sys.path.insert(0, str(train_cli.ROOT / "tools"))
@@ -17,12 +18,12 @@ import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def case_flops(name):
-  family, fields, batch, text_len, images, _ = bench.CASES[name]
-  model = trainer.MODELS[family](**fields)
-  data = bench.synthetic_batch(family, model, batch, text_len, images, np.random.default_rng(0))
+  config = bench.case_config(name)
+  model = models.build(config.family, config.model)
+  data = bench.synthetic_batch(config, np.random.default_rng(0))
   example = jax.tree.map(lambda x: x[:1], data)
-  params = jax.eval_shape(model.init, jax.random.key(0), *trainer.init_inputs(example))["params"]
-  return bench.model_flops(family, model, nn.unbox(params), data)
+  params = jax.eval_shape(model.init, jax.random.key(0), *steps.init_inputs(example))["params"]
+  return bench.model_flops(config.family, model, nn.unbox(params), data)
 
 
 def test_lm_flops_match_maxtext_formula():

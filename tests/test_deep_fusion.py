@@ -102,9 +102,9 @@ def test_visual_tokens_never_see_text(model_and_params):
   params = open_gates(params)
   _, aux_a = model.apply({"params": params}, jnp.array([[1, IMG, 5, 6, IMG, 7]]), images)
   _, aux_b = model.apply({"params": params}, jnp.array([[4, IMG, 2, IMG, 3, 3]]), images)
-  np.testing.assert_array_equal(aux_a["img/tokens"], aux_b["img/tokens"])
+  np.testing.assert_array_equal(aux_a["img/features"], aux_b["img/features"])
   direct = model.apply({"params": params}, images, method="encode_images")
-  np.testing.assert_array_equal(direct, aux_a["img/tokens"])
+  np.testing.assert_array_equal(direct, aux_a["img/features"])
 
 
 def test_image_gradient_only_through_cross_attention(model_and_params):
@@ -127,7 +127,7 @@ def test_resolutions_change_keys_not_text(model_and_params):
     logits, aux = model.apply({"params": params}, tokens,
                               random_images(jax.random.key(6), 1, 1, size=size))
     assert logits.shape == (1, 6, 32)
-    assert aux["img/tokens"].shape == (1, 1, tokens_per_image, 64)
+    assert aux["img/features"].shape == (1, 1, tokens_per_image, 64)
     assert jnp.all(jnp.isfinite(logits))
 
 
@@ -158,7 +158,7 @@ def test_resampler_channel_gates_and_gqa():
   assert params["xattn_1"]["attn"]["key"]["kernel"].shape == (64, 1, 16)
   assert "query_norm" in params["xattn_1"]["attn"]
   _, aux = model.apply({"params": params}, tokens, images)
-  assert aux["img/tokens"].shape == (1, 1, 3, 64)
+  assert aux["img/features"].shape == (1, 1, 3, 64)
   np.testing.assert_array_equal(model.apply({"params": params}, tokens, images)[0],
                                 lm_logits(params, tokens))
 

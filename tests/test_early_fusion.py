@@ -9,6 +9,7 @@ import pytest
 
 from mmjax import checkpoint
 from mmjax.data import synthetic
+from mmjax.data import tokenizers
 from mmjax.models import early_fusion
 from mmjax.models import layers
 from mmjax.models import lm
@@ -68,11 +69,11 @@ def test_image_embeddings_land_at_placeholders(model_and_params):
                       [1, 2, 3, 4, 5, 6, 7, 8, 2, 3, 4, 5]])
   images = random_images(jax.random.key(3), 2, 2)
   logits, aux = model.apply({"params": params}, tokens, images)
-  assert aux["img/tokens"].shape == (2, 2, P, 64)
+  assert aux["img/features"].shape == (2, 2, P, 64)
   # The same sequence built by hand and run through the plain LM.
   language = lm.Model(**LM)
   x = language.apply({"params": params["lm"]}, tokens, method="embed_tokens")
-  x = x.at[0, 1:5].set(aux["img/tokens"][0, 0]).at[0, 6:10].set(aux["img/tokens"][0, 1])
+  x = x.at[0, 1:5].set(aux["img/features"][0, 0]).at[0, 6:10].set(aux["img/features"][0, 1])
   expected, _ = language.apply({"params": params["lm"]}, x, mask=layers.Mask(causal=True),
                                method="from_embeddings")
   np.testing.assert_allclose(logits, expected, atol=1e-6)
@@ -88,7 +89,7 @@ def test_text_never_changes_visual_tokens(model_and_params):
   b = jnp.array([[3, IMG, IMG, IMG, IMG, 8, 2, 1]])
   _, aux_a = model.apply({"params": params}, a, images)
   _, aux_b = model.apply({"params": params}, b, images)
-  np.testing.assert_array_equal(aux_a["img/tokens"], aux_b["img/tokens"])
+  np.testing.assert_array_equal(aux_a["img/features"], aux_b["img/features"])
 
 
 def test_image_gradient_flows_only_through_the_projector(model_and_params):
@@ -132,7 +133,7 @@ def test_vision_layer_and_cls():
   _, vit_aux = vit.Model(**vit_fields).apply({"params": params["vit"]}, images[:, 0])
   expected = layers.Projector(64, 2).apply({"params": params["projector"]},
                                            vit_aux["block_0"][:, 1:])
-  np.testing.assert_allclose(aux["img/tokens"][:, 0], expected, atol=1e-6)
+  np.testing.assert_allclose(aux["img/features"][:, 0], expected, atol=1e-6)
   assert early_fusion.num_image_tokens(vit_fields, 16, drop_cls=True) == 4
   assert early_fusion.num_image_tokens(vit_fields, 16, drop_cls=False) == 5
 
@@ -162,16 +163,12 @@ def test_pretrained_towers_load_unchanged(model_and_params):
     checkpoint.graft(params, {"lm": nn.unbox(wrong)["params"]})
 
 
-def test_loss_weights_exclude_image_positions():
-  targets = jnp.array([[IMG, IMG, 4, 5, 0]])
-  weights = jnp.array([[1.0, 1.0, 1.0, 1.0, 0.0]])
-  np.testing.assert_array_equal(early_fusion.loss_weights(targets, weights, IMG),
-                                [[0, 0, 1, 1, 0]])
+def test_no_loss_on_image_positions():
   # The synthetic source never puts loss on an image target, a prompt or padding.
   batch = synthetic.ShapeScenes(4, None, 16, P, task="caption").batch(0)
-  image_id = synthetic.tokenizers.ByteTokenizer.image_id
+  image_id = tokenizers.ByteTokenizer.image_id
   assert np.all(batch["loss_weights"][batch["targets"] == image_id] == 0)
-  tokenizer = synthetic.tokenizers.ByteTokenizer()
+  tokenizer = tokenizers.ByteTokenizer()
   for targets_b, weights_b in zip(batch["targets"], batch["loss_weights"]):
     weighted = targets_b[weights_b > 0]  # exactly the caption and its EOS
     assert weighted[-1] == tokenizer.eos_id

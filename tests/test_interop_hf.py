@@ -16,8 +16,8 @@ import pytest
 import torch
 import transformers
 
+from mmjax import models
 from mmjax import sharding
-from mmjax import trainer
 from mmjax.interop import hf
 
 RTOL = 1e-4  # max |mmjax - transformers| / max |transformers|
@@ -31,7 +31,7 @@ def assert_parity(ours, theirs):
 
 
 def build(config):
-  return trainer.MODELS[config["family"]](**config["model"])
+  return models.build(config["family"], config["model"])
 
 
 def export_and_reload(model, path, out):

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from mmjax.data import base
 from mmjax.data import builders
 from mmjax.data import images
 from mmjax.data import pipeline
@@ -34,13 +35,29 @@ def test_records_are_the_generated_scenes(data_dir):
   for index in (0, 17, SIZE - 1):
     record = records[index]
     i = int(record["id"].decode().split("/")[1])
-    rng = np.random.default_rng((0, builders.SPLIT_SEEDS["train"], i))
+    rng = np.random.default_rng((0, base.SPLITS["train"], i))
     image, shapes = synthetic.draw_scene(rng, 32, int(rng.integers(1, 4)))
     kind, question, answer = synthetic.ask(rng, shapes)
-    np.testing.assert_allclose(images.decode(record["images"][0]), image, atol=0.5 / 255)
+    np.testing.assert_allclose(images.from_bytes(record["images"][0]), image, atol=0.5 / 255)
     assert record["question"].decode() == question and record["answer"].decode() == answer
     assert record["type"].decode() == kind
     assert record["caption"].decode() == synthetic.caption(shapes)
+
+
+def test_a_build_finished_by_another_process_is_read(tmp_path):
+  # Two hosts (or runs) that build the same dataset at once: the one that finishes second finds
+  # the other's complete copy where it meant to rename its own, and reads that copy.
+  config = builders.ShapeScenesConfig(image_size=16, max_shapes=1, train_size=6, eval_size=2)
+  late = pipeline.arrayrecord(builders.MmjaxShapeScenes, config, str(tmp_path))
+  build = late._download_and_prepare  # pylint: disable=protected-access
+
+  def overtaken(*args, **kwargs):
+    pipeline.arrayrecord(builders.MmjaxShapeScenes, config, str(tmp_path)).download_and_prepare()
+    return build(*args, **kwargs)
+
+  late._download_and_prepare = overtaken  # pylint: disable=protected-access
+  records, order = pipeline.open_split(late, "train", seed=0)
+  assert len(records) == 6 and sorted(int(order[i]) for i in range(6)) == list(range(6))
 
 
 def test_batches_are_a_function_of_the_step_so_resuming_repeats_nothing(data_dir):
@@ -147,9 +164,9 @@ def test_llava_skips_bad_examples_and_converts_images(tmp_path, caplog):
                        ("empty conversation", "empty"), ("not alternating", "order")]:
     assert f"1 with {why}" in warning or f"1 with turns {why}" in warning, warning
     assert f"'{example}'" in warning
-  grey = images.decode(records["grey"]["images"][0], 4)
+  grey = images.from_bytes(records["grey"]["images"][0], 4)
   np.testing.assert_allclose(grey, 90 / 255, atol=1e-6)  # L -> RGB, all three channels
-  rgba = images.decode(records["rgba"]["images"][0])
+  rgba = images.from_bytes(records["rgba"]["images"][0])
   np.testing.assert_allclose(rgba[0, 0], np.array([10, 20, 30]) / 255, atol=1e-6)
 
 

@@ -8,8 +8,10 @@ import pytest
 from configs import deep_fusion as deep_config
 from configs import early_fusion as early_config
 from mmjax import checkpoint
+from mmjax import models
 from mmjax import plots
 from mmjax import trainer
+from mmjax.data import sources
 from mmjax.models import layers
 from test_tools import run_tool
 
@@ -66,7 +68,7 @@ def test_attention_probs_against_a_direct_softmax():
 
 
 def scenes(config, count):
-  examples = trainer.build_data(config, "validation").examples(0)[:count]
+  examples = sources.build(config, "validation").examples(0)[:count]
   tokens, rows = plots.answer_rows([e["prompt"] for e in examples], [list(b"re")] * count, 0)
   return jnp.asarray(tokens), jnp.asarray(np.stack([e["image"] for e in examples])), rows
 
@@ -82,7 +84,7 @@ def test_answer_rows_by_hand():
 def test_attention_maps_cover_the_patch_grid(name):
   config = {"early_fusion": early_config, "deep_fusion": deep_config}[name].get_config("tiny")
   config.data.name = "shapes"
-  model = trainer.build_model(config)
+  model = models.build(config.family, config.model)
   tokens, images, rows = scenes(config, 3)
   params = model.init(jax.random.key(0), tokens, images)["params"]
   # Sharper queries: at init (weights ~ N(0, 0.02)) every map is nearly flat.
@@ -113,7 +115,7 @@ def test_plot_tool_draws_attention_over_an_image(deep_run, tmp_path):
   image = tmp_path / "scene.png"
   config = deep_config.get_config("tiny")
   config.data.name = "shapes"
-  example = trainer.build_data(config, "validation").examples(0)[0]
+  example = sources.build(config, "validation").examples(0)[0]
   Image.fromarray(np.round(example["image"][0] * 255).astype(np.uint8)).save(image)
   out = tmp_path / "attention.png"
   run_tool("plot.py", "--attention", f"--workdir={deep_run}", f"--image={image}",

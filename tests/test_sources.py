@@ -15,6 +15,7 @@ from configs import lm as lm_config
 from configs import vit as vit_config
 from mmjax import trainer
 from mmjax.data import pipeline
+from mmjax.data import sources
 from mmjax.data import synthetic
 from mmjax.models import deep_fusion
 from mmjax.models import lm
@@ -300,11 +301,11 @@ def test_any_prepared_tfds_dataset_by_name(tmp_path):
   builder.download_and_prepare()
   config = vit_config.get_config("tiny")
   config.data.update(name="tfds", tfds_name="tiny_digits", image_key="picture",
-                     label_key="digit", image_size=4, data_dir=str(tmp_path),
+                     label_key="digit", image_size=8, data_dir=str(tmp_path),
                      image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
   config.batch_size = 3
   trainer.validate(config, num_devices=1)
-  source = trainer.build_data(config, "validation")  # no validation split: reads "test"
+  source = sources.build(config, "validation")  # no validation split: reads "test"
   assert len(source.records) == 3 and source.num_classes == 3
   batch = source.batch(0)
   for row in range(3):

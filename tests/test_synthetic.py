@@ -106,7 +106,7 @@ def test_errors():
   with pytest.raises(ValueError, match="batch_size=6 is not divisible by 4 processes"):
     synthetic.ArithmeticText(6, 8, process_count=4)
   with pytest.raises(ValueError, match="split must be one of"):
-    synthetic.ArithmeticText(4, 8, split="test")
+    synthetic.ArithmeticText(4, 8, split="dev")
   with pytest.raises(ValueError, match="data.seq_len=10 is too short for 4 image tokens"):
     synthetic.ShapeScenes(2, 10, 16, 4)
   with pytest.raises(ValueError, match="config.data.task must be one of"):

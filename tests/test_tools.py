@@ -15,8 +15,8 @@ import torch
 import transformers
 
 from mmjax import checkpoint
-from mmjax import decode
-from mmjax import trainer
+from mmjax import generation
+from mmjax import models
 from mmjax.data import images as image_codec
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
@@ -58,7 +58,7 @@ def test_import_finetune_export(tmp_path, run_train):
   config, params, _ = checkpoint.read_model(str(tmp_path / "run"))
   tokens = np.array([[256] + [258] * 16 + [97, 32, 114]])
   images = np.random.RandomState(0).rand(1, 32, 32, 3).astype(np.float32)
-  ours, _ = trainer.MODELS["early_fusion"](**config["model"]).apply(
+  ours, _ = models.build("early_fusion", config["model"]).apply(
       {"params": params}, jnp.asarray(tokens), jnp.asarray(images[None]))
   with torch.no_grad():
     theirs = exported(input_ids=torch.tensor(tokens),
@@ -83,7 +83,7 @@ def test_deep_fusion_export_parts_and_name_map(tmp_path, run_train):
   assert len(flat) == len(jax.tree.leaves(params))
   language = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "language").eval()
   tokens = np.array([[256, 97, 98, 99]])
-  ours, _ = trainer.MODELS["lm"](**config["model"]["lm"]).apply({"params": params["lm"]},
+  ours, _ = models.build("lm", config["model"]["lm"]).apply({"params": params["lm"]},
                                                                 jnp.asarray(tokens))
   with torch.no_grad():
     theirs = language(torch.tensor(tokens)).logits.numpy()
@@ -108,7 +108,7 @@ def test_show_params_lists_axes_and_shardings():
   assert table["block_0/mlp/up/kernel"] == ((64, 256), 16384, ("embed", "mlp"),
                                             "P('fsdp', 'tensor')")
   assert table["embedder/embedding"][2] == ("vocab", "embed")
-  model = trainer.build_model(config)
+  model = models.build(config.family, config.model)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   assert sum(r[1] for r in table.values()) == sum(x.size for x in jax.tree.leaves(params))
 
@@ -134,15 +134,15 @@ def test_generate_answers_like_decode(tmp_path, run_train):
   answers = [json.loads(line)["answer"] for line in out.splitlines()]
 
   config, params, _ = checkpoint.read_model(str(tmp_path / "run"))
-  model = trainer.MODELS["early_fusion"](**config["model"])
+  model = models.build("early_fusion", config["model"])
   images = np.zeros((3, 2, 32, 32, 3), np.float32)
   for b, request in enumerate(requests):
     for i, path in enumerate(request["images"]):
       images[b, i] = image_codec.read(path, 32)
   prompts = [e["prompt"] for e in examples] + [
       [256] + list(b"two images: ") + [258] * 16 + list(b" and ") + [258] * 16 + list(b"? ")]
-  tokens, lengths = decode.left_pad(prompts, 0)
-  expected = decode.make_generate(model, decode.Sampling(max_new_tokens=6, eos_id=257))(
+  tokens, lengths = generation.left_pad(prompts, 0)
+  expected = generation.make_generate(model, generation.Sampling(max_new_tokens=6, eos_id=257))(
       params, tokens, lengths, images, jax.random.key(0))
   assert answers == [source.tokenizer.decode(t[:n]) for t, n in zip(expected["tokens"],
                                                                       expected["lengths"])]

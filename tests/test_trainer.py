@@ -15,6 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from mmjax import steps
 from mmjax import trainer
 from mmjax.models import lm
 import train_cli
@@ -58,7 +59,7 @@ def test_loss_terms_are_sums_that_split_exactly():
   batch = {"tokens": tokens, "targets": jnp.roll(tokens, -1, axis=1),
            "loss_weights": jnp.asarray(np.random.RandomState(2).rand(4, 6) > 0.3, jnp.float32)}
   params = nn.unbox(model.init(jax.random.key(0), tokens))["params"]
-  total, count, correct = trainer.loss_terms(model, params, batch)
+  total, count, correct = steps.loss_terms(model, params, batch)
   logits, _ = model.apply({"params": params}, tokens)
   per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   np.testing.assert_allclose(total, np.sum(per_token * batch["loss_weights"]), rtol=1e-6)
@@ -66,7 +67,7 @@ def test_loss_terms_are_sums_that_split_exactly():
   hits = (np.argmax(logits, -1) == batch["targets"]) * batch["loss_weights"]
   assert correct == np.sum(hits)
   # Summing over two halves and dividing once gives the full-batch mean.
-  halves = [trainer.loss_terms(model, params, jax.tree.map(lambda x, i=i: x[i:i + 2], batch))
+  halves = [steps.loss_terms(model, params, jax.tree.map(lambda x, i=i: x[i:i + 2], batch))
             for i in (0, 2)]
   np.testing.assert_allclose(sum(h[0] for h in halves) / sum(h[1] for h in halves),
                              total / count, rtol=1e-6)

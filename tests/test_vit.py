@@ -44,13 +44,13 @@ def test_pooling_shapes(pool, num_tokens):
   variables = model.init(jax.random.key(1), images)
   logits, aux = model.apply(variables, images)
   assert logits.shape == (2, 5)
-  assert aux["tokens"].shape == (2, num_tokens, 32)
+  assert aux["features"].shape == (2, num_tokens, 32)
   assert aux["pooled"].shape == (2, 32)
   assert aux["block_1"].shape == (2, num_tokens, 32)
   if pool == "gap":
-    np.testing.assert_allclose(aux["pooled"], aux["tokens"].mean(1), atol=1e-6)
+    np.testing.assert_allclose(aux["pooled"], aux["features"].mean(1), atol=1e-6)
   if pool == "cls":
-    np.testing.assert_array_equal(aux["pooled"], aux["tokens"][:, 0])
+    np.testing.assert_array_equal(aux["pooled"], aux["features"][:, 0])
 
 
 def test_patch_embedding_values():
@@ -67,7 +67,7 @@ def test_patch_embedding_values():
   mean, var = tokens.mean(-1, keepdims=True), tokens.var(-1, keepdims=True)
   expected = (tokens - mean) / np.sqrt(var + 1e-6) * p["final_norm"]["scale"] + p[
       "final_norm"]["bias"]
-  np.testing.assert_allclose(aux["tokens"], expected, atol=1e-5)
+  np.testing.assert_allclose(aux["features"], expected, atol=1e-5)
 
 
 def test_other_resolution_interpolates_positions():
@@ -75,8 +75,8 @@ def test_other_resolution_interpolates_positions():
   variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
   for size, grid in [(48, 6), (24, 3), (40, 5)]:
     _, aux = model.apply(variables, jax.random.normal(jax.random.key(2), (2, size, size, 3)))
-    assert aux["tokens"].shape == (2, 1 + grid * grid, 32)
-    assert jnp.all(jnp.isfinite(aux["tokens"]))
+    assert aux["features"].shape == (2, 1 + grid * grid, 32)
+    assert jnp.all(jnp.isfinite(aux["features"]))
 
 
 def test_interpolate_positions_values():

@@ -12,15 +12,14 @@ time; then the reference's line at the same shapes and the ratio mmjax /
 reference. --repeats N alternates the two N times and compares the best of each;
 --profile DIR traces three more of mmjax's steps per case. Batches are
 synthetic and in memory, so it needs neither tfds nor TensorFlow; the step is
-the trainer's own (`trainer.make_train_step`).
+the trainer's own (`steps.make_train_step`).
 
---decode times `decode.make_generate` (greedy, no EOS, so every row makes
+--decode times `generation.make_generate` (greedy, no EOS, so every row makes
 every token) and compares new tokens/s with the memory-bandwidth bound: each
 step reads every parameter and the KV cache written so far, so tokens/s <=
 batch x bandwidth / (parameter bytes + average cache bytes).
 """
 import argparse
-import functools
 import json
 import os
 import pathlib
@@ -33,65 +32,89 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import decode
+from mmjax import generation
 from mmjax import metrics
-from mmjax import optim
+from mmjax import models
 from mmjax import sharding
-from mmjax import trainer
+from mmjax import steps
+from mmjax.data import sources
 from mmjax.data import synthetic
-from mmjax.models import early_fusion
 from mmjax.models import lm
 from mmjax.models import vit
+
+# Config files import their siblings as `configs.common`: the repository root must be importable.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "bench" / (
     "naive_reference.py")
 
-GPT2 = dict(variant="gpt2-124m", vocab_size=50304)  # the reference pads the vocabulary to 64
+GPT2 = {"model.vocab_size": 50304}  # the reference pads the vocabulary to a multiple of 64
 # The reference's ViT, as big_vision's, uses flax's default tanh GELU (mmjax's ViT default is the
 # exact erf GELU of the original ViT and HF checkpoints); the same model is timed on both sides.
-VIT_B16 = dict(variant="B/16", image_size=224, num_classes=1000, pool="gap",
-               mlp_activation="gelu_tanh")
-# name -> (family, model fields, batch, text length or None, images per sample, reference)
+VIT_B16 = {"num_classes": 1000, "pool": "gap", "mlp_activation": "gelu_tanh"}
+FUSION_B16 = {"model.vit.mlp_activation": "gelu_tanh", "model.lm.vocab_size": 50304}
+TINY_LM = dict(variant=None, width=128, depth=4, num_heads=4, mlp_dim=512, vocab_size=512,
+               max_len=128)
+TINY_PAIR = {"model.lm.vocab_size": 512, "model.image_token_id": 3, "data.name": "shapes",
+             "data.seq_len": 64, "batch_size": 8}
+# name -> (shipped config, overrides, the reference's model or None). Each case is the shipped
+# config (its remat, scan and attention choices) with the model made the reference's where one
+# exists, data in memory and the reference's batch.
 CASES = {
-    "lm-tiny": ("lm", dict(width=128, depth=4, num_heads=4, mlp_dim=512, vocab_size=512,
-                           max_len=128), 8, 128, 0, "lm-tiny"),
-    "vit-tiny": ("vit", dict(width=128, depth=4, num_heads=4, mlp_dim=512, patch_size=8,
-                             image_size=64, num_classes=1000, pool="gap",
-                             mlp_activation="gelu_tanh"), 16, None, 1,
-                 "vit-tiny"),
-    "early-tiny": ("early_fusion", dict(vit=dict(variant="mu/8", image_size=32, pool="none"),
-                                        lm=dict(variant="gpt2-tiny", vocab_size=512),
-                                        image_token_id=3), 8, 64, 1, None),
-    "deep-tiny": ("deep_fusion", dict(vit=dict(variant="mu/8", image_size=32, pool="none"),
-                                      lm=dict(variant="gpt2-tiny", vocab_size=512),
-                                      image_token_id=3, cross_every=1), 8, 64, 1, None),
-    "gpt2-124m": ("lm", GPT2, 16, 1024, 0, "gpt2-124m"),
-    "llama-1b": ("lm", dict(variant="llama-1b"), 8, 2048, 0, None),
-    "vit-b16": ("vit", VIT_B16, 128, None, 1, "vit-b16"),
-    "early-fusion": ("early_fusion", dict(vit={**VIT_B16, "pool": "none", "num_classes": None},
-                                          lm=GPT2, image_token_id=3), 16, 1024, 1, None),
-    "deep-fusion": ("deep_fusion", dict(vit={**VIT_B16, "pool": "none", "num_classes": None},
-                                        lm=GPT2, image_token_id=3, cross_every=4), 16, 1024, 1,
-                    None),
+    "lm-tiny": ("lm.py:tiny", {**{f"model.{k}": v for k, v in TINY_LM.items()},
+                               "data.seq_len": 128, "batch_size": 8}, "lm-tiny"),
+    "vit-tiny": ("vit.py:tiny", {"model.variant": None, "model.width": 128, "model.depth": 4,
+                                 "model.num_heads": 4, "model.mlp_dim": 512,
+                                 "model.patch_size": 8, "model.image_size": 64,
+                                 **{f"model.{k}": v for k, v in VIT_B16.items()},
+                                 "batch_size": 16}, "vit-tiny"),
+    "early-tiny": ("early_fusion.py:tiny", TINY_PAIR, None),
+    "deep-tiny": ("deep_fusion.py:tiny", TINY_PAIR, None),
+    "gpt2-124m": ("lm.py:gpt2-124m", {**GPT2, "batch_size": 16}, "gpt2-124m"),
+    "llama-1b": ("lm.py:llama-1b", {"batch_size": 8}, None),
+    "vit-b16": ("vit.py:base", {**{f"model.{k}": v for k, v in VIT_B16.items()},
+                                "batch_size": 128}, "vit-b16"),
+    "early-fusion": ("early_fusion.py:base", {**FUSION_B16, "data.name": "shapes",
+                                              "data.seq_len": 1024, "batch_size": 16}, None),
+    "deep-fusion": ("deep_fusion.py:base", {**FUSION_B16, "data.name": "shapes",
+                                            "data.seq_len": 1024, "batch_size": 16}, None),
 }
 
 
-def synthetic_batch(family, model, batch, text_len, images_per_sample, rng):
-  """Random inputs of the case's shapes, laid out as the trainer's data sources lay them."""
-  if family == "vit":
-    size = model.image_size
-    return {"images": rng.standard_normal((batch, size, size, 3), np.float32),
-            "labels": rng.integers(0, model.num_classes, batch).astype(np.int32)}
-  vocab = model.vocab_size if family == "lm" else lm.Model(**model.lm).vocab_size
-  tokens = rng.integers(4, vocab, (batch, text_len)).astype(np.int32)
+def case_config(name: str, dtype: str | None = None, attention: str | None = None):
+  """The shipped config of a case with its overrides, and the compute dtype and attention."""
+  if name not in CASES:
+    raise SystemExit(f"unknown case {name!r}; known: {sorted(CASES)}")
+  file, overrides, _ = CASES[name]
+  config = common.load(file)
+  config.optimizer = _adamw()
+  config.update_from_flattened_dict(overrides)
+  towers = ("model.vit.", "model.lm.") if config.family in models.IMAGE_TEXT else ("model.",)
+  if dtype:
+    config.model.dtype = dtype
+  if attention:
+    for tower in towers:
+      config.update_from_flattened_dict({f"{tower}attention_impl": attention})
+  return config
+
+
+def synthetic_batch(config, rng) -> dict[str, np.ndarray]:
+  """Random inputs of the config's global batch, laid out as its data source lays them."""
+  spec = sources.batch_spec(config)
+  if config.family == "vit":
+    B, size = spec["images"].shape[:2]
+    return {"images": rng.standard_normal((B, size, size, 3), np.float32),
+            "labels": rng.integers(0, config.model.num_classes, B).astype(np.int32)}
+  vocab = models.build("lm", models.language_fields(config.family, config.model)).vocab_size
+  B, T = spec["tokens"].shape
+  tokens = rng.integers(4, vocab, (B, T)).astype(np.int32)
   out = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
-         "loss_weights": np.ones((batch, text_len), np.float32)}
-  if family in ("early_fusion", "deep_fusion"):
-    vision = vit.Model(**model.vit)
-    size = vision.image_size
-    out["images"] = rng.standard_normal((batch, images_per_sample, size, size, 3), np.float32)
-    marks = (early_fusion.num_image_tokens(model.vit, size) if family == "early_fusion" else 1)
-    out["tokens"][:, 1:1 + marks] = model.image_token_id
+         "loss_weights": np.ones((B, T), np.float32)}
+  if "images" in spec:
+    out["images"] = rng.standard_normal(spec["images"].shape, np.float32)
+    marks = sources.placeholders_per_image(config)
+    out["tokens"][:, 1:1 + marks] = config.model.image_token_id
     out["loss_weights"][:, :1 + marks] = 0.0
   return out
 
@@ -145,43 +168,18 @@ def model_flops(family, model, params, batch: dict) -> float:
   return 3 * forward
 
 
-def run_case(name: str, steps: int, dtype: str, attention: str, profile: str = "") -> dict:
-  family, fields, batch_size, text_len, images_per_sample, _ = CASES[name]
-  fields = dict(fields)
-  if family in ("lm", "vit"):
-    fields.update(dtype=dtype, attention_impl=attention)
-  else:
-    fields.update(dtype=dtype)
-    fields["vit"] = {**fields["vit"], "attention_impl": attention}
-    fields["lm"] = {**fields["lm"], "attention_impl": attention}
-  model = trainer.MODELS[family](**fields)
-  batch = synthetic_batch(family, model, batch_size, text_len, images_per_sample,
-                          np.random.default_rng(0))
-  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
-  rules = sharding.rules("fsdp")
-  example = jax.tree.map(lambda x: x[:1], batch)
-  inputs = trainer.init_inputs(example)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
-  params_sharding = sharding.param_shardings(boxed, mesh, rules)
-  optimizer = optim.make_optimizer(_adamw(), nn.unbox(boxed))
-
-  init_state = functools.partial(trainer.new_state, model, optimizer, inputs,
-                                 jax.random.key(0))
-  abstract = jax.eval_shape(init_state)
-  state_sharding = sharding.state_shardings(abstract, params_sharding, mesh)
-  state = jax.jit(init_state, out_shardings=state_sharding)()
-  batch = sharding.global_batch(batch, mesh)
-  step = jax.jit(trainer.make_train_step(model, optimizer, microbatches=1),
-                 in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, None), donate_argnums=0)
+def run_case(name: str, steps_timed: int, dtype: str, attention: str, profile: str = "") -> dict:
+  config = case_config(name, dtype, attention)
+  run = steps.setup(config)
+  batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), run.mesh)
+  state = run.init(jax.random.key(0))
   tic = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = step.lower(state, batch).compile()
+  compiled = run.compile_train()
   compile_seconds = time.perf_counter() - tic
   state, out = compiled(state, batch)  # warm-up
   jax.block_until_ready(out)
   times = []
-  for _ in range(steps):
+  for _ in range(steps_timed):
     tic = time.perf_counter()
     state, out = compiled(state, batch)
     jax.block_until_ready(out)
@@ -192,7 +190,10 @@ def run_case(name: str, steps: int, dtype: str, attention: str, profile: str = "
       for _ in range(3):
         state, out = compiled(state, batch)
       jax.block_until_ready(out)
-  flops = model_flops(family, model, abstract["params"], batch)
+  family, batch_size = config.family, config.batch_size
+  text_len = batch["tokens"].shape[1] if "tokens" in batch else None
+  params = run.abstract_state["params"]
+  flops = model_flops(family, run.model, params, batch)
   device = jax.devices()[0]
   peak = metrics.peak_tflops(device)
   memory = device.memory_stats() or {} if hasattr(device, "memory_stats") else {}
@@ -200,7 +201,7 @@ def run_case(name: str, steps: int, dtype: str, attention: str, profile: str = "
   result = {
       "impl": "mmjax", "case": name, "device": device.device_kind, "devices": jax.device_count(),
       "dtype": dtype, "attention": attention, "batch": batch_size,
-      "params": int(sum(x.size for x in jax.tree.leaves(abstract["params"]))),
+      "params": int(sum(x.size for x in jax.tree.leaves(params))),
       "seconds_per_step": seconds,
       ("tokens_per_s" if text_len else "images_per_s"): per_step / seconds,
       "model_tflops_per_s": flops / seconds / 1e12,
@@ -213,24 +214,25 @@ def run_case(name: str, steps: int, dtype: str, attention: str, profile: str = "
   return result
 
 
-# Spec HBM bandwidth, bytes/s, for the decoding bound (the H200's device copy measured
-# 3.6 TB/s through jax: see ../shared/DESIGN.md).
+# Spec HBM bandwidth, bytes/s, for the decoding bound (a device copy through jax measured
+# 3.6 TB/s on an H200, 75% of its spec).
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
 def run_decode(name: str, batch_size: int, prompt_len: int, new_tokens: int, dtype: str,
                repeats: int) -> dict:
   """Generation throughput of one case at one batch size."""
-  family, fields, _, text_len, images_per_sample, _ = CASES[name]
-  if text_len is None:
+  config = case_config(name, dtype)
+  if config.family == "vit":
     raise SystemExit(f"--decode needs a case with text, not {name!r}")
-  model = trainer.MODELS[family](**{**fields, "dtype": dtype})
-  data = synthetic_batch(family, model, batch_size, prompt_len, images_per_sample,
-                         np.random.default_rng(0))
-  inputs = trainer.init_inputs(jax.tree.map(lambda x: x[:1], data))
+  config.update_from_flattened_dict({"batch_size": batch_size, "data.seq_len": prompt_len})
+  model = models.build(config.family, config.model)
+  data = synthetic_batch(config, np.random.default_rng(0))
+  inputs = steps.init_inputs(jax.tree.map(lambda x: x[:1], data))
   params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), *inputs))["params"])()
   lengths = np.full((batch_size,), prompt_len, np.int32)
-  generate = jax.jit(decode.make_generate(model, decode.Sampling(max_new_tokens=new_tokens)))
+  sampling = generation.Sampling(max_new_tokens=new_tokens)
+  generate = jax.jit(generation.make_generate(model, sampling))
   args = (params, data["tokens"], lengths, data.get("images"), jax.random.key(0))
   tic = time.perf_counter()
   compiled = generate.lower(*args).compile()
@@ -244,7 +246,8 @@ def run_decode(name: str, batch_size: int, prompt_len: int, new_tokens: int, dty
   seconds = float(np.median(times))
 
   # Bytes of one cache slot across the batch and every layer, keys and values (not `end`).
-  slot = jax.eval_shape(lambda: lm.empty_caches(decode.unbound_language(model), batch_size, 1))
+  slot = jax.eval_shape(lambda: model.apply({"params": params}, method=lambda m: lm.empty_caches(
+      m.language, batch_size, 1)))
   cache_per_token = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(slot) if x.ndim)
   average_len = prompt_len + new_tokens / 2
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -324,15 +327,14 @@ def main():
       print(json.dumps(run_data(name, 16, 10 * args.steps)), flush=True)
     return
   for name in args.cases.split(","):
-    if name not in CASES:
-      raise SystemExit(f"unknown case {name!r}; known: {sorted(CASES)}")
+    config = case_config(name)
     if args.decode:
-      half = (CASES[name][3] or 2) // 2
+      half = (sources.batch_spec(config)["tokens"].shape[1] if config.family != "vit" else 2) // 2
       for batch in (int(b) for b in args.decode_batches.split(",")):
         print(json.dumps(run_decode(name, batch, args.prompt_len or half, args.new_tokens or half,
                                     args.dtype, max(args.steps // 3, 1))), flush=True)
       continue
-    reference_model = CASES[name][5] if args.reference else None
+    reference_model = CASES[name][2] if args.reference else None
     if reference_model and not os.path.exists(args.reference):
       raise SystemExit(f"--reference {args.reference} does not exist")
     # mmjax and the reference take turns, so drift in a shared machine's load hits both alike.

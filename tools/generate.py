@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from mmjax import checkpoint
-from mmjax import decode
-from mmjax import trainer
+from mmjax import generation
+from mmjax import models
 from mmjax.data import images as image_codec
 from mmjax.data import tokenizers
 
@@ -35,7 +35,7 @@ _PROMPTS = flags.DEFINE_string("prompts", None, "A JSONL file of {prompt, images
 _TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "'bytes', a SentencePiece .model file "
                                  "or a HuggingFace tokenizer.json (tools/train_tokenizer.py).")
 _TEMPLATE = flags.DEFINE_string("template", "<image>{prompt} ", "How a prompt is laid out.")
-_METHOD = flags.DEFINE_enum("method", "greedy", list(decode.METHODS), "How to choose tokens.")
+_METHOD = flags.DEFINE_enum("method", "greedy", list(generation.METHODS), "How to choose tokens.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--method=sample: logits / temperature.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "--method=sample: keep the k likeliest; 0 = all.")
@@ -61,12 +61,12 @@ def main(argv):
   del argv
   requests = read_requests()
   config, params, _ = checkpoint.read_model(_WORKDIR.value)
-  model = trainer.MODELS[config["family"]](**config["model"])
+  model = models.build(config["family"], config["model"])
   tokenizer = tokenizers.load(_TOKENIZER.value)
   images = None
   image_ids = []
   if config["family"] in ("early_fusion", "deep_fusion"):
-    size, image_ids = decode.image_layout(config)
+    size, image_ids = models.image_layout(config["family"], config["model"])
     most = max(len(r.get("images", [])) for r in requests)
     if most:  # rows with fewer images get blank slots: no placeholder ever reads them
       images = np.zeros((len(requests), most, size, size, 3), np.float32)
@@ -78,12 +78,12 @@ def main(argv):
     raise ValueError(f"a {config['family']} model takes no images")
   prompts = [tokenizers.encode_prompt(r["prompt"], len(r.get("images", [])), _TEMPLATE.value,
                                       image_ids, tokenizer) for r in requests]
-  tokens, lengths = decode.left_pad(prompts, tokenizer.pad_id)
-  sampling = decode.Sampling(
+  tokens, lengths = generation.left_pad(prompts, tokenizer.pad_id)
+  sampling = generation.Sampling(
       method=_METHOD.value, max_new_tokens=_MAX_NEW_TOKENS.value, eos_id=tokenizer.eos_id,
       pad_id=tokenizer.pad_id, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, beam_size=_BEAM_SIZE.value)
-  out = jax.jit(decode.make_generate(model, sampling))(params, tokens, lengths, images,
+  out = jax.jit(generation.make_generate(model, sampling))(params, tokens, lengths, images,
                                                        jax.random.key(_SEED.value))
   out = jax.device_get(out)
   for b, request in enumerate(requests):

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import checkpoint
-from mmjax import decode
+from mmjax import generation
+from mmjax import models
 from mmjax import plots
-from mmjax import trainer
 from mmjax.data import images as image_codec
 from mmjax.data import tokenizers
 
@@ -51,15 +51,15 @@ def attention_maps(workdir: str, image_paths: list[str], prompts: list[str]):
   if config["family"] not in ("early_fusion", "deep_fusion"):
     raise ValueError(f"{workdir} holds a {config['family']} model; attention maps need an "
                      "early_fusion or deep_fusion one")
-  model = trainer.MODELS[config["family"]](**config["model"])
+  model = models.build(config["family"], config["model"])
   tokenizer = tokenizers.load(_TOKENIZER.value)
-  size, image_ids = decode.image_layout(config)
+  size, image_ids = models.image_layout(config["family"], config["model"])
   pixels = np.stack([image_codec.read(path, size) for path in image_paths])
   normalised = image_codec.normalise(pixels, **config.get("pixels", {}))[:, None]
   prompt_ids = [tokenizers.encode_prompt(p, 1, _TEMPLATE.value, image_ids, tokenizer)
                 for p in prompts]
-  tokens, lengths = decode.left_pad(prompt_ids, tokenizer.pad_id)
-  generate = jax.jit(decode.make_generate(model, decode.Sampling(
+  tokens, lengths = generation.left_pad(prompt_ids, tokenizer.pad_id)
+  generate = jax.jit(generation.make_generate(model, generation.Sampling(
       method="greedy", max_new_tokens=_MAX_NEW_TOKENS.value, eos_id=tokenizer.eos_id,
       pad_id=tokenizer.pad_id)))
   out = jax.device_get(generate(params, tokens, lengths, normalised, jax.random.key(0)))

@@ -7,17 +7,14 @@
 Nothing is allocated: shapes come from jax.eval_shape. The sharding column is
 the PartitionSpec each parameter gets on this machine's devices.
 """
-import functools
 import pathlib
 import sys
 
 from absl import app
-from flax import linen as nn
 import jax
 from ml_collections import config_flags
 
-from mmjax import sharding
-from mmjax import trainer
+from mmjax import steps
 
 # Config files import their siblings as `configs.common`: the repository root must be importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -27,18 +24,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant]
 
 def rows(config) -> list[tuple[str, tuple[int, ...], int, tuple, str]]:
   """(path, shape, size, logical axes, mesh PartitionSpec) for every parameter."""
-  model = trainer.build_model(config)
-  example = jax.tree.map(lambda x: x[:1], trainer.build_data(config).batch(0))
-  boxed = jax.eval_shape(functools.partial(model.init, jax.random.key(0)),
-                         *trainer.init_inputs(example))["params"]
-  mesh = sharding.make_mesh(config.mesh.shape)
-  shardings = sharding.param_shardings(boxed, mesh, sharding.rules(config.mesh.rules))
-  names = nn.get_partition_spec(boxed)
+  run = steps.setup(config)
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
   out = []
   for (path, leaf), axes, placed in zip(
-      jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0],
-      jax.tree.leaves(names, is_leaf=is_spec), jax.tree.leaves(shardings)):
+      jax.tree_util.tree_flatten_with_path(run.abstract_state["params"])[0],
+      jax.tree.leaves(run.param_axes, is_leaf=is_spec), jax.tree.leaves(run.params_sharding)):
     out.append((jax.tree_util.keystr(path, simple=True, separator="/"), leaf.shape, leaf.size,
                 tuple(axes), str(placed.spec)))
   return out

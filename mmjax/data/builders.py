@@ -16,11 +16,9 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.data import base
 from mmjax.data import images as image_codec
 from mmjax.data import synthetic
-
-SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
-
 
 class ShapeScenesConfig(tfds.core.BuilderConfig):
   """Which scenes to generate; each setting builds its own dataset directory."""
@@ -68,11 +66,11 @@ class MmjaxShapeScenes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, size: int):
     config = self.builder_config
     for i in range(size):
-      rng = np.random.default_rng((config.seed, SPLIT_SEEDS[split], i))
+      rng = np.random.default_rng((config.seed, base.SPLITS[split], i))
       image, shapes = synthetic.draw_scene(rng, config.image_size,
                                            int(rng.integers(1, config.max_shapes + 1)))
       kind, question, answer = synthetic.ask(rng, shapes)
-      yield i, {"id": f"{split}/{i}", "images": [image_codec.encode_png(image)],
+      yield i, {"id": f"{split}/{i}", "images": [image_codec.to_png(image)],
                 "question": question, "answer": answer,
                 "type": kind, "caption": synthetic.caption(shapes)}
 
@@ -105,7 +103,7 @@ def _read_image(path: str, example_id: str, skipped: dict[str, list[str]]) -> by
   with open(path, "rb") as f:
     data = f.read()
   try:
-    image_codec.decode(data)
+    image_codec.from_bytes(data)
   except (OSError, ValueError, SyntaxError):
     skipped["unreadable image"].append(example_id)
     return None

@@ -10,7 +10,7 @@ import numpy as np
 RESIZE = ("bilinear", "bicubic", "lanczos", "box", "nearest")  # Pillow's resampling filters
 
 
-def decode(data: bytes | np.ndarray, size: int | None = None,
+def from_bytes(data: bytes | np.ndarray, size: int | None = None,
            resize: str = "bilinear") -> np.ndarray:
   """Encoded image bytes, or uint8[H, W, C], -> float32[H, W, 3] in [0, 1], resized to
   size x size (by a RESIZE method) if size is given.
@@ -30,7 +30,7 @@ def decode(data: bytes | np.ndarray, size: int | None = None,
     return np.asarray(image, np.float32) / 255.0
 
 
-def encode_png(image: np.ndarray) -> bytes:
+def to_png(image: np.ndarray) -> bytes:
   """float[H, W, 3] in [0, 1] -> PNG bytes (8 bits per channel)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buffer = io.BytesIO()
@@ -42,7 +42,7 @@ def read(path: str, size: int) -> np.ndarray:
   """An image file -> float32[size, size, 3] in [0, 1]; unreadable: one error naming the file."""
   try:
     with open(path, "rb") as f:
-      return decode(f.read(), size)
+      return from_bytes(f.read(), size)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
 

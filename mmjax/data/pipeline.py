@@ -30,6 +30,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.data import base
 from mmjax.data import builders
 from mmjax.data import images as image_codec
 from mmjax.data import synthetic
@@ -68,6 +69,11 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int, *, prep
         raise
       raise ValueError(f"{builder.name} ({builder.builder_config.name}): a split has no usable "
                        "examples (the warning above lists the skipped ones)") from e
+    except FileExistsError:
+      # Another process (another host, or a second run) finished the same build first and its
+      # complete copy is in place: read that one.
+      logging.info("%s was built by another process meanwhile; reading its copy", builder.name)
+      builder = tfds.builder_from_directory(builder.data_dir)
     except ModuleNotFoundError as e:
       if e.name != "tensorflow":
         raise
@@ -111,7 +117,7 @@ class Example:
   images: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
-class RecordSource(synthetic.Source):
+class RecordSource(base.Source):
   """Token examples read by index, laid out one (or `pack`) per row.
 
   Subclasses set `records` and `order` and turn a record into an Example.
@@ -234,7 +240,7 @@ class TfdsScenes(synthetic.ShapeScenes):
     del rng  # the record is fixed; rng still picks the task of a "mixed" example
     record = self.records[self.record_index(step, row)]
     text = {k: record[k].decode("utf-8") for k in ("question", "answer", "type", "caption")}
-    return {"image": image_codec.decode(record["images"][0]), **text}
+    return {"image": image_codec.from_bytes(record["images"][0]), **text}
 
 
 class LlavaConversations(RecordSource):
@@ -260,7 +266,7 @@ class LlavaConversations(RecordSource):
     ids, loss = tokenizers.encode_conversation(json.loads(record["conversation"]),
                                                self.tokenizer, self.image_ids)
     return Example(record["id"].decode(), ids, loss,
-                   [image_codec.decode(data, self.image_size, self.resize)
+                   [image_codec.from_bytes(data, self.image_size, self.resize)
                     for data in record["images"][:self.max_images]])
 
 
@@ -288,14 +294,14 @@ class CocoCaptions(RecordSource):
     self.records, self.order = open_split(builder, self.split, self.seed)
 
   def _caption(self, record: dict, position: int) -> str:
-    rng = np.random.default_rng((self.seed, synthetic.SPLITS[self.split], position))
+    rng = np.random.default_rng((self.seed, base.SPLITS[self.split], position))
     return record["captions"][rng.integers(len(record["captions"]))].decode()
 
   def example(self, record: dict, position: int) -> Example:
     caption = self.tokenizer.encode(self._caption(record, position)) + [self.tokenizer.eos_id]
     return Example(record["id"].decode(), self.prompt + caption,
                    [0] * len(self.prompt) + [1] * len(caption),
-                   [image_codec.decode(record["images"][0], self.image_size, self.resize)])
+                   [image_codec.from_bytes(record["images"][0], self.image_size, self.resize)])
 
   # The generative evaluator's interface (see evaluate.Generative).
 
@@ -310,7 +316,7 @@ class CocoCaptions(RecordSource):
     for row, _ in self.rows(step):
       record = self.record(step * self.batch_size + row)
       captions = [c.decode() for c in record["captions"]]
-      image = image_codec.decode(record["images"][0], self.image_size, self.resize)
+      image = image_codec.from_bytes(record["images"][0], self.image_size, self.resize)
       rows.append({"image": self.normalise(image)[None], "prompt": self.prompt, "question": "",
                    "answer": captions[0], "references": captions[:self.max_references],
                    "type": "caption"})
@@ -340,7 +346,7 @@ class Documents(RecordSource):
     return Example(example_id, ids, [0] + [1] * (len(ids) - 1))
 
 
-class ImageClasses(synthetic.Source):
+class ImageClasses(base.Source):
   """Labelled images -> {"images": float32[b, S, S, 3], "labels": int32[b]}, resized to S."""
 
   def __init__(self, batch_size: int, image_size: int, records, order, num_classes: int, *,
@@ -363,7 +369,7 @@ class ImageClasses(synthetic.Source):
     images, labels = [], []
     for row, _ in self.rows(step):
       record = self.records[int(self.order[step * self.batch_size + row])]
-      images.append(image_codec.decode(record[self.image_key], self.image_size, self.resize))
+      images.append(image_codec.from_bytes(record[self.image_key], self.image_size, self.resize))
       labels.append(record[self.label_key])
     return {"images": self.normalise(np.stack(images)), "labels": np.array(labels, np.int32)}
 

@@ -13,8 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from mmjax.data import images as image_codec
-from mmjax.data import tokenizers
+from mmjax.data import base
 
 
 def _shift(rows: list[list[int]], seq_len: int, pad_id: int, loss_from: list[int]):
@@ -28,40 +27,7 @@ def _shift(rows: list[list[int]], seq_len: int, pad_id: int, loss_from: list[int
   return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": weights}
 
 
-SPLITS = {"train": 0, "validation": 1}
-
-
-class Source:
-  """Rows [process_index * B/P, (process_index + 1) * B/P) of each global batch of B."""
-
-  def __init__(self, batch_size: int, seed: int = 0, split: str = "train",
-               process_index: int = 0, process_count: int = 1,
-               image_mean: tuple[float, ...] = (0.0, 0.0, 0.0),
-               image_std: tuple[float, ...] = (1.0, 1.0, 1.0)):
-    if split not in SPLITS:
-      raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-    if batch_size % process_count:
-      raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
-    self.batch_size = batch_size
-    self.seed = seed
-    self.split = split
-    self.local_batch_size = batch_size // process_count
-    self.first_row = process_index * self.local_batch_size
-    self.tokenizer = tokenizers.ByteTokenizer()
-    self.image_mean = np.asarray(image_mean, np.float32)
-    self.image_std = np.asarray(image_std, np.float32)
-
-  def normalise(self, images: np.ndarray) -> np.ndarray:
-    """Pixels in [0, 1] -> (pixels - image_mean) / image_std, per channel (config.data keys)."""
-    return image_codec.normalise(images, self.image_mean, self.image_std)
-
-  def rows(self, step: int):
-    """(row of the global batch, its generator) for this process's rows of batch `step`."""
-    for row in range(self.first_row, self.first_row + self.local_batch_size):
-      yield row, np.random.default_rng((self.seed, SPLITS[self.split], step, row))
-
-
-class ArithmeticText(Source):
+class ArithmeticText(base.Source):
   """Byte-level sentences such as "17+25=42. ": learnable, so a falling loss means something."""
 
   def __init__(self, batch_size: int, seq_len: int, **kwargs):
@@ -99,7 +65,7 @@ class Shape:
   place: str
 
 
-class ShapeScenes(Source):
+class ShapeScenes(base.Source):
   """One to `max_shapes` (<= 4) coloured squares and circles, each in its own quadrant.
 
   Tasks: "vqa" asks one question per image, of three types:
@@ -190,7 +156,7 @@ class ShapeScenes(Source):
             **_shift(rows, self.seq_len, self.tokenizer.pad_id, loss_from)}
 
 
-class ShapeClasses(Source):
+class ShapeClasses(base.Source):
   """One-shape scenes labelled by (colour, quadrant): 16 classes, for training a ViT."""
 
   num_classes = len(COLOURS) * len(PLACES)

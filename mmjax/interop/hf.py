@@ -195,7 +195,7 @@ def lm_fields(cfg: dict) -> dict:
 
 
 def mmjax_config(cfg: dict) -> dict:
-  """config.json -> {"family": ..., "model": fields} for trainer.build_model."""
+  """config.json -> {"family": ..., "model": fields} for mmjax.models.build."""
   kind = cfg.get("model_type")
   if kind in VISION_TYPES:
     fields = vit_fields(cfg)
@@ -449,7 +449,7 @@ def hf_config(config: dict) -> dict:
                 else "full", multimodal_projector_bias=True,
                 tie_word_embeddings=text.get("tie_word_embeddings", False))
   raise ValueError(f"HuggingFace export covers the vit, lm and early_fusion families; "
-                   f"family {family!r} exports its parts (see export_parts)")
+                   f"family {family!r} exports its towers (tools/export_hf.py writes them)")
 
 
 def _vision_config(fields: dict, classes) -> dict:

@@ -1,0 +1,90 @@
+"""The model families by name (config.family), and the checks of their fields.
+
+  model = models.build("deep_fusion", config.model)
+
+Each family is a module whose `Model` builds it from keyword fields; the
+image-text families also say how many placeholder tokens an image takes.
+Nothing here reads data or configs beyond the fields it is given.
+"""
+from collections.abc import Mapping
+
+from flax import linen as nn
+
+from mmjax.models import deep_fusion
+from mmjax.models import early_fusion
+from mmjax.models import lm
+from mmjax.models import vit
+
+FAMILIES = {"lm": lm, "vit": vit, "early_fusion": early_fusion, "deep_fusion": deep_fusion}
+IMAGE_TEXT = ("early_fusion", "deep_fusion")  # families that read images and text
+
+
+def _fields(fields) -> dict:
+  """A plain dict of model fields, from a dict or an ml_collections.ConfigDict."""
+  return fields.to_dict() if hasattr(fields, "to_dict") else dict(fields)
+
+
+def check_family(family: str):
+  if family not in FAMILIES:
+    raise ValueError(f"config.family must be one of {sorted(FAMILIES)}, got {family!r}")
+
+
+def build(family: str, fields: Mapping) -> nn.Module:
+  """The unbound model of `family` with these fields (a dict or a ConfigDict)."""
+  check_family(family)
+  return FAMILIES[family].Model(**_fields(fields))
+
+
+def towers(family: str, fields: Mapping, key: str = "config.model") -> dict[str, tuple[str, dict]]:
+  """The plain ViTs and LMs a model is made of: config key -> (family, fields)."""
+  check_family(family)
+  fields = _fields(fields)
+  if family in IMAGE_TEXT:
+    return {f"{key}.vit": ("vit", fields["vit"]), f"{key}.lm": ("lm", fields["lm"])}
+  return {key: (family, fields)}
+
+
+def check(family: str, fields: Mapping, key: str = "config.model"):
+  """One-line errors naming the config key, raised before anything is built or compiled."""
+  for where, (kind, tower_fields) in towers(family, fields, key).items():
+    tower = build(kind, tower_fields)
+    if (kind == "vit" or not tower.head_dim) and tower.width % tower.num_heads:
+      raise ValueError(f"{where}.num_heads={tower.num_heads} does not divide "
+                       f"{where}.width={tower.width}")
+    if kind == "lm" and tower.num_kv_heads and tower.num_heads % tower.num_kv_heads:
+      raise ValueError(f"{where}.num_kv_heads={tower.num_kv_heads} does not divide "
+                       f"{where}.num_heads={tower.num_heads}")
+
+
+def language_fields(family: str, fields: Mapping) -> dict:
+  """The LM fields of a text family: the model's own, or its language tower's."""
+  fields = _fields(fields)
+  return fields if family == "lm" else fields["lm"]
+
+
+def _vision(family: str, fields: Mapping) -> nn.Module:
+  fields = _fields(fields)
+  return vit.Model(**(fields["vit"] if family in IMAGE_TEXT else fields))
+
+
+def image_size(family: str, fields: Mapping) -> int:
+  """The resolution a ViT or fusion model is laid out for (its ViT's image_size)."""
+  return _vision(family, fields).image_size
+
+
+def patch_size(family: str, fields: Mapping) -> int:
+  """The ViT's patch size: image sides must be multiples of it."""
+  return _vision(family, fields).patch_size
+
+
+def placeholders_per_image(family: str, fields: Mapping, image_size: int) -> int:
+  """Tokens the text holds for one image: P placeholders (early fusion) or one marker (deep)."""
+  if family not in IMAGE_TEXT:
+    raise ValueError(f"a {family} model reads no images in its text")
+  return FAMILIES[family].placeholders_per_image(_fields(fields), image_size)
+
+
+def image_layout(family: str, fields: Mapping) -> tuple[int, list[int]]:
+  """-> (the image size, the token ids that stand for one image in the text)."""
+  size = image_size(family, fields)
+  return size, [_fields(fields)["image_token_id"]] * placeholders_per_image(family, fields, size)

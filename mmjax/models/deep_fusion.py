@@ -155,59 +155,58 @@ class Model(nn.Module):
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """tokens: int[B, T]; images: float[B, I, H, W, 3] or None -> (logits float32[B, T, V], aux).
 
-    aux: "img/tokens" float[B, I, R, D], "xattn/gate_<i>" the tanh gates, "hidden".
+    aux: "img/features" float[B, I, R, D], "xattn/gate_<i>" the tanh gates, "hidden".
     """
     if images is None:  # All text: the cross blocks would add exactly zero.
       return self.language(tokens, positions=positions, segment_ids=segment_ids)
     visual = self.encode_images(images)
     B, I, R, D = visual.shape
     media = media_mask(tokens == self.image_token_id, I, R, self.media_attention, segment_ids)
-    logits, aux = self.decode(tokens, visual.reshape(B, I * R, D), media, positions=positions,
-                              segment_ids=segment_ids)
-    return logits, {"img/tokens": visual, **aux}
+    logits, aux = self.run_language(tokens, visual.reshape(B, I * R, D), media,
+                                    positions=positions, segment_ids=segment_ids)
+    return logits, {"img/features": visual, **aux}
 
   def encode_images(self, images: jax.Array) -> jax.Array:
     """images: float[B, I, H, W, 3] -> visual tokens float[B, I, R, D]; text plays no part."""
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
-    tokens = vit_aux["tokens"]
+    features = vit_aux["features"]
     if self.vision.pool == "cls":
-      tokens = tokens[:, 1:]
-    visual = self.adapter(tokens)
+      features = features[:, 1:]
+    visual = self.adapter(features)
     if self.resampler_latents:
       visual = self.resampler(visual)
     return visual.reshape(B, I, *visual.shape[1:]).astype(self.dtype)
 
-  def decode(self, tokens: jax.Array, visual: jax.Array | list[layers.KVCache],
-             media: jax.Array, *, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None, mask: layers.Mask | None = None,
-             caches: list[layers.KVCache] | None = None) -> tuple[jax.Array, dict]:
-    """The LM with cross blocks: tokens int[B, T]; visual float[B, S, D]; media bool[B, T, S].
+  def run_language(self, tokens: jax.Array, visual: jax.Array | list[layers.KVCache],
+                   media: jax.Array, *, positions: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None, mask: layers.Mask | None = None,
+                   caches: list[layers.KVCache] | None = None) -> tuple[jax.Array, dict]:
+    """The LM over the text, its cross blocks reading the images.
 
-    Decoding passes `caches` (lm.empty_caches) with a `mask` over their slots,
-    and after the first call `visual` = aux["cross_caches"]: one KVCache per
-    cross block, so the image keys and values are projected once.
+    tokens int[B, T]; visual float[B, S, D]; media bool[B, T, S]. Decoding
+    passes `caches` (lm.empty_caches) with a `mask` over their slots, and after
+    the first call `visual` = aux["cross_caches"]: one KVCache per cross block,
+    so the image keys and values are projected once.
     """
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if mask is None:
       mask = layers.Mask(causal=True, segment_ids=segment_ids)
-    x = self.language.add_positions(self.language.embed_tokens(tokens), positions)
-    aux, cross_caches, new_caches = {}, [], []
-    for i, block in enumerate(self.language.blocks):
-      if i in self.xattn:
-        context = visual if not isinstance(visual, list) else visual[len(cross_caches)]
-        x, cross = self.xattn[i](x, context, media)
-        aux[f"xattn/gate_{i}"] = cross["attn_gate"]
-        aux[f"xattn/mlp_gate_{i}"] = cross["mlp_gate"]
-        cross_caches.append(cross["cache"])
-      x, cache = block(x, mask, positions, None if caches is None else caches[i])
-      new_caches.append(cache)
-    x = self.language.final_norm(x)
-    aux.update(hidden=x, cross_caches=cross_caches)
-    if caches is not None:
-      aux["caches"] = new_caches
-    return self.language.logits(x), aux
+    aux, cross_caches = {}, []
+
+    def cross_block(i: int, x: jax.Array) -> jax.Array:
+      if i not in self.xattn:
+        return x
+      context = visual[len(cross_caches)] if isinstance(visual, list) else visual
+      x, cross = self.xattn[i](x, context, media)
+      aux[f"xattn/gate_{i}"] = cross["attn_gate"]
+      aux[f"xattn/mlp_gate_{i}"] = cross["mlp_gate"]
+      cross_caches.append(cross["cache"])
+      return x
+
+    logits, lm_aux = self.language.from_embeddings(
+        self.language.embed_tokens(tokens), mask=mask, positions=positions, caches=caches,
+        before_block=cross_block)
+    return logits, {**aux, **lm_aux, "cross_caches": cross_caches}
 
 
 def media_mask(is_marker: jax.Array, num_images: int, tokens_per_image: int, rule: str,
@@ -250,3 +249,9 @@ def gate_values(params: dict) -> dict[str, jax.Array]:
   return {f"gate/{kind}_{name.split('_')[1]}": jnp.mean(jnp.abs(jnp.tanh(block[f"{kind}_gate"])))
           for name, block in params.items() if name.startswith("xattn_")
           for kind in ("attn", "mlp")}
+
+
+def placeholders_per_image(fields: dict, image_size: int) -> int:
+  """One marker per image, whatever its size: resolution never changes the text length."""
+  del fields, image_size
+  return 1

@@ -49,13 +49,13 @@ class Model(nn.Module):
                prefix_len: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """tokens: int[B, T]; images: float[B, I, H, W, 3] or None -> (logits float32[B, T, V], aux).
 
-    aux["img/tokens"]: float[B, I, P, D] projected image tokens.
+    aux["img/features"]: float[B, I, P, D] projected image features.
     """
     x = self.language.embed_tokens(tokens)
     aux = {}
     if images is not None:
       image_embeddings = self.embed_images(images)
-      aux["img/tokens"] = image_embeddings
+      aux["img/features"] = image_embeddings
       x = splice(x, image_embeddings, tokens == self.image_token_id)
     mask = layers.Mask(causal=True, prefix_len=prefix_len, segment_ids=segment_ids)
     logits, lm_aux = self.language.from_embeddings(x, mask=mask, positions=positions)
@@ -66,12 +66,12 @@ class Model(nn.Module):
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
     if self.vision_layer is None:
-      tokens = vit_aux["tokens"]
+      features = vit_aux["features"]
     else:
-      tokens = vit_aux[f"block_{self.vision_layer % self.vision.depth}"]
+      features = vit_aux[f"block_{self.vision_layer % self.vision.depth}"]
     if self.drop_cls and self.vision.pool == "cls":
-      tokens = tokens[:, 1:]
-    embeddings = self.project(tokens)
+      features = features[:, 1:]
+    embeddings = self.project(features)
     return embeddings.reshape(B, I, *embeddings.shape[1:]).astype(self.dtype)
 
 
@@ -89,16 +89,13 @@ def splice(text: jax.Array, images: jax.Array, is_placeholder: jax.Array) -> jax
   return jnp.where(is_placeholder[..., None], gathered.astype(text.dtype), text)
 
 
-def loss_weights(targets: jax.Array, weights: jax.Array, image_token_id: int) -> jax.Array:
-  """Zeroes the loss where the target is an image placeholder.
-
-  targets: int[B, T]; weights: float[B, T] -> float[B, T].
-  """
-  return weights * (targets != image_token_id)
-
-
 def num_image_tokens(vit_fields: dict, image_size: int, drop_cls: bool = True) -> int:
   """P, the number of placeholders one image of image_size px needs."""
   model = vit_lib.Model(**vit_fields)
   grid = image_size // model.patch_size
   return grid * grid + int(model.pool == "cls" and not drop_cls)
+
+
+def placeholders_per_image(fields: dict, image_size: int) -> int:
+  """P: the placeholder tokens the text holds for one image of image_size px, from Model fields."""
+  return num_image_tokens(fields["vit"], image_size, fields.get("drop_cls", True))

@@ -30,7 +30,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 
-# cuDNN's fused attention rejects lengths such as 197 or 577 (see DESIGN.md):
+# cuDNN's fused attention rejects lengths such as 197 or 577 ("Unsupported sequence length"):
 # the fused path pads both lengths to this multiple and masks the padded keys.
 CUDNN_LENGTH_MULTIPLE = 64
 

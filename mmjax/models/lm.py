@@ -13,6 +13,7 @@ parameters keep the plain LM's names and an LM checkpoint loads unchanged.
 Returns `(logits float32[B, T, V], aux)` with aux["hidden"] the final hidden
 states float[B, T, D] (after the final norm).
 """
+from collections.abc import Callable
 import dataclasses
 
 from flax import linen as nn
@@ -63,8 +64,8 @@ class Embedder(nn.Module):
     """tokens: int[B, T] -> float[B, T, D]."""
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
-  def decode(self, x: jax.Array) -> jax.Array:
-    """x: float[B, T, D] -> float32[B, T, V]."""
+  def attend(self, x: jax.Array) -> jax.Array:
+    """x: float[B, T, D] -> float32[B, T, V]: scores against every embedding, as nn.Embed.attend."""
     return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -197,23 +198,36 @@ class _Model(nn.Module):
       x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(x.dtype)
     return layers.constrain(x)
 
+  @property
+  def language(self) -> "_Model":
+    """Every text model's LM is `model.language`: a fusion model's tower, or the LM itself."""
+    return self
+
   def from_embeddings(self, x: jax.Array, *, mask: layers.Mask,
                       positions: jax.Array | None = None,
                       caches: list[layers.KVCache] | layers.KVCache | None = None,
+                      before_block: Callable[[int, jax.Array], jax.Array] | None = None,
                       ) -> tuple[jax.Array, dict]:
     """x: float[B, T, D] input embeddings -> (logits float32[B, T, V], aux).
 
     caches: from `empty_caches` when decoding (one per block, or one stacked
     along a leading layer axis when scanned); aux["caches"] returns them updated.
+    before_block(i, x) -> x runs before block i (deep fusion's cross-attention
+    blocks plug in here); only unrolled blocks take it.
     """
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     x = self.add_positions(x, positions)
     if self.scan_layers:
+      if before_block is not None:
+        raise ValueError("a scanned LM (scan_layers=True) runs its blocks as one loop: nothing "
+                         "can run between them")
       x, new_caches = self.scanned_blocks(x, mask, positions, caches)
     else:
       new_caches = []
       for i, block in enumerate(self.blocks):
+        if before_block is not None:
+          x = before_block(i, x)
         x, cache = block(x, mask, positions, None if caches is None else caches[i])
         new_caches.append(cache)
     x = self.final_norm(x)
@@ -225,7 +239,7 @@ class _Model(nn.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """x: float[B, T, D] normed hidden states -> float32[B, T, V]."""
     if self.tie_embeddings:
-      return self.embedder.decode(x)
+      return self.embedder.attend(x)
     return self.head(x).astype(jnp.float32)
 
 

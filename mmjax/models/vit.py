@@ -5,7 +5,7 @@ D width. `Model(variant="B/16")` builds ViT-B with 16 px patches.
 
 Returns `(out, aux)`: out is the logits when `num_classes` is set, else the
 pooled vector; aux holds
-  "tokens":   float[B, P, D] final tokens (after the final norm),
+  "features": float[B, P, D] final features (after the final norm),
   "pooled":   float[B, D],
   "block_i":  float[B, P, D] output of block i (before any final norm), so a
               fusion model can read an earlier layer, as LLaVA does.
@@ -33,7 +33,7 @@ VARIANTS = {  # width, depth, mlp_dim, num_heads
 POOLS = ("cls", "gap", "map", "none")
 
 
-def decode_variant(variant: str) -> dict:
+def variant_fields(variant: str) -> dict:
   """"B/16" -> the ViT-B fields with patch_size=16."""
   match = re.fullmatch(r"(\w+)/(\d+)", variant)
   if not match or match.group(1) not in VARIANTS:
@@ -149,7 +149,7 @@ class _Model(nn.Module):
                 self.attention_impl, self.dtype, name=f"block_{i}")(x)
       aux[f"block_{i}"] = x
     x = layers.Norm("layernorm", self.norm_eps, name="final_norm")(x)
-    aux["tokens"] = x
+    aux["features"] = x
 
     if self.pool == "cls":
       pooled = x[:, 0]
@@ -198,7 +198,7 @@ def interpolate_positions(pos: jax.Array, has_cls: bool, grid: int,
 
 def Model(variant: str | None = None, num_classes: int | None = None, **overrides) -> _Model:  # pylint: disable=invalid-name
   """ViT from a variant name ("Ti/16", "B/16", "L/14", ...) and field overrides."""
-  fields = decode_variant(variant) if variant else {}
+  fields = variant_fields(variant) if variant else {}
   fields.update(overrides)
   known = {f.name for f in dataclasses.fields(_Model)}
   unknown = sorted(set(fields) - known)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax import decode
+from mmjax import generation
 from mmjax.models import deep_fusion
 from mmjax.models import early_fusion
 from mmjax.models import lm
@@ -27,12 +27,12 @@ def open_gates(params):
 
 def cached_logits(model, params, prompts, images, continuation):
   """Logits predicting continuation[:, i] through prefill + extend: float32[B, N, V]."""
-  tokens, lengths = decode.left_pad(prompts, pad_id=0)
+  tokens, lengths = generation.left_pad(prompts, pad_id=0)
   N = continuation.shape[1]
-  logits, state = decode.prefill(model, params, tokens, lengths, images, tokens.shape[1] + N)
+  logits, state = generation.prefill(model, params, tokens, lengths, images, tokens.shape[1] + N)
   steps = [logits]
   for i in range(N - 1):
-    logits, state = decode.extend(model, params, continuation[:, i], state)
+    logits, state = generation.extend(model, params, continuation[:, i], state)
     steps.append(logits)
   return np.stack(steps, axis=1)
 
@@ -56,8 +56,9 @@ def check_consistency(model, params, prompts, images, generated):
 
 
 def greedy(model, params, prompts, images, n, **sampling):
-  tokens, lengths = decode.left_pad(prompts, pad_id=0)
-  generate = jax.jit(decode.make_generate(model, decode.Sampling(max_new_tokens=n, **sampling)))
+  tokens, lengths = generation.left_pad(prompts, pad_id=0)
+  generate = jax.jit(generation.make_generate(model, generation.Sampling(max_new_tokens=n,
+                                                                        **sampling)))
   return generate(params, tokens, lengths, images, jax.random.key(0))
 
 
@@ -117,10 +118,10 @@ def test_deep_fusion_projects_visual_keys_once():
   images = jax.random.normal(jax.random.key(1), (1, 1, 16, 16, 3))
   prompt = jnp.array([[256, IMG, 40]])
   params = open_gates(init(model, prompt, images))
-  _, state = decode.prefill(model, params, prompt, jnp.array([3]), images, 8)
+  _, state = generation.prefill(model, params, prompt, jnp.array([3]), images, 8)
   # One cache per cross block, holding the 4 visual tokens' keys; extending reuses them.
   assert [c.k.shape for c in state["cross"]] == [(1, 4, 2, 16)] * 2
-  _, after = decode.extend(model, params, jnp.array([41]), state)
+  _, after = generation.extend(model, params, jnp.array([41]), state)
   assert all(a is b for a, b in zip(after["cross"], state["cross"]))
 
 
@@ -173,13 +174,13 @@ def test_beam_search_is_exact_with_enough_beams():
 
 def test_filter_logits_keeps_what_top_k_and_top_p_promise():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
-  keep = lambda **kw: np.isfinite(decode.filter_logits(logits, decode.Sampling(
+  keep = lambda **kw: np.isfinite(generation.filter_logits(logits, generation.Sampling(
       method="sample", **kw)))[0].tolist()
   assert keep(top_k=3) == [True, True, True, False]
   assert keep(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7 needs the 0.3 too
   assert keep(top_p=0.5) == [True, False, False, False]
   assert keep(top_p=0.1) == [True, False, False, False]  # the top token always survives
-  scaled = decode.filter_logits(logits, decode.Sampling(method="sample", temperature=0.5))
+  scaled = generation.filter_logits(logits, generation.Sampling(method="sample", temperature=0.5))
   np.testing.assert_allclose(scaled, logits * 2)
 
 
@@ -201,8 +202,8 @@ def test_sampling_follows_the_filtered_distribution():
 
 def test_bad_sampling_settings_are_one_line_errors():
   with pytest.raises(ValueError, match="sampling method must be one of"):
-    decode.Sampling(method="nucleus")
+    generation.Sampling(method="nucleus")
   with pytest.raises(ValueError, match="top_p must be in"):
-    decode.Sampling(method="sample", top_p=0.0)
+    generation.Sampling(method="sample", top_p=0.0)
   with pytest.raises(ValueError, match="needs at least one token"):
-    decode.left_pad([[1], []], 0)
+    generation.left_pad([[1], []], 0)

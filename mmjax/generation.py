@@ -9,7 +9,7 @@ slot. Masks hide the padding and positions count from each row's first real
 token, so a row decodes exactly as it would alone. The whole generation is one
 `lax.while_loop` inside one jitted function: no Python runs per token.
 
-  generate = decode.make_generate(model, decode.Sampling(method="greedy", eos_id=257))
+  generate = generation.make_generate(model, generation.Sampling(method="greedy", eos_id=257))
   out = jax.jit(generate)(params, tokens, lengths, images, jax.random.key(0))
   out["tokens"]  # int32[B, N], pad_id after each row's EOS
 
@@ -84,17 +84,6 @@ def left_pad(prompts: list[list[int]], pad_id: int,
 # ----------------------------------------------------------------------------
 
 
-def _language(model: nn.Module) -> nn.Module:
-  return model if isinstance(model, lm_lib._Model) else model.language  # pylint: disable=protected-access
-
-
-def unbound_language(model: nn.Module) -> lm_lib._Model:  # pylint: disable=protected-access
-  """The LM of any model family, unbound: its fields size the KV caches."""
-  if isinstance(model, lm_lib._Model):  # pylint: disable=protected-access
-    return model
-  return lm_lib.Model(**{"dtype": model.dtype, **model.lm})
-
-
 def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
             images: jax.Array | None, cache_len: int) -> tuple[jax.Array, dict]:
   """Runs the prompts into fresh caches of cache_len slots.
@@ -112,7 +101,6 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
       jnp.arange(cache_len) <= slots[None, :, None])  # [B, T, S]
   mask = layers.Mask(explicit=allowed)
   positions = jnp.maximum(slots[None, :] - start[:, None], 0)
-  caches = lm_lib.empty_caches(unbound_language(model), B, cache_len)
   state = {"start": start}
 
   if isinstance(model, deep_fusion.Model) and images is not None:
@@ -121,8 +109,9 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
       _, I, R, D = visual.shape
       is_marker = tokens == m.image_token_id
       media = deep_fusion.media_mask(is_marker, I, R, m.media_attention)
-      logits, aux = m.decode(tokens, visual.reshape(B, I * R, D), media, positions=positions,
-                             mask=mask, caches=caches)
+      logits, aux = m.run_language(tokens, visual.reshape(B, I * R, D), media,
+                                   positions=positions, mask=mask,
+                                   caches=lm_lib.empty_caches(m.language, B, cache_len))
       return logits, aux, jnp.sum(is_marker, axis=1)
     logits, aux, seen = model.apply({"params": params}, method=run)
     num_visual = aux["cross_caches"][0].k.shape[1]  # I * R
@@ -131,10 +120,11 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
                  image_of_key=jnp.arange(num_visual) // (num_visual // num_images))
   else:
     def run(m):
-      x = _language(m).embed_tokens(tokens)
+      x = m.language.embed_tokens(tokens)
       if isinstance(m, early_fusion.Model) and images is not None:
         x = early_fusion.splice(x, m.embed_images(images), tokens == m.image_token_id)
-      return _language(m).from_embeddings(x, mask=mask, positions=positions, caches=caches)
+      return m.language.from_embeddings(x, mask=mask, positions=positions,
+                                        caches=lm_lib.empty_caches(m.language, B, cache_len))
     logits, aux = model.apply({"params": params}, method=run)
   state["caches"] = aux["caches"]
   return logits[:, -1], state
@@ -158,15 +148,14 @@ def extend(model: nn.Module, params, token: jax.Array, state: dict) -> tuple[jax
       seen = state["seen"] + (token == m.image_token_id)
       media = deep_fusion.visible_images(seen, state["image_of_key"], m.media_attention)
       media = media[:, None]  # [B, 1, I * R]
-      logits, aux = m.decode(tokens, state["cross"], media, positions=positions, mask=mask,
-                             caches=caches)
+      logits, aux = m.run_language(tokens, state["cross"], media, positions=positions,
+                                   mask=mask, caches=caches)
       return logits, aux, seen
     logits, aux, state["seen"] = model.apply({"params": params}, method=run)
   else:
     def run(m):
-      language = _language(m)
-      return language.from_embeddings(language.embed_tokens(tokens), mask=mask,
-                                      positions=positions, caches=caches)
+      return m.language.from_embeddings(m.language.embed_tokens(tokens), mask=mask,
+                                        positions=positions, caches=caches)
     logits, aux = model.apply({"params": params}, method=run)
   state["caches"] = aux["caches"]
   return logits[:, -1], state
@@ -314,13 +303,3 @@ def _beam_search(model: nn.Module, sampling: Sampling):
             "logprobs": pick(carry["scores"])}
 
   return generate
-
-
-def image_layout(config: dict) -> tuple[int, list[int]]:
-  """A fusion model's {"family", "model"} config -> (image size, the ids standing for one image):
-  P placeholders for early fusion, one marker for deep fusion."""
-  vit = config["model"]["vit"]
-  size = vit.get("image_size", 224)
-  per_image = 1 if config["family"] == "deep_fusion" else early_fusion.num_image_tokens(
-      vit, size, config["model"].get("drop_cls", True))
-  return size, [config["model"]["image_token_id"]] * per_image

@@ -1,0 +1,218 @@
+"""The data sources by name (config.data.name): what each feeds, needs and yields.
+
+  source = sources.build(config, "train")  # this process's share of each global batch
+  spec = sources.batch_spec(config)        # the global batch's shapes, nothing read
+
+Values that follow from the model are derived here, never stored in the
+config: the image size (config.data.image_size, or the model's own when
+unset) and the tokens the text holds per image (P placeholders for early
+fusion, one marker for deep fusion), so an override of the model's image size
+moves everything that depends on it.
+
+tfds and grain are imported only by the sources that read tfds datasets: the
+in-memory ones run without them (the GPU benchmark image has neither).
+"""
+from collections.abc import Callable
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import models
+from mmjax.data import base
+from mmjax.data import synthetic
+from mmjax.data import tokenizers
+
+Config = ml_collections.ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  families: tuple[str, ...]  # the model families it feeds
+  build: Callable[[Config, str, dict], base.Source]  # (config, split, common keywords)
+  required: tuple[str, ...] = ()  # config.data keys that must be set
+  packs: bool = False  # takes config.data.pack > 1
+
+
+def image_size(config: Config) -> int:
+  """config.data.image_size, or the model's own resolution when it is unset."""
+  return config.data.get("image_size") or models.image_size(config.family, config.model)
+
+
+def placeholders_per_image(config: Config) -> int:
+  """Tokens the text holds for one image at the data's image size."""
+  return models.placeholders_per_image(config.family, config.model, image_size(config))
+
+
+def _tokens(data: Config) -> dict:
+  return dict(tokenizer=data.get("tokenizer", "bytes"), pack=data.get("pack", 1))
+
+
+def _scenes(config: Config, split: str, common: dict, *, in_memory: bool) -> base.Source:
+  data = config.data
+  fields = dict(task=data.task, max_shapes=data.max_shapes,
+                image_token_id=config.model.image_token_id, **common)
+  if in_memory:
+    return synthetic.ShapeScenes(config.batch_size, data.seq_len, image_size(config),
+                                 placeholders_per_image(config), **fields)
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.TfdsScenes(config.batch_size, data.seq_len, image_size(config),
+                             placeholders_per_image(config), data_dir=data.data_dir,
+                             train_size=data.train_size, eval_size=data.eval_size, **fields)
+
+
+def _annotated(config: Config, split: str, common: dict) -> base.Source:
+  """LLaVA conversations or COCO captions: annotations JSON + image folder."""
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = config.data
+  source = {"llava": pipeline.LlavaConversations, "coco_captions": pipeline.CocoCaptions}
+  images = dict(max_images=data.max_images) if data.name == "llava" else {}
+  del split  # in common
+  return source[data.name](
+      config.batch_size, data.seq_len, json_path=data.json, image_dir=data.image_dir,
+      image_size=image_size(config), image_tokens=placeholders_per_image(config),
+      image_token_id=config.model.image_token_id, data_dir=data.data_dir,
+      resize=data.get("resize", "bilinear"), **images, **_tokens(data), **common)
+
+
+def _image_folder(config: Config, split: str, common: dict) -> base.Source:
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  records, order, num_classes = pipeline.image_folder(config.data.image_dir, split, config.seed,
+                                                      config.data.data_dir)
+  return pipeline.ImageClasses(config.batch_size, image_size(config), records, order,
+                               num_classes, resize=config.data.get("resize", "bilinear"),
+                               **common)
+
+
+def _text(config: Config, split: str, common: dict) -> base.Source:
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = config.data
+  records, order = pipeline.text_files(data.files, data.text_key, split, config.seed,
+                                       data.data_dir)
+  return pipeline.Documents(config.batch_size, data.seq_len, records, order, text_key="text",
+                            **_tokens(data), **common)
+
+
+def _tfds(config: Config, split: str, common: dict) -> base.Source:
+  """A prepared tfds dataset by name: its images and labels for a ViT, else its text."""
+  from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = config.data
+  builder, splits = pipeline.named_builder(data.tfds_name, data.data_dir)
+  records, order = pipeline.open_split(builder, splits[split], config.seed, prepare=False)
+  if config.family == "vit":
+    return pipeline.ImageClasses(
+        config.batch_size, image_size(config), records, order,
+        builder.info.features[data.label_key].num_classes, image_key=data.image_key,
+        label_key=data.label_key, resize=data.get("resize", "bilinear"), **common)
+  return pipeline.Documents(config.batch_size, data.seq_len, records, order,
+                            text_key=data.text_key, **_tokens(data), **common)
+
+
+IMAGE_TEXT = models.IMAGE_TEXT
+SOURCES = {
+    "arithmetic": Entry(("lm",), lambda config, split, common: synthetic.ArithmeticText(
+        config.batch_size, config.data.seq_len, **common)),
+    "text": Entry(("lm",), _text, required=("files", "seq_len"), packs=True),
+    "tfds": Entry(("lm", "vit"), _tfds, required=("tfds_name",), packs=True),
+    "shape_classes": Entry(("vit",), lambda config, split, common: synthetic.ShapeClasses(
+        config.batch_size, image_size(config), **common)),
+    "image_folder": Entry(("vit",), _image_folder, required=("image_dir",)),
+    "shapes": Entry(IMAGE_TEXT, lambda config, split, common: _scenes(
+        config, split, common, in_memory=True)),
+    "tfds_scenes": Entry(IMAGE_TEXT, lambda config, split, common: _scenes(
+        config, split, common, in_memory=False)),
+    "llava": Entry(IMAGE_TEXT, _annotated, required=("json", "image_dir", "seq_len"),
+                   packs=True),
+    "coco_captions": Entry(IMAGE_TEXT, _annotated, required=("json", "image_dir", "seq_len"),
+                           packs=True),
+}
+
+
+def names_for(family: str) -> tuple[str, ...]:
+  return tuple(name for name, entry in SOURCES.items() if family in entry.families)
+
+
+def check(config: Config):
+  """One-line errors naming the config.data key, raised before anything is read or compiled."""
+  data = config.data
+  if data.name not in SOURCES:
+    raise ValueError(f"config.data.name must be one of {sorted(SOURCES)}, got {data.name!r}")
+  entry = SOURCES[data.name]
+  if config.family not in entry.families:
+    raise ValueError(f"config.data.name={data.name!r} does not feed a {config.family} model; "
+                     f"use one of {names_for(config.family)}")
+  for key in entry.required:
+    if not data.get(key):
+      raise ValueError(f"config.data.{key} must be set for config.data.name={data.name!r}")
+  if data.get("pack", 1) > 1 and not entry.packs:
+    packing = [name for name, e in SOURCES.items() if e.packs]
+    raise ValueError(f"config.data.pack={data.pack} packs only {packing}, not {data.name!r}")
+  if config.family != "lm":
+    size = image_size(config)
+    patch = models.patch_size(config.family, config.model)
+    if size % patch:
+      key = "config.data.image_size" if data.get("image_size") else (
+          "config.model.vit.image_size" if config.family in IMAGE_TEXT
+          else "config.model.image_size")
+      raise ValueError(f"{key}={size} is not a multiple of the ViT's patch size {patch}")
+  if config.family != "vit":
+    vocab = models.build("lm", models.language_fields(config.family, config.model)).vocab_size
+    tokenizer = tokenizers.load(data.get("tokenizer", "bytes"))
+    if vocab < tokenizer.vocab_size:
+      key = "config.model.vocab_size" if config.family == "lm" else "config.model.lm.vocab_size"
+      raise ValueError(f"{key}={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                       f"ids ({tokenizer!r}, config.data.name={data.name!r})")
+
+
+def build(config: Config, split: str = "train") -> base.Source:
+  """This process's share of the global batches of config.data's `split`."""
+  check(config)
+  data = config.data
+  common = dict(seed=config.seed, split=split, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  if "image_mean" in data:
+    common.update(image_mean=data.image_mean, image_std=data.image_std)
+  return SOURCES[data.name].build(config, split, common)
+
+
+def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch's arrays as shapes and dtypes, from the config alone (no data is read).
+
+  Image classification: images float32[B, S, S, 3], labels int32[B]. Text:
+  tokens, targets int32[B, T], loss_weights float32[B, T], plus segment_ids and
+  positions int32[B, T] when packing, and images float32[B, I, S, S, 3] for
+  the image-text families.
+  """
+  check(config)
+  data, B = config.data, config.batch_size
+  if config.family == "vit":
+    size = image_size(config)
+    return {"images": jax.ShapeDtypeStruct((B, size, size, 3), np.float32),
+            "labels": jax.ShapeDtypeStruct((B,), np.int32)}
+  seq_len = data.seq_len
+  if data.name in ("shapes", "tfds_scenes") and seq_len is None:  # the task's longest example
+    seq_len = synthetic.ShapeScenes(B, None, image_size(config), placeholders_per_image(config),
+                                    task=data.task, max_shapes=data.max_shapes).seq_len
+  text = jax.ShapeDtypeStruct((B, seq_len), np.int32)
+  spec = {"tokens": text, "targets": text,
+          "loss_weights": jax.ShapeDtypeStruct((B, seq_len), np.float32)}
+  pack = data.get("pack", 1)
+  if pack > 1:
+    spec.update(segment_ids=text, positions=text)
+  if config.family in IMAGE_TEXT:
+    size = image_size(config)
+    slots = pack * (data.max_images if data.name == "llava" else 1)
+    spec["images"] = jax.ShapeDtypeStruct((B, slots, size, size, 3), np.float32)
+  return spec
+
+
+def check_batch(source: base.Source, batch: dict[str, np.ndarray],
+                spec: dict[str, jax.ShapeDtypeStruct]):
+  """This process's rows of a batch against the global spec the steps were compiled for."""
+  rows = source.local_batch_size
+  want = {k: ((rows, *v.shape[1:]), np.dtype(v.dtype)) for k, v in spec.items()}
+  got = {k: (v.shape, v.dtype) for k, v in batch.items()}
+  if got != want:
+    raise ValueError(f"{source!r} yields {got}, but batch_spec promised {want} for this "
+                     "process's rows: the steps were compiled for the latter")

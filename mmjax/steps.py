@@ -1,0 +1,221 @@
+"""The train and eval steps, and `setup(config)`: all an entry point needs to run them.
+
+  run = steps.setup(config)                    # or setup(config, devices=<a TPU slice's>)
+  state = run.init(jax.random.key(config.seed))  # created sharded: no host holds it whole
+  train_step, eval_step = run.compile()
+  state, metrics = train_step(state, sharding.global_batch(local_batch, run.mesh))
+
+`setup` builds, in order: config checks -> mesh and logical-axis rules ->
+model -> abstract parameters and their shardings -> optimizer -> abstract state
+and its shardings -> the jitted init, train and eval steps. It reads no data
+and allocates nothing, so the trainer, tools/bench.py, tools/dry_run.py,
+tools/show_params.py and the notebooks all start from it, and a TPU slice's
+devices can stand in for this machine's.
+"""
+from collections.abc import Callable, Sequence
+import dataclasses
+import functools
+import math
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mmjax import models
+from mmjax import optim
+from mmjax import sharding
+from mmjax.data import sources
+
+# Batch keys passed to the model as keyword arguments when present.
+MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
+
+
+def init_inputs(batch: dict) -> tuple:
+  """The positional model inputs of a batch: (images,) or (tokens,) or (tokens, images)."""
+  if "labels" in batch:
+    return (batch["images"],)
+  return (batch["tokens"], *((batch["images"],) if "images" in batch else ()))
+
+
+def loss_terms(model: nn.Module, params, batch: dict):
+  """-> (summed loss, weight count, summed correct) for any family's batch.
+
+  Sums, not means: accumulated over microbatches or devices and divided once,
+  they give the full-batch mean however the batch is split.
+  """
+  if "labels" in batch:  # image classification: images float[B, H, W, 3], labels int[B]
+    logits, _ = model.apply({"params": params}, batch["images"])
+    targets, weights = batch["labels"], jnp.ones(batch["labels"].shape, jnp.float32)
+  else:  # next-token prediction: tokens, targets, loss_weights int/float[B, T] (+ images)
+    images = (batch["images"],) if "images" in batch else ()
+    kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
+    logits, _ = model.apply({"params": params}, batch["tokens"], *images, **kwargs)
+    targets, weights = batch["targets"], batch["loss_weights"]
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets) * weights
+  return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct)
+
+
+def new_state(model: nn.Module, optimizer, inputs: tuple, rng: jax.Array) -> dict:
+  """The train state: fresh parameters, their optimizer state, the step and the NaN counters."""
+  params = nn.unbox(model.init(rng, *inputs)["params"])
+  return {"params": params, "opt_state": optimizer.init(params),
+          "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+          "first_bad_step": jnp.full((), -1, jnp.int32)}
+
+
+def make_train_step(model, optimizer, *, microbatches: int):
+  """(state, batch) -> (state, metrics); a non-finite update is skipped and counted."""
+
+  def grads_and_terms(params, batch):
+    def loss_sum(params):
+      total, count, correct = loss_terms(model, params, batch)
+      return total, (count, correct)
+    (total, (count, correct)), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+    return grads, total, count, correct
+
+  def train_step(state, batch):
+    params = state["params"]
+    if microbatches == 1:
+      grads, total, count, correct = grads_and_terms(params, batch)
+    else:
+      # Microbatch m takes rows m, m + M, m + 2M, ...: every microbatch stays spread over all
+      # devices, where contiguous slices would each sit on a few of them.
+      split = jax.tree.map(lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                                               *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def accumulate(carry, microbatch):
+        out = grads_and_terms(params, microbatch)
+        return jax.tree.map(jnp.add, carry, out), None
+
+      zeros = (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0, 0.0)
+      (grads, total, count, correct), _ = jax.lax.scan(accumulate, zeros, split)
+    # Normalise once by the whole batch's weight: the same update however it was split.
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss = total / count
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    step = state["step"] + 1
+    new_state = {
+        "params": jax.tree.map(keep, new_params, params),
+        "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
+        "step": step,
+        "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+        "first_bad_step": jnp.where(~ok & (state["first_bad_step"] < 0), step,
+                                    state["first_bad_step"]),
+    }
+    return new_state, {"loss": loss, "accuracy": correct / count, "grad_norm": grad_norm}
+
+  return train_step
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1):
+  """One-line errors naming the config key, for everything `setup` builds; nothing compiles."""
+  models.check(config.family, config.model)
+  sources.check(config)
+  data_size, fsdp_size, _ = sharding.mesh_shape(config.mesh.shape, num_devices)
+  sharding.rules(config.mesh.rules)
+  parallel = data_size * fsdp_size
+  if config.microbatches < 1 or config.batch_size % config.microbatches:
+    raise ValueError(f"config.microbatches={config.microbatches} must be >= 1 and divide "
+                     f"config.batch_size={config.batch_size}")
+  microbatch = config.batch_size // config.microbatches
+  if microbatch % parallel:
+    raise ValueError(f"config.batch_size={config.batch_size} (microbatches of {microbatch}) is "
+                     f"not divisible by the data-parallel size {parallel} (mesh data x fsdp)")
+  if config.batch_size % num_processes:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"{num_processes} processes")
+  if config.optimizer.name not in optim.OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name must be one of {optim.OPTIMIZERS}, "
+                     f"got {config.optimizer.name!r}")
+  if config.optimizer.schedule not in optim.SCHEDULES:
+    raise ValueError(f"config.optimizer.schedule must be one of {optim.SCHEDULES}, "
+                     f"got {config.optimizer.schedule!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A config's model, mesh, shardings, optimizer and jitted steps; nothing allocated yet."""
+
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  rules: tuple  # logical axis -> mesh axes
+  optimizer: optax.GradientTransformation
+  param_axes: dict  # each parameter's logical axis names (a PartitionSpec of names)
+  params_sharding: dict
+  state_sharding: dict
+  batch_sharding: jax.sharding.NamedSharding
+  abstract_state: dict  # jax.ShapeDtypeStructs carrying state_sharding
+  abstract_batch: dict  # the global batch: jax.ShapeDtypeStructs carrying batch_sharding
+  init: Callable  # (rng) -> state, created directly in its shardings
+  train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
+  eval_step: Callable  # jitted (params, batch) -> (summed loss, weight count, summed correct)
+
+  def lower_train(self) -> jax.stages.Lowered:
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):  # constraints need both
+      return self.train_step.lower(self.abstract_state, self.abstract_batch)
+
+  def lower_eval(self) -> jax.stages.Lowered:
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.eval_step.lower(self.abstract_state["params"], self.abstract_batch)
+
+  def compile_train(self) -> jax.stages.Compiled:
+    """The train step compiled for the abstract state and batch (what compile() returns first)."""
+    return self.lower_train().compile()
+
+  def compile(self) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+    """-> (train step, eval step), compiled for the abstract state and batch."""
+    return self.compile_train(), self.lower_eval().compile()
+
+  @property
+  def state_bytes_per_device(self) -> int:
+    """Bytes of parameters and optimizer state one device holds."""
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+               for a, s in zip(jax.tree.leaves(self.abstract_state),
+                               jax.tree.leaves(self.state_sharding)))
+
+
+def setup(config: ml_collections.ConfigDict,
+          devices: Sequence[jax.Device] | None = None) -> Setup:
+  """Everything config describes, built for `devices` (default: every process's devices)."""
+  devices = jax.devices() if devices is None else list(devices)
+  validate(config, len(devices), jax.process_count())
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  rules = sharding.rules(config.mesh.rules)
+  model = models.build(config.family, config.model)
+  batch_sharding = sharding.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
+                    for k, v in sources.batch_spec(config).items()}
+  inputs = tuple(np.zeros((1, *x.shape[1:]), x.dtype) for x in init_inputs(abstract_batch))
+
+  # Shapes and logical axes, no memory. (No rules in scope during init: flax's DenseGeneral
+  # would constrain its flat pre-reshape kernel with the 3-d axis names.)
+  boxed = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *inputs)["params"]
+  params_sharding = sharding.param_shardings(boxed, mesh, rules)
+  optimizer = optim.make_optimizer(config.optimizer, nn.unbox(boxed))
+  init_state = functools.partial(new_state, model, optimizer, inputs)
+  abstract = jax.eval_shape(init_state, jax.random.key(0))
+  state_sharding = sharding.state_shardings(abstract, params_sharding, mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, state_sharding)
+  return Setup(
+      config=config, model=model, mesh=mesh, rules=rules, optimizer=optimizer,
+      param_axes=nn.get_partition_spec(boxed), params_sharding=params_sharding,
+      state_sharding=state_sharding, batch_sharding=batch_sharding,
+      abstract_state=abstract_state, abstract_batch=abstract_batch,
+      init=jax.jit(init_state, out_shardings=state_sharding),
+      # The old state's buffers are donated to the new one: one state's memory, not two.
+      train_step=jax.jit(make_train_step(model, optimizer, microbatches=config.microbatches),
+                         in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, None), donate_argnums=0),
+      eval_step=jax.jit(functools.partial(loss_terms, model),
+                        in_shardings=(params_sharding, batch_sharding)))
