@@ -1,6 +1,7 @@
 """Trains an mmjax model.
 
   python train.py --config configs/lm.py:tiny --workdir /tmp/mmjax [--config.key=value ...]
+  python train.py --config configs/lm.py:llama-1b --dry_run=v5e:2x4   # will it fit? (no TPU used)
 
 Several processes: set --config.distributed.coordinator_address=host:port with
 num_processes and process_id, or run under a cluster that jax detects itself
@@ -14,12 +15,16 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mmjax import dry_run
 from mmjax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_string(
+    "dry_run", "", "A TPU slice ('v5e:2x4', 'v5p-128'): compile the run's steps for it, say "
+    "whether they fit, and stop; exits 1 when they do not (as tools/dry_run.py).")
+flags.mark_flags_as_required(["config"])
 
 # Environments in which jax.distributed.initialize() finds its settings on its own.
 CLUSTER_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
@@ -29,6 +34,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  if _DRY_RUN.value:
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    report = dry_run.check(_CONFIG.value, _DRY_RUN.value)
+    print(dry_run.summary(report, name))
+    return 0 if report["fits"] else 1
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required (or --dry_run=TOPOLOGY)")
   distributed = _CONFIG.value.distributed
   # Before anything touches a device: every process must join first.
   if distributed.coordinator_address:

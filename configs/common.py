@@ -11,10 +11,11 @@ BACKBONES = {
     # Fixed 2-d sincos positions: with learned ones (init 0.02) the tiny towers barely learn
     # where things are in 3000 steps (position answers at chance instead of ~70%).
     "tiny": dict(vit=dict(variant="mu/8", image_size=32, pool="none", posemb="sincos2d"),
-                 lm=dict(variant="gpt2-tiny", vocab_size=320, max_len=128)),
-    # The benchmark pair: ViT-B/16 at 224 px + GPT-2 124M.
-    "base": dict(vit=dict(variant="B/16", image_size=224, pool="none"),
-                 lm=dict(variant="gpt2-124m")),
+                 lm=dict(variant="gpt2-tiny", vocab_size=320, max_len=128), dtype="float32"),
+    # The benchmark pair for accelerators: ViT-B/16 at 224 px + GPT-2 124M, bfloat16 compute,
+    # cuDNN or splash attention where the mask allows.
+    "base": dict(vit=dict(variant="B/16", image_size=224, pool="none", attention_impl="auto"),
+                 lm=dict(variant="gpt2-124m", attention_impl="auto"), dtype="bfloat16"),
 }
 
 
@@ -49,6 +50,9 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
   config.mesh = ml_collections.ConfigDict(dict(
       shape=dict(data=1, fsdp=-1, tensor=1),  # -1: all remaining devices
       rules="fsdp",  # or "dp", "fsdp_tp", or a list of (logical axis, mesh axes) pairs
+      # Over several TPU slices: how many slices each axis spans (data-centre network); the
+      # rest of each axis stays inside a slice. -1: all slices.
+      dcn=dict(data=-1, fsdp=1, tensor=1),
   ))
   config.checkpoint = ml_collections.ConfigDict(dict(
       max_to_keep=3,
@@ -80,7 +84,7 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
   config.model = ml_collections.ConfigDict(dict(
       vit=pair["vit"], lm=pair["lm"],
       image_token_id=tokenizers.ByteTokenizer.image_id,
-      dtype="float32",  # compute dtype of every part; "bfloat16" on accelerators
+      dtype=pair["dtype"],  # compute dtype of every part
   ))
   config.data = image_text_data()
   return config
@@ -142,6 +146,9 @@ def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
       data_dir="",  # where tfds writes ("" = tfds' default)
       train_size=50_000, eval_size=2_000,  # tfds_scenes: training / validation scenes
       json="", image_dir="",  # llava, coco_captions: the annotations and their image folder
+      # coco_captions: a validation file of its own (captions_val2017.json) and its images
+      # ("" = image_dir); unset, 2% of json's images are held out.
+      val_json="", val_image_dir="",
       tokenizer="bytes",  # llava, coco_captions: or a SentencePiece .model / tokenizer.json
       max_images=1,  # llava: image slots per example
       pack=1,  # llava, coco_captions: examples per row, > 1 packs them with segment ids
@@ -164,6 +171,8 @@ def optimizer(total_steps: int, learning_rate: float = 3e-3) -> ml_collections.C
       b2=0.95,  # GPT-2/3 practice, steadier than 0.999 at small batch
       momentum=0.9,  # sgd only
       weight_decay=0.1,
+      # adamw's first moment: None keeps the parameters' float32; "bfloat16" halves its memory.
+      mu_dtype=ml_collections.config_dict.placeholder(str),
       clip_norm=1.0,
       frozen="",  # regex over parameter paths ("lm/block_0/attn/query/kernel"); "" = none
       lr_multipliers=(),  # ((regex, factor), ...): e.g. (("^vit/", 0.1),) for a slower tower

@@ -14,8 +14,13 @@ import optax
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
-# Matched against the path: no weight decay on norms, biases, embeddings, gates, latents.
-NO_DECAY = r"(norm|bias|embedding|cls|probe|gate|latents)"
+
+
+def decays(path: str) -> bool:
+  """Weight decay by what a parameter is: matrices of weights ("kernel": projections, MLPs, the
+  patch embedding, output heads) decay; scales, biases, embedding and position tables, gates,
+  latents, probes and class tokens do not."""
+  return path.rsplit("/", 1)[-1] == "kernel"
 
 
 def param_paths(params) -> dict:
@@ -45,10 +50,10 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
     raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {config.name!r}")
   lr = schedule(config)
   paths = param_paths(params)
-  decay_mask = jax.tree.map(lambda p: re.search(NO_DECAY, p) is None, paths)
+  decay_mask = jax.tree.map(decays, paths)
   if config.name == "adamw":
     tx = optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
-                     mask=decay_mask)
+                     mask=decay_mask, mu_dtype=config.get("mu_dtype"))
   elif config.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask),
                      optax.sgd(lr, momentum=config.momentum))

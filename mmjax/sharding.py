@@ -10,6 +10,7 @@ import math
 from absl import logging
 from flax import linen as nn
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
@@ -45,11 +46,28 @@ def mesh_shape(shape: dict, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(shape: dict, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A (data, fsdp, tensor) mesh over all processes' devices."""
-  devices = jax.devices() if devices is None else devices
+def make_mesh(shape: dict, devices: Sequence[jax.Device] | None = None,
+              dcn: dict | None = None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over all processes' devices.
+
+  Over several TPU slices (devices with distinct slice_index) the mesh is hybrid: `dcn` (like
+  config.mesh.dcn, default all slices on `data`) says how many slices each axis spans, across
+  the data-centre network; the rest of each axis lies inside a slice, on its fast ICI links.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+  across = mesh_shape(dcn or {"data": -1, "fsdp": 1, "tensor": 1}, slices)
+  if any(size % n for size, n in zip(sizes, across)):
+    raise ValueError(f"config.mesh.dcn {dict(zip(MESH_AXES, across))} does not divide the mesh "
+                     f"{dict(zip(MESH_AXES, sizes))} over {slices} slices: make each axis of "
+                     f"config.mesh.shape a multiple of its slices (e.g. "
+                     f"--config.mesh.shape.data={across[0]})")
+  inside = [size // n for size, n in zip(sizes, across)]
+  grid = mesh_utils.create_hybrid_device_mesh(inside, across, devices)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def rules(preset_or_rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

@@ -49,14 +49,48 @@ def loss_terms(model: nn.Module, params, batch: dict):
   if "labels" in batch:  # image classification: images float[B, H, W, 3], labels int[B]
     logits, _ = model.apply({"params": params}, batch["images"])
     targets, weights = batch["labels"], jnp.ones(batch["labels"].shape, jnp.float32)
-  else:  # next-token prediction: tokens, targets, loss_weights int/float[B, T] (+ images)
-    images = (batch["images"],) if "images" in batch else ()
-    kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
-    logits, _ = model.apply({"params": params}, batch["tokens"], *images, **kwargs)
-    targets, weights = batch["targets"], batch["loss_weights"]
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets) * weights
-  return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets) * weights
+    return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct)
+  # Next-token prediction: tokens, targets, loss_weights int/float[B, T] (+ images). Only the
+  # final hidden states are used: jit drops the model's own [B, T, V] logits.
+  images = (batch["images"],) if "images" in batch else ()
+  kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
+  _, aux = model.apply({"params": params}, batch["tokens"], *images, **kwargs)
+  total, correct = chunked_token_losses(model, params, aux["hidden"], batch["targets"],
+                                        batch["loss_weights"])
+  return total, jnp.sum(batch["loss_weights"]), correct
+
+
+# Sequence positions per chunk of logits: [B, 256, V] float32 at a time.
+LOGIT_CHUNK = 256
+
+
+def chunked_token_losses(model: nn.Module, params, hidden: jax.Array, targets: jax.Array,
+                         weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed cross-entropy and correct next tokens, the logits made a chunk of positions at a time.
+
+  hidden: float[B, T, D] final (normed) hidden states; targets int[B, T];
+  weights float[B, T]. Each chunk's float32 logits are recomputed in the
+  backward pass instead of kept, so the whole [B, T, V] never exists, forward
+  or backward: for GPT-2 at 8 x 1024 tokens a device that is 2.3 GiB.
+  """
+  B, T, _ = hidden.shape
+  chunk = max(c for c in range(1, min(T, LOGIT_CHUNK) + 1) if T % c == 0)
+  split = lambda x: x.reshape(B, T // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def add_chunk(sums, xs):
+    h, t, w = xs
+    logits = model.apply({"params": params}, h, method=lambda m, h: m.language.logits(h))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, t)
+    correct = (jnp.argmax(logits, -1) == t) * w
+    return (sums[0] + jnp.sum(losses * w), sums[1] + jnp.sum(correct)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (total, correct), _ = jax.lax.scan(add_chunk, (zero, zero),
+                                     (split(hidden), split(targets), split(weights)))
+  return total, correct
 
 
 def new_state(model: nn.Module, optimizer, inputs: tuple, rng: jax.Array) -> dict:
@@ -111,7 +145,9 @@ def make_train_step(model, optimizer, *, microbatches: int):
         "first_bad_step": jnp.where(~ok & (state["first_bad_step"] < 0), step,
                                     state["first_bad_step"]),
     }
-    return new_state, {"loss": loss, "accuracy": correct / count, "grad_norm": grad_norm}
+    # items: what the loss was on (tokens with a weight, or images), not padding.
+    return new_state, {"loss": loss, "accuracy": correct / count, "grad_norm": grad_norm,
+                       "items": count}
 
   return train_step
 
@@ -136,6 +172,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise ValueError(f"config.optimizer.name must be one of {optim.OPTIMIZERS}, "
                      f"got {config.optimizer.name!r}")
+  if config.optimizer.get("mu_dtype") not in (None, "float32", "bfloat16"):
+    raise ValueError(f"config.optimizer.mu_dtype must be unset, 'float32' or 'bfloat16', got "
+                     f"{config.optimizer.mu_dtype!r}")
   if config.optimizer.schedule not in optim.SCHEDULES:
     raise ValueError(f"config.optimizer.schedule must be one of {optim.SCHEDULES}, "
                      f"got {config.optimizer.schedule!r}")
@@ -189,7 +228,7 @@ def setup(config: ml_collections.ConfigDict,
   """Everything config describes, built for `devices` (default: every process's devices)."""
   devices = jax.devices() if devices is None else list(devices)
   validate(config, len(devices), jax.process_count())
-  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  mesh = sharding.make_mesh(config.mesh.shape, devices, config.mesh.get("dcn"))
   rules = sharding.rules(config.mesh.rules)
   model = models.build(config.family, config.model)
   batch_sharding = sharding.batch_sharding(mesh)

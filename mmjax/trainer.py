@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import checkpoint
+from mmjax import dry_run
 from mmjax import evaluate
 from mmjax import metrics
 from mmjax import optim
@@ -113,14 +114,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tic = time.perf_counter()
     compiled_step, compiled_eval = run.compile()
     compile_seconds = time.perf_counter() - tic
+    logging.info("compiled the train step in %.0f s: %s", compile_seconds,
+                 dry_run.describe(dry_run.memory(compiled_step)))
     # Generated answers, scored, where the data has prompts to answer (image-text sources).
     generative = None
     if config.eval_every and eval_data.example_types:
       generative = evaluate.Generative(run.model, eval_data, mesh, run.rules, run.params_sharding,
                                        num_batches=config.eval_steps)
-    flops = _flops_per_device(compiled_step)
-    peak = metrics.peak_tflops(jax.devices()[0])
-    items_per_step = np.prod(run.abstract_batch["labels" if config.family == "vit"
+    # MaxText's count of the model's FLOPs (XLA's cost analysis counts a loop body once).
+    flops = metrics.model_flops(config.family, run.model, run.abstract_state["params"],
+                                run.abstract_batch) / jax.device_count()
+    dtype = config.model.get("dtype", "float32")
+    peak = metrics.peak_tflops(jax.devices()[0], dtype)
+    # Every slot of the batch, padding included; "items" counts what the loss was on.
+    slots_per_step = np.prod(run.abstract_batch["labels" if config.family == "vit"
                                                 else "tokens"].shape)
     schedule = optim.schedule(config.optimizer)
     # Deep fusion logs how far its tanh gates have opened (tools/plot.py draws them).
@@ -129,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # 6. The loop. Host syncs (float(), device_get) happen on logging steps only.
     writer = metrics.Writer(workdir, config.total_steps)
     config_json = config.to_dict()
-    last, tic, steps_since = {}, time.perf_counter(), 0
+    last, tic, steps_since, items = {}, time.perf_counter(), 0, 0.0
     step = start
     # The next batch is read on a thread while the device runs this step (batches are a pure
     # function of the step, so reading ahead changes nothing).
@@ -145,19 +152,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data_state = {"next_step": data_state["next_step"] + 1}
         state, step_metrics = compiled_step(state, batch)
         steps_since += 1
+        items = items + step_metrics.pop("items")  # on the device: no sync until logged
         log_now = step % config.log_every == 0 or step == config.total_steps
         if log_now:
           scalars = {k: float(v) for k, v in step_metrics.items()}
           seconds = (time.perf_counter() - tic) / steps_since
           scalars.update(
               learning_rate=float(schedule(step - 1)), steps_per_sec=1.0 / seconds,
-              items_per_sec=items_per_step / seconds, skipped_steps=int(state["skipped"]))
+              items_per_sec=float(items) / steps_since / seconds,
+              padded_items_per_sec=slots_per_step / seconds, skipped_steps=int(state["skipped"]))
           if gates:
             scalars.update({k: float(v) for k, v in gates(state["params"]).items()})
-          if flops:
-            scalars["tflops_per_device"] = flops / seconds / 1e12
-            if peak:
-              scalars["mfu"] = scalars["tflops_per_device"] / peak
+          scalars["tflops_per_device"] = flops / seconds / 1e12
+          if peak:  # against the peak at the compute dtype, where it is known
+            scalars["mfu"] = scalars["tflops_per_device"] / peak
           if not last:  # the first row of this run
             scalars["compile_seconds"] = compile_seconds
           if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
@@ -169,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               writer.write_samples(step, samples)
           _check_finite(state, config.nan_policy)
           writer.write(step, scalars)
-          last, tic, steps_since = scalars, time.perf_counter(), 0
+          last, tic, steps_since, items = scalars, time.perf_counter(), 0, 0.0
         preempted = preemption.should_stop(sync=log_now)
         if ((config.checkpoint_every and step % config.checkpoint_every == 0)
             or step == config.total_steps or preempted):
@@ -198,12 +206,3 @@ def _check_finite(state, policy: str):
   if policy == "stop" and int(state["skipped"]):
     raise FloatingPointError(f"non-finite loss or gradients at step {int(state['first_bad_step'])} "
                              "(config.nan_policy='stop'); the update was not applied or saved")
-
-
-def _flops_per_device(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) or None
-  except Exception:  # pylint: disable=broad-except
-    return None  # some backends report no cost analysis

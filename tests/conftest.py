@@ -8,6 +8,8 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile for TPU slices (no TPU is used) in both workers: libtpu may be loaded twice.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # tfds datasets the tests build (the fusion configs' default scenes among them) go to one
 # directory per test session, shared with train.py subprocesses, never to ~/tensorflow_datasets.
 if "TFDS_DATA_DIR" not in os.environ:

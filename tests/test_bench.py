@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from mmjax import metrics
 from mmjax import models
 from mmjax import steps
 import train_cli
@@ -23,7 +24,7 @@ def case_flops(name):
   data = bench.synthetic_batch(config, np.random.default_rng(0))
   example = jax.tree.map(lambda x: x[:1], data)
   params = jax.eval_shape(model.init, jax.random.key(0), *steps.init_inputs(example))["params"]
-  return bench.model_flops(config.family, model, nn.unbox(params), data)
+  return metrics.model_flops(config.family, model, nn.unbox(params), data)
 
 
 def test_lm_flops_match_maxtext_formula():

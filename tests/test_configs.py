@@ -11,8 +11,8 @@ from mmjax import steps
 from mmjax import trainer
 from mmjax.data import sources
 
-CONFIGS = [("lm", "tiny"), ("lm", "gpt2-124m"), ("lm", "llama-1b"), ("vit", "tiny"),
-           ("vit", "base"), ("early_fusion", "tiny"), ("early_fusion", "tiny,stage1"),
+CONFIGS = [("lm", "tiny"), ("lm", "gpt2-124m"), ("lm", "llama-1b"), ("lm", "llama-7b"),
+           ("vit", "tiny"), ("vit", "base"), ("early_fusion", "tiny"), ("early_fusion", "tiny,stage1"),
            ("early_fusion", "tiny,stage2"), ("early_fusion", "base"), ("deep_fusion", "tiny"),
            ("deep_fusion", "tiny,flamingo"), ("deep_fusion", "base")]
 

@@ -1,7 +1,10 @@
 """Tests of the shared layers: masks, attention kernels, GQA, RoPE, MLP, norms."""
+import functools
+
 import chex
 from flax import linen as nn
 import jax
+from jax.experimental import topologies
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -114,11 +117,82 @@ class TestKernels:
     np.testing.assert_allclose(layers.fused_attention(q, k, v, mask, implementation="xla"),
                                layers.xla_attention(q, k, v, mask), atol=1e-5)
 
-  def test_auto_is_xla_on_cpu(self):
-    q, k, v = random_qkv(jax.random.key(3), T=6, S=6, dtype=jnp.bfloat16)
-    mask = layers.Mask(causal=True)
-    np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, mask, "auto"),
-                                  layers.dot_product_attention(q, k, v, mask, "xla"))
+  @pytest.mark.parametrize("platform,dtype,mask,T,S,H,kernel", [
+      ("cpu", jnp.bfloat16, dict(causal=True), 6, 6, 8, "xla"),
+      ("gpu", jnp.bfloat16, dict(causal=True), 6, 6, 8, "cudnn"),
+      ("gpu", jnp.bfloat16, dict(kv_lengths=True), 5, 6, 8, "cudnn"),
+      ("gpu", jnp.float32, dict(causal=True), 6, 6, 8, "xla"),  # cuDNN needs 16-bit inputs
+      ("gpu", jnp.bfloat16, dict(causal=True), 6, 6, 256, "xla"),  # head dim over 128
+      ("gpu", jnp.bfloat16, dict(causal=True, segments=True), 6, 6, 8, "xla"),
+      ("gpu", jnp.bfloat16, dict(causal=True), 5, 6, 8, "xla"),  # causal over unequal lengths
+      ("tpu", jnp.bfloat16, dict(causal=True), 512, 512, 8, "splash"),
+      ("tpu", jnp.float32, dict(causal=True, segments=True), 512, 512, 8, "splash"),
+      ("tpu", jnp.bfloat16, dict(kv_lengths=True), 512, 512, 8, "splash"),
+      ("tpu", jnp.bfloat16, dict(), 7, 512, 8, "splash"),  # full attention, unequal lengths
+      ("tpu", jnp.bfloat16, dict(causal=True), 256, 256, 8, "xla"),  # short: XLA keeps less
+      ("tpu", jnp.bfloat16, dict(causal=True, prefix=True), 512, 512, 8, "xla"),
+      ("tpu", jnp.bfloat16, dict(explicit=True), 512, 512, 8, "xla"),
+      ("tpu", jnp.bfloat16, dict(causal=True), 7, 512, 8, "xla"),
+  ])
+  def test_auto_chooses_by_platform_and_mask(self, platform, dtype, mask, T, S, H, kernel):
+    q, k, _ = random_qkv(jax.random.key(3), B=2, T=T, S=S, H=H, dtype=dtype)
+    mask = layers.Mask(
+        causal=mask.get("causal", False),
+        segment_ids=jnp.ones((2, T), jnp.int32) if mask.get("segments") else None,
+        kv_lengths=jnp.array([S, 4]) if mask.get("kv_lengths") else None,
+        prefix_len=jnp.array([2, 3]) if mask.get("prefix") else None,
+        explicit=jnp.ones((2, T, S), bool) if mask.get("explicit") else None)
+    assert layers.choose_attention("auto", q, k, mask, platform) == kernel
+    assert layers.choose_attention("xla", q, k, mask, platform) == "xla"
+
+  def test_the_target_platform_is_the_meshs(self):
+    # A TPU slice compiled from this CPU host: "auto" must pick the TPU's kernel.
+    assert layers.target_platform() == "cpu"
+    devices = topologies.get_topology_desc(topology_name="v5e:2x2",
+                                                             platform="tpu").devices
+    mesh = jax.make_mesh((4,), ("data",), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+      assert layers.target_platform() == "tpu"
+
+  @pytest.mark.parametrize("mask_kwargs,T,S", [
+      (dict(causal=True), 200, 200),
+      (dict(causal=True, segment_ids=[[1] * 80 + [2] * 100 + [0] * 20, [1] * 200]), 200, 200),
+      (dict(kv_lengths=[150, 70]), 70, 150),
+  ])
+  def test_splash_matches_xla_with_gradients(self, mask_kwargs, T, S):
+    # Pallas' interpreter runs the TPU kernel here: padding to 128, segment ids (0 = packing
+    # padding, which attends only to itself), key lengths and GQA (4 query heads, 2 kv heads).
+    q, k, v = random_qkv(jax.random.key(5), T=T, S=S, N=4, K=2, H=64)
+    mask = layers.Mask(**{n: jnp.asarray(a) if n != "causal" else a
+                          for n, a in mask_kwargs.items()})
+    weights = jax.random.normal(jax.random.key(6), q.shape)
+
+    def loss(impl, q, k, v):
+      return jnp.sum(layers.dot_product_attention(q, k, v, mask, impl) * weights)
+
+    out = layers.dot_product_attention(q, k, v, mask, "splash")
+    expected = layers.xla_attention(q, k, v, mask)
+    np.testing.assert_allclose(out, expected, atol=1e-5 * float(jnp.abs(expected).max()))
+    grads = jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)
+    for got, wanted in zip(grads, want):
+      np.testing.assert_allclose(got, wanted, atol=1e-5 * float(jnp.abs(wanted).max()))
+
+  def test_splash_is_split_over_a_mesh(self):
+    # Under a mesh each device runs the kernel on its rows and heads (shard_map): the same
+    # numbers as one device, with the batch over data x fsdp and the heads over tensor.
+    q, k, v = random_qkv(jax.random.key(7), B=4, T=128, S=128, N=4, K=2, H=64)
+    segments = jnp.asarray(np.repeat([[1, 2]], 4, axis=0).repeat(64, axis=1))
+    mask = layers.Mask(causal=True, segment_ids=segments)
+    alone = layers.dot_product_attention(q, k, v, mask, "splash")
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = (("act_batch", ("data", "fsdp")), ("heads", "tensor"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      split = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, mask, "splash"))(
+          q, k, v)
+    np.testing.assert_allclose(split, alone, atol=1e-6)
 
   def test_cudnn_on_cpu_is_a_clear_error(self):
     q, k, v = random_qkv(jax.random.key(4), dtype=jnp.bfloat16)

@@ -4,6 +4,7 @@
   python tools/bench.py --cases gpt2-124m,llama-1b,vit-b16,early-fusion,deep-fusion   # GPU
   python tools/bench.py --decode --cases gpt2-124m,llama-1b   # generation at batch 1 and 32
   python tools/bench.py --data   # examples/s of the fusion configs' data sources
+  python tools/bench.py --topology v5e:2x4 --cases gpt2-124m --batch 64   # memory per TPU chip
 
 Prints one JSON line per case: seconds per step (median after warm-up),
 tokens/s or images/s, model TFLOP/s and MFU by MaxText's count (3 x forward
@@ -32,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mmjax import dry_run
 from mmjax import generation
 from mmjax import metrics
 from mmjax import models
@@ -40,7 +42,6 @@ from mmjax import steps
 from mmjax.data import sources
 from mmjax.data import synthetic
 from mmjax.models import lm
-from mmjax.models import vit
 
 # Config files import their siblings as `configs.common`: the repository root must be importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -119,55 +120,6 @@ def synthetic_batch(config, rng) -> dict[str, np.ndarray]:
   return out
 
 
-def model_flops(family, model, params, batch: dict) -> float:
-  """Training FLOPs per step by MaxText's count: 3 x (matmuls + attention) of the forward pass.
-
-  Each kernel is counted over the tokens that pass through it: text tokens
-  for the LM, patches for the ViT, the projector and the cross-attention keys
-  and values. An embedding lookup is a gather (not counted); a tied output
-  projection is.
-  """
-  if family == "vit":
-    towers, text = {"": model}, None
-  elif family == "lm":
-    towers, text = {"": model}, model
-  else:
-    towers, text = {"vit/": vit.Model(**model.vit), "lm/": lm.Model(**model.lm)}, lm.Model(
-        **model.lm)
-  B = next(iter(batch.values())).shape[0]
-  images = 0 if family == "lm" else (B if family == "vit" else B * batch["images"].shape[1])
-  vision = towers.get("vit/", model if family == "vit" else None)
-  patches = (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
-  visual_tokens = images * patches
-  T = batch["tokens"].shape[1] if "tokens" in batch else 0
-  text_tokens = B * T
-
-  forward = 0.0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
-    if not name.endswith("kernel"):
-      continue  # biases, norms, lookups (embeddings) and additions are not matmuls
-    if family == "vit" and name.startswith("head/"):
-      forward += 2 * leaf.size * images  # the classifier sees one pooled vector per image
-      continue
-    on_images = (family == "vit" or name.startswith(("vit/", "projector/", "adapter/",
-                                                      "resampler/"))
-                 or ("xattn" in name and ("/key/" in name or "/value/" in name)))
-    forward += 2 * leaf.size * (visual_tokens if on_images else text_tokens)
-  if text is not None:
-    if text.tie_embeddings:
-      forward += 2 * text.vocab_size * text.width * text_tokens
-    heads_dim = text.num_heads * (text.head_dim or text.width // text.num_heads)
-    forward += 0.5 * 4 * text.depth * B * T * T * heads_dim  # causal: half the scores
-    if family == "deep_fusion":
-      crosses = sum(1 for k in params if k.startswith("xattn_"))
-      forward += 4 * crosses * B * T * batch["images"].shape[1] * patches * heads_dim
-  if vision is not None:
-    tokens = patches + int(vision.pool == "cls")
-    forward += 4 * vision.depth * images * tokens * tokens * vision.width
-  return 3 * forward
-
-
 def run_case(name: str, steps_timed: int, dtype: str, attention: str, profile: str = "") -> dict:
   config = case_config(name, dtype, attention)
   run = steps.setup(config)
@@ -193,9 +145,9 @@ def run_case(name: str, steps_timed: int, dtype: str, attention: str, profile: s
   family, batch_size = config.family, config.batch_size
   text_len = batch["tokens"].shape[1] if "tokens" in batch else None
   params = run.abstract_state["params"]
-  flops = model_flops(family, run.model, params, batch)
+  flops = metrics.model_flops(family, run.model, params, batch)
   device = jax.devices()[0]
-  peak = metrics.peak_tflops(device)
+  peak = metrics.peak_tflops(device, dtype)
   memory = device.memory_stats() or {} if hasattr(device, "memory_stats") else {}
   per_step = batch_size * text_len if text_len else batch_size
   result = {
@@ -289,11 +241,40 @@ def _adamw() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.999, momentum=0.9, weight_decay=1e-4, clip_norm=1.0, frozen=""))
 
 
-def run_reference(path: str, model: str, steps: int, dtype: str, attention: str) -> dict:
+def run_reference(path: str, model: str, steps: int, dtype: str, attention: str,
+                  batch: int | None = None, topology: str = "") -> dict:
   command = [sys.executable, path, "--model", model, "--steps", str(steps), "--dtype", dtype,
              "--attention", attention]
+  if batch:
+    command += ["--batch", str(batch)]
+  if topology:
+    command += ["--topology", topology]
   result = subprocess.run(command, capture_output=True, text=True, check=True)
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_topology(name: str, topology: str, batch: int | None, reference: str) -> list[dict]:
+  """Per-chip memory of the case's train step compiled for a TPU slice, and the reference's.
+
+  The case keeps its shipped config's attention, remat and scan choices, in
+  bfloat16; peak = arguments + outputs + temporaries - aliased, for both.
+  """
+  config = case_config(name, dtype="bfloat16")
+  if batch:
+    config.batch_size = batch
+  ours = {"impl": "mmjax", "case": name, **dry_run.check(config, topology, evaluation=False)}
+  rows = [ours]
+  reference_model = CASES[name][2]
+  if reference and reference_model:
+    theirs = run_reference(reference, reference_model, 1, "bfloat16", "naive",
+                           config.batch_size, topology)
+    theirs["peak_bytes"] = (theirs["argument_bytes"] + theirs["output_bytes"]
+                            + theirs["temp_bytes"] - theirs["alias_bytes"])
+    rows += [theirs, {"case": name, "topology": topology, "batch": config.batch_size,
+                      "peak_gib_mmjax": ours["peak_bytes"] / dry_run.GiB,
+                      "peak_gib_reference": theirs["peak_bytes"] / dry_run.GiB,
+                      "peak_ratio_mmjax_over_reference": ours["peak_bytes"] / theirs["peak_bytes"]}]
+  return rows
 
 
 def main():
@@ -321,10 +302,20 @@ def main():
                       help="--decode prompt tokens; default: half the case's text length")
   parser.add_argument("--new_tokens", type=int, default=None,
                       help="--decode tokens to generate; default: half the case's text length")
+  parser.add_argument("--topology", default="",
+                      help="compile each case for this TPU slice (e.g. v5e:2x4) and compare its "
+                      "memory per chip with the reference's; needs libtpu, uses no TPU")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="global batch of every case (default: the case's)")
   args = parser.parse_args()
   if args.data:
     for name in ("shapes", "tfds_scenes"):
       print(json.dumps(run_data(name, 16, 10 * args.steps)), flush=True)
+    return
+  if args.topology:
+    for name in args.cases.split(","):
+      for row in run_topology(name, args.topology, args.batch, args.reference):
+        print(json.dumps(row), flush=True)
     return
   for name in args.cases.split(","):
     config = case_config(name)

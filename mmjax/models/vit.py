@@ -101,11 +101,13 @@ class _Model(nn.Module):
   image_size: int = 224  # resolution the position embeddings are laid out for
   pool: str = "cls"  # or "gap", "map", "none"
   posemb: str = "learn"  # or "sincos2d": fixed, for any grid (big_vision's)
+  posemb_resize: str = "bilinear"  # or "bicubic" (HF, timm): learned positions on another grid
   pre_norm: bool = False  # a norm before the blocks, as in CLIP
   patch_bias: bool = True  # CLIP's patch embedding has no bias
   mlp_activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP
   norm_eps: float = 1e-6  # HF ViT uses 1e-12, CLIP 1e-5
-  attention_impl: str = "xla"  # or "auto", "cudnn"
+  attention_impl: str = "xla"  # or "auto", "cudnn", "splash"
+  remat_policy: str = "none"  # or a key of layers.REMAT_POLICIES
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
@@ -138,14 +140,16 @@ class _Model(nn.Module):
       pos = self.param("pos_embedding",
                        layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
                        (1, int(has_cls) + grid * grid, D))
-      x = x + interpolate_positions(pos, has_cls, grid, (gh, gw)).astype(x.dtype)
+      x = x + interpolate_positions(pos, has_cls, grid, (gh, gw),
+                                    self.posemb_resize).astype(x.dtype)
     if self.pre_norm:
       x = layers.Norm("layernorm", self.norm_eps, name="pre_norm")(x)
     x = layers.constrain(x)
 
     aux = {}
+    block = layers.remat(Block, self.remat_policy)
     for i in range(self.depth):
-      x = Block(self.num_heads, self.mlp_dim, self.mlp_activation, self.norm_eps,
+      x = block(self.num_heads, self.mlp_dim, self.mlp_activation, self.norm_eps,
                 self.attention_impl, self.dtype, name=f"block_{i}")(x)
       aux[f"block_{i}"] = x
     x = layers.Norm("layernorm", self.norm_eps, name="final_norm")(x)
@@ -180,19 +184,48 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
   return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
 
 
-def interpolate_positions(pos: jax.Array, has_cls: bool, grid: int,
-                          target: tuple[int, int]) -> jax.Array:
+POSEMB_RESIZE = ("bilinear", "bicubic")
+
+
+def resize_weights(size: int, target: int, method: str) -> jax.Array:
+  """float32[target, size]: row i mixes the source positions that target position i reads.
+
+  Half-pixel centres and no antialiasing, with PyTorch's kernels (its bicubic
+  is Keys' with a = -0.75, edges repeated), so a model resized here matches
+  one resized by HF's interpolate_pos_encoding or timm.
+  """
+  if method not in POSEMB_RESIZE:
+    raise ValueError(f"ViT posemb_resize must be one of {POSEMB_RESIZE}, got {method!r}")
+  source = (jnp.arange(target) + 0.5) * size / target - 0.5
+  if method == "bilinear":
+    source = jnp.maximum(source, 0.0)
+    left = jnp.floor(source)
+    taps, weights = left[:, None] + jnp.arange(2), jnp.stack([1 - (source - left),
+                                                              source - left], axis=1)
+  else:
+    a = -0.75
+    left = jnp.floor(source)
+    distance = jnp.abs(source[:, None] - (left[:, None] + jnp.arange(-1, 3)))  # [target, 4]
+    near = ((a + 2) * distance - (a + 3)) * distance ** 2 + 1  # |d| <= 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a  # 1 < |d| < 2
+    taps, weights = left[:, None] + jnp.arange(-1, 3), jnp.where(distance <= 1, near, far)
+  taps = jnp.clip(taps, 0, size - 1).astype(jnp.int32)
+  return jnp.zeros((target, size)).at[jnp.arange(target)[:, None], taps].add(weights)
+
+
+def interpolate_positions(pos: jax.Array, has_cls: bool, grid: int, target: tuple[int, int],
+                          method: str = "bilinear") -> jax.Array:
   """Resizes float[1, (1+) grid*grid, D] position embeddings to a target patch grid.
 
-  Bilinear, as DeiT/timm do when fine-tuning at another resolution; the cls
-  position (if any) is kept as is.
+  The cls position (if any) is kept as is; the patch grid is resized by
+  `resize_weights` along each axis ("bicubic", as HF and timm do, or "bilinear").
   """
   if target == (grid, grid):
     return pos
   cls_pos, patch_pos = pos[:, :int(has_cls)], pos[:, int(has_cls):]
   D = pos.shape[-1]
-  patch_pos = jax.image.resize(patch_pos.reshape(1, grid, grid, D), (1, *target, D),
-                               method="bilinear")
+  rows, columns = (resize_weights(grid, n, method) for n in target)
+  patch_pos = jnp.einsum("hH,wW,HWD->hwD", rows, columns, patch_pos.reshape(grid, grid, D))
   return jnp.concatenate([cls_pos, patch_pos.reshape(1, target[0] * target[1], D)], axis=1)
 
 

@@ -1,0 +1,207 @@
+"""Compile a config's steps for a TPU slice from any machine, and say whether they fit.
+
+  report = dry_run.check(config, "v5e:2x4")   # compiles; no TPU is used
+  report["fits"], report["peak_bytes"]        # per chip: arguments + outputs + temps - aliased
+
+With libtpu installed (`pip install -e ".[tpu]"`), jax describes any TPU
+slice by its topology and compiles for its chips ahead of time; the compiled
+program's memory analysis is exact per chip. The steps are the ones
+`steps.setup` builds for the trainer, on the slice's chips instead of this
+machine's devices.
+
+Topologies are named as libtpu names them, generation:chips per dimension
+("v5e:2x4", "v6e:4x4", "v4:2x2x2", "v5p:4x4x4"), or by their product name
+("v5e-8", "v4-16", "v5p-128": v4 and v5p count TensorCores, two per chip).
+"""
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+import ml_collections
+
+from mmjax import sharding
+from mmjax import steps
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str  # libtpu's topology prefix
+  hbm_bytes: int  # what a program may use per chip: the limit libtpu reports when one does not fit
+  megacore: bool  # two TensorCores driven as one device per chip (v4, v5p)
+
+
+CHIPS = {
+    "v4": Chip("v4", 32 * GiB, megacore=True),
+    "v5e": Chip("v5e", int(15.75 * GiB), megacore=False),
+    "v5p": Chip("v5", 95 * GiB, megacore=True),
+    "v6e": Chip("v6e", 32 * GiB, megacore=False),
+}
+
+
+def parse_topology(topology: str) -> tuple[Chip, tuple[int, ...]]:
+  """"v5e:2x4" or "v5e-8" -> (the chip, chips along each dimension)."""
+  match = re.fullmatch(r"(v4|v5e|v5p|v6e)([:-])([\dx]+)", topology)
+  if not match:
+    raise ValueError(f"topology {topology!r} is not one of 'v5e:2x4' (chips per dimension) or "
+                     f"'v5e-8' (product name), with a generation in {sorted(CHIPS)}")
+  chip = CHIPS[match.group(1)]
+  if match.group(2) == ":":
+    return chip, tuple(int(n) for n in match.group(3).split("x"))
+  count = int(match.group(3)) // (2 if chip.megacore else 1)
+  shapes = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+            256: (16, 16)}
+  if chip.megacore:
+    shapes = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+              128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8)}
+  if count not in shapes:
+    raise ValueError(f"topology {topology!r}: no {match.group(1)} slice of {count} chips is "
+                     f"known here; name its shape instead, e.g. {match.group(1)}:2x2")
+  return chip, shapes[count]
+
+
+def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
+  """The chips of `slices` TPU slices of this topology, for compiling only."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # Compiling only, nothing runs: another process (a test worker, a job on this TPU host) may
+  # hold libtpu too.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  chip, shape = parse_topology(topology)
+  name = f"{chip.name}:{'x'.join(map(str, shape))}"
+  settings = dict(num_slices=slices) if slices > 1 else {}
+  if chip.megacore:  # one device per chip, and the hosts' 2x2x1 chips as in a real pod
+    settings.update(chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1))
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu", **settings).devices
+  except RuntimeError as e:
+    if "TPU support not installed" in str(e):
+      raise RuntimeError("compiling for a TPU needs libtpu: pip install -e \".[tpu]\"") from e
+    raise
+
+
+def hbm_bytes(topology: str) -> int:
+  return parse_topology(topology)[0].hbm_bytes
+
+
+def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
+  """Per-chip bytes of a compiled program, and its peak: arguments + outputs + temps - aliased."""
+  stats = compiled.memory_analysis()
+  out = {"argument_bytes": stats.argument_size_in_bytes,
+         "output_bytes": stats.output_size_in_bytes,
+         "temp_bytes": stats.temp_size_in_bytes,
+         "alias_bytes": stats.alias_size_in_bytes,
+         "code_bytes": stats.generated_code_size_in_bytes}
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                       - out["alias_bytes"])
+  return out
+
+
+def describe(stats: dict[str, int]) -> str:
+  """`memory`'s bytes in a line: "4.68 GiB per device at peak (arguments 0.19, ...)"."""
+  gib = lambda key: f"{stats[key] / GiB:.2f}"
+  return (f"{gib('peak_bytes')} GiB per device at peak (arguments {gib('argument_bytes')}, "
+          f"outputs {gib('output_bytes')}, temporaries {gib('temp_bytes')}, aliased "
+          f"{gib('alias_bytes')})")
+
+
+# libtpu's words when a program does not fit, sizes in binary units: "Used 18.27G of 15.75G
+# hbm", or, when its temporaries alone are too many, "the total memory required for HLO
+# temporaries (160.00G) exceeds available HBM (15.75G)" (then the peak is at least that).
+OUT_OF_MEMORY = re.compile(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm"
+                           r"|required for [\w ]+ \(([\d.]+)([KMGT])\) exceeds available HBM")
+UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def check(config: ml_collections.ConfigDict, topology: str, slices: int = 1, *,
+          evaluation: bool = True) -> dict:
+  """Compiles config's train (and eval) step for the slice -> a report, also when it does not fit.
+
+  -> {"config", "topology", "slices", "chips", "device_kind", "hbm_bytes", "batch_size",
+  argument/output/temp/alias/code/peak bytes of the train step, "fits", "compile_s", and
+  "eval_peak_bytes"}; a program that does not fit has "fits": False, and its peak from
+  libtpu's message.
+  """
+  devices = topology_devices(topology, slices)
+  report = {"config": config.get("name", ""), "topology": topology, "slices": slices,
+            "chips": len(devices), "device_kind": devices[0].device_kind,
+            "hbm_bytes": hbm_bytes(topology), "batch_size": config.batch_size}
+  run = steps.setup(config, devices)
+  tic = time.perf_counter()
+  try:
+    report.update(memory(run.compile_train()))
+    if evaluation:
+      report["eval_peak_bytes"] = memory(run.lower_eval().compile())["peak_bytes"]
+  except jax.errors.JaxRuntimeError as e:
+    found = OUT_OF_MEMORY.search(str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+      raise
+    used, unit = (float(found.group(1) or found.group(3)), found.group(2) or found.group(4))
+    report.update(peak_bytes=int(used * UNITS[unit]), fits=False,
+                  error=str(e).strip().splitlines()[0][:300])
+  report["compile_s"] = round(time.perf_counter() - tic, 1)
+  report.setdefault("fits", max(report["peak_bytes"], report.get("eval_peak_bytes", 0))
+                    <= report["hbm_bytes"])
+  return report
+
+
+def largest_batch(config: ml_collections.ConfigDict, topology: str, slices: int = 1,
+                  limit: float = 1.0) -> tuple[int, dict]:
+  """The largest global batch whose train step fits in `limit` x HBM, found by compiling.
+
+  Batches step by the data-parallel size (a batch must split evenly over it).
+  -> (batch, its report); (0, the smallest batch's report) when even that does not fit.
+  """
+  chips = len(topology_devices(topology, slices))
+  step = math.prod(sharding.mesh_shape(config.mesh.shape, chips)[:2])  # data x fsdp
+  budget = limit * hbm_bytes(topology)
+
+  def fits(batch: int) -> tuple[bool, dict]:
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.batch_size = batch * config.microbatches
+    report = check(trial, topology, slices, evaluation=False)
+    return report["fits"] and report["peak_bytes"] <= budget, report
+
+  low, (ok, best) = 0, fits(step)
+  if not ok:
+    return 0, best
+  low, high = 1, 2
+  while True:  # double until it does not fit
+    ok, report = fits(high * step)
+    if not ok:
+      break
+    low, best, high = high, report, high * 2
+  while high - low > 1:  # then halve the gap
+    middle = (low + high) // 2
+    ok, report = fits(middle * step)
+    if ok:
+      low, best = middle, report
+    else:
+      high = middle
+  return low * step * config.microbatches, best
+
+
+
+def summary(report: dict, name: str = "") -> str:
+  """A few lines for a person: the slice, the bytes per chip, whether it fits."""
+  gib = lambda n: f"{n / GiB:.2f} GiB"
+  slices = f" x {report['slices']} slices" if report["slices"] > 1 else ""
+  lines = [f"{name or 'the config'} on {report['topology']}{slices}: {report['chips']} x "
+           f"{report['device_kind']}, {gib(report['hbm_bytes'])} HBM each; global batch "
+           f"{report['batch_size']}"]
+  share = report["peak_bytes"] / report["hbm_bytes"]
+  if "temp_bytes" in report:
+    lines.append(f"  train step: {gib(report['peak_bytes'])} per chip ({share:.0%} of HBM): "
+                 f"state {gib(report['argument_bytes'])}, temporaries "
+                 f"{gib(report['temp_bytes'])}")
+  else:
+    lines.append(f"  train step: {gib(report['peak_bytes'])} per chip ({share:.0%} of HBM): "
+                 f"DOES NOT FIT ({report['error']})")
+  if "eval_peak_bytes" in report:
+    lines.append(f"  eval step: {gib(report['eval_peak_bytes'])} per chip")
+  verdict = "fits" if report["fits"] else "does not fit"
+  lines.append(f"  {verdict}; compiled in {report['compile_s']:.0f} s")
+  return "\n".join(lines)
