@@ -48,7 +48,8 @@ def vqa_scores(answers: list[str], truths: list[str], types: list[str]) -> dict[
 def caption_scores(captions: list[str], references: list[list[str]]) -> dict[str, float]:
   """Corpus BLEU-4 and CIDEr-D of captions against their reference captions.
 
-  The text is normalised here instead of by COCO's PTB tokenizer, which needs Java.
+  The text is normalised here instead of by COCO's PTB tokenizer, which needs Java: the
+  scores are close to COCO's official ones, not equal (the README says so too).
   """
   # Imported here: only caption scoring needs it, and the GPU benchmark image lacks it.
   from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=g-import-not-at-top

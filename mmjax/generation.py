@@ -85,20 +85,24 @@ def left_pad(prompts: list[list[int]], pad_id: int,
 
 
 def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
-            images: jax.Array | None, cache_len: int) -> tuple[jax.Array, dict]:
+            images: jax.Array | None, cache_len: int,
+            prefix_lm: bool = False) -> tuple[jax.Array, dict]:
   """Runs the prompts into fresh caches of cache_len slots.
 
   tokens: int[B, T] left-padded; lengths: int[B]; images: float[B, I, H, W, 3]
-  or None (text only; not for the LM). -> (logits float32[B, V] for the next
-  token, state for `extend`).
+  or None (text only; not for the LM). prefix_lm: the prompt attends to itself
+  both ways, as a model trained with `prefix_len` over image + prompt
+  (PaliGemma) saw it; new tokens stay causal. -> (logits float32[B, V] for the
+  next token, state for `extend`).
   """
   B, T = tokens.shape
   if cache_len < T:
     raise ValueError(f"cache_len={cache_len} is shorter than the prompts ({T} tokens)")
   start = (T - lengths).astype(jnp.int32)  # first real slot of each row
   slots = jnp.arange(T)
-  allowed = (jnp.arange(cache_len) >= start[:, None, None]) & (
-      jnp.arange(cache_len) <= slots[None, :, None])  # [B, T, S]
+  keys = jnp.arange(cache_len)
+  visible = keys[None, :] < T if prefix_lm else keys[None, :] <= slots[:, None]  # [T, S]
+  allowed = (keys >= start[:, None, None]) & visible[None]  # [B, T, S]
   mask = layers.Mask(explicit=allowed)
   positions = jnp.maximum(slots[None, :] - start[:, None], 0)
   state = {"start": start}
@@ -189,22 +193,22 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def make_generate(model: nn.Module, sampling: Sampling):
+def make_generate(model: nn.Module, sampling: Sampling, prefix_lm: bool = False):
   """-> generate(params, tokens, lengths, images, rng) -> {"tokens", "lengths", "logprobs"}.
 
   tokens: int[B, T] left-padded prompts, lengths: int[B], images: float[B, I, H,
   W, 3] or None, rng: a key (used by "sample"). Returns tokens int32[B, N] (N =
   max_new_tokens, pad_id after EOS), lengths int32[B] (EOS included) and the
   summed model log-probabilities float32[B] of the generated tokens. Jit it;
-  its shapes are static.
+  its shapes are static. prefix_lm: see `prefill`.
   """
   if sampling.method == "beam":
-    return _beam_search(model, sampling)
+    return _beam_search(model, sampling, prefix_lm)
 
   def generate(params, tokens, lengths, images, rng):
     B, T = tokens.shape
     N = sampling.max_new_tokens
-    logits, state = prefill(model, params, tokens, lengths, images, T + N)
+    logits, state = prefill(model, params, tokens, lengths, images, T + N, prefix_lm)
 
     def cond(carry):
       return (carry["i"] < N) & ~jnp.all(carry["done"])
@@ -252,7 +256,7 @@ def _take_rows(state: dict, rows: jax.Array) -> dict:
   return state
 
 
-def _beam_search(model: nn.Module, sampling: Sampling):
+def _beam_search(model: nn.Module, sampling: Sampling, prefix_lm: bool):
   """Beam search over W = beam_size beams per prompt, all of them in the batch at once.
 
   A finished beam keeps its score and may only continue with padding, so it
@@ -264,7 +268,7 @@ def _beam_search(model: nn.Module, sampling: Sampling):
   def generate(params, tokens, lengths, images, rng):
     del rng  # beam search is deterministic
     B, T = tokens.shape
-    logits, state = prefill(model, params, tokens, lengths, images, T + N)
+    logits, state = prefill(model, params, tokens, lengths, images, T + N, prefix_lm)
     rows = jnp.repeat(jnp.arange(B), W)  # beam w of prompt b is row b * W + w
     logits, state = logits[rows], _take_rows(state, rows)
     V = logits.shape[-1]

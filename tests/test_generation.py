@@ -80,6 +80,36 @@ def test_lm_cached_logits_equal_full_pass(fields):
   np.testing.assert_allclose(out["logprobs"], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_prefix_lm_generation_equals_the_prefix_lm_forward_pass(method):
+  # A model trained with a bidirectional prompt (prefix_len) decodes with that mask: the
+  # cached logits equal a full pass with prefix_len = the prompt, and differ from causal ones.
+  model = early_fusion.Model(vit=VIT, lm=dict(variant="llama-tiny"), image_token_id=IMG)
+  P = 4
+  prompts = [[256] + [IMG] * P + [70, 71, 72], [256] + [IMG] * P + [80]]
+  images = jax.random.normal(jax.random.key(1), (2, 1, 16, 16, 3))
+  params = init(model, jnp.array(prompts[:1]), images[:1])
+  tokens, lengths = generation.left_pad(prompts, pad_id=0)
+  sampling = generation.Sampling(method=method, max_new_tokens=4, beam_size=2)
+  out = jax.jit(generation.make_generate(model, sampling, prefix_lm=True))(
+      params, tokens, lengths, images, jax.random.key(0))
+  for b, prompt in enumerate(prompts):
+    answer = list(np.asarray(out["tokens"][b]))
+    sequence = jnp.array([prompt + answer])
+    full, _ = model.apply({"params": params}, sequence, images[b:b + 1],
+                          prefix_len=jnp.array([len(prompt)]))
+    causal, _ = model.apply({"params": params}, sequence, images[b:b + 1])
+    logits, state = generation.prefill(model, params, tokens[b:b + 1], lengths[b:b + 1],
+                                       images[b:b + 1], tokens.shape[1] + 4, prefix_lm=True)
+    cached = [logits]
+    for token in answer[:-1]:
+      logits, state = generation.extend(model, params, jnp.array([token]), state)
+      cached.append(logits)
+    want = full[0, len(prompt) - 1:len(prompt) + 3]
+    np.testing.assert_allclose(np.concatenate(cached), want, atol=2e-5, rtol=1e-5)
+    assert np.abs(causal[0, len(prompt) - 1] - want[0]).max() > 1e-3  # the mask matters
+
+
 def test_early_fusion_cached_logits_equal_full_pass():
   model = early_fusion.Model(vit=VIT, lm=dict(variant="gpt2-tiny"), image_token_id=IMG)
   P = 4

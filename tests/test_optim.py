@@ -1,4 +1,5 @@
 """Tests of the optimizer builder: freezing, weight-decay mask, schedules, choices."""
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,7 @@ import optax
 import pytest
 
 from configs import common
+from mmjax import models
 from mmjax import optim
 
 
@@ -67,6 +69,38 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
   for path, update in zip(jax.tree.leaves(paths), jax.tree.leaves(updates)):
     decayed = bool(jnp.any(update != 0))
     assert decayed == path.endswith("kernel"), path
+
+
+def model_decay(family: str, fields: dict, *inputs) -> dict[str, bool]:
+  params = jax.eval_shape(lambda: nn.unbox(models.build(family, fields).init(
+      jax.random.key(0), *inputs))["params"])
+  return {path: optim.decays(path) for path in jax.tree.leaves(optim.param_paths(params))}
+
+
+def test_weight_decay_by_what_a_parameter_is_on_real_trees():
+  # The names that fooled the old substring rule: Llama's SwiGLU "mlp/gate/kernel" and the
+  # ViT's patch-embedding "embedding/kernel" are weight matrices; the deep-fusion "attn_gate"
+  # and "mlp_gate" scalars are gates.
+  tokens, images = jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 1, 16, 16, 3))
+  llama = model_decay("lm", dict(variant="llama-tiny"), tokens)
+  assert llama["block_0/mlp/gate/kernel"] and llama["block_0/attn/query/kernel"]
+  assert llama["head/kernel"] and not llama["embedder/embedding"]
+  assert not llama["block_0/attn_norm/scale"] and not llama["final_norm/scale"]
+  vit = model_decay("vit", dict(variant="mu/8", image_size=16, num_classes=3, pool="map"),
+                    images[:, 0])
+  assert vit["embedding/kernel"] and vit["head/kernel"] and vit["map_head/mlp/up/kernel"]
+  assert not any(vit[p] for p in ("embedding/bias", "pos_embedding", "map_head/probe",
+                                  "block_0/mlp/up/bias", "final_norm/scale"))
+  towers = dict(vit=dict(variant="mu/8", image_size=16, pool="cls"), lm=dict(variant="gpt2-tiny"),
+                image_token_id=3)
+  early = model_decay("early_fusion", towers, tokens, images)
+  assert early["projector/dense_0/kernel"] and not early["projector/dense_0/bias"]
+  assert not early["vit/cls"] and not early["lm/pos_embedding"]
+  deep = model_decay("deep_fusion", {**towers, "resampler_latents": 2, "cross_every": 1},
+                     tokens, images)
+  assert deep["xattn_0/attn/key/kernel"] and deep["adapter/dense_1/kernel"]
+  assert not any(deep[p] for p in ("xattn_0/attn_gate", "xattn_0/mlp_gate", "resampler/latents",
+                                   "xattn_1/attn_norm/scale"))
 
 
 def test_schedules():

@@ -1,6 +1,7 @@
 """tfds-backed sources: built without TensorFlow, read by index, resumable, split by process."""
 import json
 import logging
+import pathlib
 
 import numpy as np
 from PIL import Image
@@ -170,6 +171,43 @@ def test_llava_skips_bad_examples_and_converts_images(tmp_path, caplog):
   np.testing.assert_allclose(rgba[0, 0], np.array([10, 20, 30]) / 255, atol=1e-6)
 
 
+def test_llava_entries_that_are_not_objects_or_lack_values_are_skipped(tmp_path, caplog):
+  json_path, image_dir = write_llava(tmp_path / "llava")
+  entries = json.loads(pathlib.Path(json_path).read_text())
+  entries += ["a string", 17, {"id": "novalue", "conversations": [
+      {"from": "human", "value": "Hi"}, {"from": "gpt"}]}]
+  pathlib.Path(json_path).write_text(json.dumps(entries))
+  with caplog.at_level(logging.WARNING):
+    source = pipeline.LlavaConversations(4, 64, json_path=json_path, image_dir=image_dir,
+                                         image_size=4, image_tokens=2, image_token_id=258,
+                                         data_dir=str(tmp_path / "tfds"))
+  assert sorted(records_ids(source)) == ["grey", "long", "rgb", "rgba", "text"]
+  assert "2 with an entry that is not a JSON object (first: ['#10', '#11'])" in caplog.text
+  assert "1 with a turn without a \"value\" string (first: ['novalue'])" in caplog.text
+
+
+def test_an_edited_source_is_converted_again(tmp_path):
+  # The conversion is keyed by what it read: an answer edited in place (same length, same
+  # file name) is seen by the next run, not served from the earlier conversion.
+  json_path, image_dir = write_llava(tmp_path / "llava")
+  read = lambda: {i: json.loads(r["conversation"])[1]["value"] for i, r in records_of(
+      pipeline.LlavaConversations(4, 64, json_path=json_path, image_dir=image_dir,
+                                  image_size=4, image_tokens=2, image_token_id=258,
+                                  data_dir=str(tmp_path / "tfds"))).items()}
+  assert read()["rgb"] == "Orange."
+  path = pathlib.Path(json_path)
+  path.write_text(path.read_text().replace("Orange.", "Yellow"))
+  assert read()["rgb"] == "Yellow"
+
+
+def records_of(source) -> dict:
+  return {source.records[i]["id"].decode(): source.records[i] for i in range(len(source.records))}
+
+
+def records_ids(source) -> list[str]:
+  return list(records_of(source))
+
+
 def test_llava_batch_layout(tmp_path):
   source = llava_source(tmp_path, seq_len=64)
   text = lambda s: list(s.encode())
@@ -207,5 +245,20 @@ def test_trainer_reads_a_llava_folder(tmp_path, run_train):
   rows = run_train(tmp_path / "run", "early_fusion.py:tiny", {
       "data.name": "llava", "data.json": json_path, "data.image_dir": image_dir,
       "data.data_dir": str(tmp_path / "tfds"), "data.seq_len": 96, "batch_size": 4,
-      "total_steps": 4, "log_every": 2, "eval_every": 0})
+      "total_steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1})
   assert [r["step"] for r in rows] == [2, 4] and np.isfinite(rows[-1]["loss"])
+  # Held-out conversations are answered and scored, not only given a loss: the one held-out
+  # example ("held-0"), four times over a batch of 4, each against its own first answer.
+  assert 0 <= rows[-1]["vqa/accuracy"] <= 1 and "eval_loss" in rows[-1]
+  samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text()
+             .splitlines()]
+  assert {s["truth"] for s in samples} == {"Yes."} and len(samples) == 4
+  assert all(s["prompt"] == "USER: Held out? ASSISTANT:" for s in samples)
+
+
+def test_llava_held_out_prompts_end_where_the_answer_starts(tmp_path):
+  source = llava_source(tmp_path, split="validation")
+  (example,) = {e["question"]: e for e in source.examples(0)}.values()  # one example, 4 rows
+  assert example["question"] == "Held out?" and example["answer"] == "Yes."
+  assert example["prompt"] == [256] + list(b"USER: Held out? ASSISTANT:")
+  assert example["image"].shape == (1, 4, 4, 3) and example["type"] == "conversation"

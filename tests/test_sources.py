@@ -97,6 +97,24 @@ def test_coco_captions_convert_skip_and_lay_out(tmp_path, caplog):
   assert example["references"] == [c.decode() for c in validation.records[0]["captions"]]
 
 
+def test_coco_with_its_own_validation_file(tmp_path):
+  # captions_train2017.json and captions_val2017.json in one run: every training image trains
+  # (nothing held out by hash), and validation reads the other file's images.
+  json_path, image_dir = write_coco(tmp_path / "coco")
+  save(tmp_path / "val" / "green.png", np.full((6, 6, 3), [0, 255, 0]))
+  (tmp_path / "val.json").write_text(json.dumps({
+      "images": [{"id": 9, "file_name": "green.png"}],
+      "annotations": [{"id": 0, "image_id": 9, "caption": "green"}]}))
+  kwargs = dict(json_path=json_path, image_dir=image_dir, image_size=4, image_tokens=2,
+                image_token_id=IMAGE, data_dir=str(tmp_path / "tfds"),
+                val_json=str(tmp_path / "val.json"), val_image_dir=str(tmp_path / "val"))
+  train = pipeline.CocoCaptions(2, 24, **kwargs)
+  validation = pipeline.CocoCaptions(2, 24, split="validation", **kwargs)
+  assert sorted(records_by_id(train)) == ["1", "3", "4"]
+  assert sorted(records_by_id(validation)) == ["9"]
+  assert validation.examples(0)[0]["references"] == ["green"]
+
+
 def test_coco_errors_name_the_file(tmp_path):
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"images": []}))
@@ -174,6 +192,19 @@ def test_text_files_convert_and_skip(tmp_path, caplog):
   for why, where in [("a line that is not a JSON object", "b.jsonl:2"),
                      ("no 'text' text", "b.jsonl:3"), ("text that is not UTF-8", "c.txt")]:
     assert f"1 with {why} (first: ['{where}'])" in caplog.text
+
+
+def test_text_files_of_the_same_name_in_two_folders_stay_apart(tmp_path):
+  for folder, words in (("a", "one fish\n\ntwo fish"), ("b", "red fish\n\nblue fish")):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "x.txt").write_text(words)
+  files = f"{tmp_path}/a/*.txt,{tmp_path}/b/*.txt"
+  texts = {r["id"].decode(): r["text"].decode()
+           for split in ("train", "validation")
+           for records in [pipeline.text_files(files, "text", split, 0, str(tmp_path / "t"))[0]]
+           for r in (records[i] for i in range(len(records)))}
+  assert texts == {"a/x.txt:1": "one fish", "a/x.txt:2": "two fish", "b/x.txt:1": "red fish",
+                   "b/x.txt:2": "blue fish"}
 
 
 def documents(texts: list[str]):

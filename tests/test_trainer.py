@@ -17,6 +17,7 @@ import pytest
 
 from mmjax import steps
 from mmjax import trainer
+from mmjax.data import sources
 from mmjax.models import lm
 import train_cli
 
@@ -97,6 +98,14 @@ def test_fusion_models_learn_from_the_image(tmp_path, run_train, name):
   assert last["vqa/accuracy_colour"] > 0.8 and last["vqa/accuracy"] > 0.5, last
   samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
   assert len(samples) == 8 and all(s["step"] == 300 for s in samples)
+  # Throughput counts the tokens the loss is on (the answers), not the prompt or padding:
+  # over the last logged steps (251-300, batches 251-300) their share of the batch slots.
+  config = config_for(name, **{"data.max_shapes": 1, "data.name": "shapes"})
+  data = sources.build(config)
+  weights = [data.batch(s)["loss_weights"] for s in range(251, 301)]
+  share = sum(w.sum() for w in weights) / sum(w.size for w in weights)
+  assert last["items_per_sec"] / last["padded_items_per_sec"] == pytest.approx(share, rel=1e-5)
+  assert share < 0.5
   assert {"prompt", "answer", "truth", "type"} <= set(samples[0])
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.interop import hf
 from mmjax.models import vit
 
 
@@ -77,6 +78,30 @@ def test_other_resolution_interpolates_positions():
     _, aux = model.apply(variables, jax.random.normal(jax.random.key(2), (2, size, size, 3)))
     assert aux["features"].shape == (2, 1 + grid * grid, 32)
     assert jnp.all(jnp.isfinite(aux["features"]))
+
+
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("target", [(5, 7), (2, 3), (6, 6)])
+def test_interpolation_matches_pytorch(method, target):
+  # A field with structure (random, per channel), up- and downsampled, against PyTorch's own
+  # interpolate: what HF's interpolate_pos_encoding and timm call.
+  import torch  # pylint: disable=g-import-not-at-top
+  grid, D = 4, 3
+  field = np.random.RandomState(0).randn(grid, grid, D).astype(np.float32)
+  pos = jnp.concatenate([jnp.full((1, 1, D), 7.0), jnp.asarray(field).reshape(1, -1, D)], 1)
+  out = vit.interpolate_positions(pos, True, grid, target, method)
+  theirs = torch.nn.functional.interpolate(
+      torch.tensor(field).permute(2, 0, 1)[None], size=target, mode=method,
+      align_corners=False)[0].permute(1, 2, 0).numpy()
+  np.testing.assert_array_equal(out[0, 0], 7.0)  # cls position untouched
+  np.testing.assert_allclose(out[0, 1:].reshape(*target, D), theirs, atol=1e-5)
+
+
+def test_bicubic_is_the_default_of_imported_towers():
+  config = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "patch_size": 8,
+            "intermediate_size": 64, "num_attention_heads": 2, "image_size": 32,
+            "hidden_act": "gelu"}
+  assert hf.vit_fields(config)["posemb_resize"] == "bicubic"
 
 
 def test_interpolate_positions_values():

@@ -76,10 +76,33 @@ class MmjaxShapeScenes(tfds.core.GeneratorBasedBuilder):
 
 
 def _config_name(path: str, *settings) -> str:
-  """A builder config name unique to a source path and settings: "<file stem>_<hash>"."""
+  """A builder config name unique to a source and its settings: "<file stem>_<hash>".
+
+  settings hold what the conversion depends on (`_contents`), so an edited
+  source is converted again instead of read from a stale copy.
+  """
   digest = hashlib.sha1("|".join(map(str, (path, *settings))).encode()).hexdigest()
   stem = re.sub(r"[^a-z0-9]+", "_", os.path.splitext(os.path.basename(path))[0].lower())
   return f"{stem.strip('_') or 'files'}_{digest[:10]}"
+
+
+def _contents(*paths: str, hash_files: bool = False) -> str:
+  """A fingerprint of files and folders (walked): each file's path, size and modification time,
+  or with hash_files its bytes' hash (annotation files, which an edit may keep the same size)."""
+  digest = hashlib.sha1()
+  for path in paths:
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names) if (
+        os.path.isdir(path)) else [path]
+    for file in files:
+      if not os.path.exists(file):
+        digest.update(f"{file}|missing".encode())
+      elif hash_files:
+        with open(file, "rb") as f:
+          digest.update(f"{file}|".encode() + hashlib.sha1(f.read()).digest())
+      else:
+        stat = os.stat(file)
+        digest.update(f"{file}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+  return digest.hexdigest()
 
 
 def held_out(ids: list[str], percent: int) -> set[str]:
@@ -124,13 +147,22 @@ class AnnotationsConfig(tfds.core.BuilderConfig):
   """An annotations JSON file (LLaVA conversations, COCO captions) and the folder its image
   paths are relative to."""
 
-  def __init__(self, *, json_path: str, image_dir: str, validation_percent: int = 2):
+  def __init__(self, *, json_path: str, image_dir: str, validation_percent: int = 2,
+               validation_json: str = "", validation_image_dir: str = ""):
     json_path, image_dir = os.path.abspath(json_path), os.path.abspath(image_dir)
-    super().__init__(name=_config_name(json_path, image_dir, validation_percent),
-                     version="1.0.0", description=f"annotations {json_path}, images {image_dir}")
+    if validation_json:  # COCO's captions_val2017.json beside captions_train2017.json
+      validation_json = os.path.abspath(validation_json)
+      validation_image_dir = os.path.abspath(validation_image_dir or image_dir)
+    sources = [p for p in (json_path, validation_json) if p]
+    contents = _contents(*sources, hash_files=True) + _contents(image_dir, validation_image_dir)
+    super().__init__(name=_config_name(json_path, image_dir, validation_percent, contents),
+                     version="1.0.0", description=f"annotations {', '.join(sources)}, images "
+                     f"{image_dir}")
     self.json_path = json_path
     self.image_dir = image_dir
     self.validation_percent = validation_percent
+    self.validation_json = validation_json  # "": hold out validation_percent of json_path's
+    self.validation_image_dir = validation_image_dir
 
 
 class MmjaxLlava(tfds.core.GeneratorBasedBuilder):
@@ -157,10 +189,14 @@ class MmjaxLlava(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     config = self.builder_config
     entries = _load_json(config.json_path, "LLaVA JSON")
+    if not isinstance(entries, list):
+      raise ValueError(f"LLaVA JSON {config.json_path} must hold a list of examples, not a "
+                       f"{type(entries).__name__}")
     if len(entries) < 2:
       raise ValueError(f"LLaVA JSON {config.json_path} needs at least 2 examples (train and "
                        f"validation), has {len(entries)}")
-    ids = [str(e.get("id", n)) for n, e in enumerate(entries)]
+    # An entry that is not an object is named by its place in the list, and skipped later.
+    ids = [str(e.get("id", n)) if isinstance(e, dict) else f"#{n}" for n, e in enumerate(entries)]
     held = held_out(ids, config.validation_percent)
     return {
         "train": self._generate_examples([(i, e) for i, e in zip(ids, entries)
@@ -172,9 +208,15 @@ class MmjaxLlava(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, entries: list[tuple[str, dict]]):
     skipped = collections.defaultdict(list)
     for example_id, entry in entries:
+      if not isinstance(entry, dict):
+        skipped["an entry that is not a JSON object"].append(example_id)
+        continue
       turns = entry.get("conversations") or []
-      if not turns:
+      if not turns or not isinstance(turns, list):
         skipped["empty conversation"].append(example_id)
+        continue
+      if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
+        skipped["a turn without a \"value\" string"].append(example_id)
         continue
       if any(t.get("from") != ("human", "gpt")[n % 2] for n, t in enumerate(turns)):
         skipped["turns not alternating human, gpt"].append(example_id)
@@ -214,31 +256,40 @@ class MmjaxCoco(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager
     config = self.builder_config
-    annotations = _load_json(config.json_path, "COCO captions file")
-    if not isinstance(annotations, dict) or not {"images", "annotations"} <= annotations.keys():
-      raise ValueError(f"COCO captions file {config.json_path} needs top-level \"images\" and "
-                       f"\"annotations\" lists")
-    captions = collections.defaultdict(list)
-    for a in annotations["annotations"]:
-      captions[str(a["image_id"])].append(a["caption"].strip())
-    images = {str(i["id"]): (i["file_name"], captions[str(i["id"])])
-              for i in annotations["images"]}
+    images = self._images(config.json_path)
+    if config.validation_json:
+      return {"train": self._generate_examples(images, config.image_dir),
+              "validation": self._generate_examples(self._images(config.validation_json),
+                                                    config.validation_image_dir)}
     if len(images) < 2:
       raise ValueError(f"COCO captions file {config.json_path} needs at least 2 images (train "
                        f"and validation), has {len(images)}")
     held = held_out(list(images), config.validation_percent)
-    return {"train": self._generate_examples({i: v for i, v in images.items() if i not in held}),
-            "validation": self._generate_examples({i: v for i, v in images.items() if i in held})}
+    return {"train": self._generate_examples({i: v for i, v in images.items() if i not in held},
+                                             config.image_dir),
+            "validation": self._generate_examples({i: v for i, v in images.items() if i in held},
+                                                  config.image_dir)}
 
-  def _generate_examples(self, images: dict[str, tuple[str, list[str]]]):
+  def _images(self, json_path: str) -> dict[str, tuple[str, list[str]]]:
+    """{image id: (file name, its captions)} of one captions file."""
+    annotations = _load_json(json_path, "COCO captions file")
+    if not isinstance(annotations, dict) or not {"images", "annotations"} <= annotations.keys():
+      raise ValueError(f"COCO captions file {json_path} needs top-level \"images\" and "
+                       f"\"annotations\" lists")
+    captions = collections.defaultdict(list)
+    for a in annotations["annotations"]:
+      captions[str(a["image_id"])].append(a["caption"].strip())
+    return {str(i["id"]): (i["file_name"], captions[str(i["id"])])
+            for i in annotations["images"]}
+
+  def _generate_examples(self, images: dict[str, tuple[str, list[str]]], image_dir: str):
     skipped = collections.defaultdict(list)
     for image_id, (file_name, captions) in images.items():
       captions = [c for c in captions if c]
       if not captions:
         skipped["no caption"].append(image_id)
         continue
-      data = _read_image(os.path.join(self.builder_config.image_dir, file_name), image_id,
-                         skipped)
+      data = _read_image(os.path.join(image_dir, file_name), image_id, skipped)
       if data is not None:
         yield image_id, {"id": image_id, "images": [data], "captions": captions}
     _warn_skipped(f"COCO captions {self.builder_config.json_path}", skipped)
@@ -249,7 +300,8 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
 
   def __init__(self, *, image_dir: str, validation_percent: int = 2):
     image_dir = os.path.abspath(image_dir)
-    super().__init__(name=_config_name(image_dir, validation_percent), version="1.0.0",
+    super().__init__(name=_config_name(image_dir, validation_percent, _contents(image_dir)),
+                     version="1.0.0",
                      description=f"image classes from {image_dir}")
     self.image_dir = image_dir
     self.validation_percent = validation_percent
@@ -327,8 +379,9 @@ class TextConfig(tfds.core.BuilderConfig):
 
   def __init__(self, *, files: str, text_key: str = "text", validation_percent: int = 2):
     patterns = [os.path.abspath(p) for p in files.split(",") if p]
+    matched = sorted({p for pattern in patterns for p in glob.glob(pattern)})
     super().__init__(name=_config_name(patterns[0] if patterns else "text", *patterns, text_key,
-                                       validation_percent),
+                                       validation_percent, _contents(*matched)),
                      version="1.0.0", description=f"documents from {files}")
     self.patterns = patterns
     self.text_key = text_key
@@ -359,7 +412,11 @@ class MmjaxText(tfds.core.GeneratorBasedBuilder):
     if not paths:
       raise FileNotFoundError(f"no text files match {','.join(config.patterns)}")
     skipped = collections.defaultdict(list)
-    documents = dict(kv for path in paths for kv in self._documents(path, skipped))
+    # Documents are named by their file's path under the files' common folder: a/x.txt and
+    # b/x.txt stay apart.
+    root = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    documents = dict(kv for path in paths
+                     for kv in self._documents(path, os.path.relpath(path, root), skipped))
     _warn_skipped(f"text {','.join(config.patterns)}", skipped)
     if len(documents) < 2:
       raise ValueError(f"text files {','.join(config.patterns)} need at least 2 documents "
@@ -369,9 +426,8 @@ class MmjaxText(tfds.core.GeneratorBasedBuilder):
             "validation": self._generate_examples({k: v for k, v in documents.items()
                                                    if k in held})}
 
-  def _documents(self, path: str, skipped: dict[str, list[str]]):
-    """(id, text) of each document in one file."""
-    name = os.path.basename(path)
+  def _documents(self, path: str, name: str, skipped: dict[str, list[str]]):
+    """(id, text) of each document in one file; ids are "name:paragraph" or "name:line"."""
     with open(path, "rb") as f:
       data = f.read()
     try:

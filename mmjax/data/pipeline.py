@@ -265,9 +265,38 @@ class LlavaConversations(RecordSource):
     del position
     ids, loss = tokenizers.encode_conversation(json.loads(record["conversation"]),
                                                self.tokenizer, self.image_ids)
-    return Example(record["id"].decode(), ids, loss,
-                   [image_codec.from_bytes(data, self.image_size, self.resize)
-                    for data in record["images"][:self.max_images]])
+    return Example(record["id"].decode(), ids, loss, self._images(record))
+
+  def _images(self, record: dict) -> list[np.ndarray]:
+    return [image_codec.from_bytes(data, self.image_size, self.resize)
+            for data in record["images"][:self.max_images]]
+
+  # The generative evaluator's interface (see evaluate.Generative): each held-out
+  # conversation's first question, answered and scored against its first answer.
+
+  example_types = ("conversation",)
+  ANSWER_TOKENS = 32  # generated per held-out question at most
+
+  def longest_prompt(self) -> int:
+    return self.seq_len
+
+  def longest_answer(self) -> int:
+    return self.ANSWER_TOKENS
+
+  def examples(self, step: int) -> list[dict]:
+    rows = []
+    for row, _ in self.rows(step):
+      record = self.record(step * self.batch_size + row)
+      question, answer = json.loads(record["conversation"])[:2]
+      ids, loss = tokenizers.encode_conversation([question, answer], self.tokenizer,
+                                                 self.image_ids)
+      images = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
+      for i, image in enumerate(self._images(record)):
+        images[i] = image
+      rows.append({"image": self.normalise(images), "prompt": ids[:loss.index(1)][:self.seq_len],
+                   "question": question["value"], "answer": answer["value"],
+                   "type": "conversation"})
+    return rows
 
 
 class CocoCaptions(RecordSource):
@@ -282,14 +311,17 @@ class CocoCaptions(RecordSource):
 
   def __init__(self, batch_size: int, seq_len: int, *, json_path: str, image_dir: str,
                image_tokens: int, image_token_id: int, data_dir: str | None = None,
-               max_references: int = 5, **kwargs):
+               max_references: int = 5, val_json: str = "", val_image_dir: str = "",
+               **kwargs):
     super().__init__(batch_size, seq_len, max_images=1, **kwargs)
     self.prompt = [self.tokenizer.bos_id] + [image_token_id] * image_tokens
     if seq_len <= len(self.prompt) + 1:
       raise ValueError(f"config.data.seq_len={seq_len} leaves no room for a caption after "
                        f"{image_tokens} image tokens")
     self.max_references = max_references
-    config = builders.AnnotationsConfig(json_path=json_path, image_dir=image_dir)
+    config = builders.AnnotationsConfig(json_path=json_path, image_dir=image_dir,
+                                        validation_json=val_json,
+                                        validation_image_dir=val_image_dir)
     builder = arrayrecord(builders.MmjaxCoco, config, data_dir)
     self.records, self.order = open_split(builder, self.split, self.seed)
 

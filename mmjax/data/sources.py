@@ -67,7 +67,9 @@ def _annotated(config: Config, split: str, common: dict) -> base.Source:
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   data = config.data
   source = {"llava": pipeline.LlavaConversations, "coco_captions": pipeline.CocoCaptions}
-  images = dict(max_images=data.max_images) if data.name == "llava" else {}
+  # llava: image slots per example; coco_captions: a separate validation file, if any.
+  images = dict(max_images=data.max_images) if data.name == "llava" else dict(
+      val_json=data.get("val_json", ""), val_image_dir=data.get("val_image_dir", ""))
   del split  # in common
   return source[data.name](
       config.batch_size, data.seq_len, json_path=data.json, image_dir=data.image_dir,

@@ -134,7 +134,8 @@ def vit_fields(cfg: dict) -> dict:
   kind = _require(cfg, "model_type", VISION_TYPES, "vision tower")
   fields = dict(width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
                 mlp_dim=cfg["intermediate_size"], num_heads=cfg["num_attention_heads"],
-                patch_size=cfg["patch_size"], image_size=cfg["image_size"])
+                patch_size=cfg["patch_size"], image_size=cfg["image_size"],
+                posemb_resize="bicubic")  # interpolate_pos_encoding's, for other resolutions
   if cfg.get("num_channels", 3) != 3:
     raise ValueError(f"vision tower: config.json field 'num_channels'={cfg['num_channels']} "
                      "is not supported (mmjax handles [3])")
