@@ -8,13 +8,14 @@ num_processes and process_id, or run under a cluster that jax detects itself
 (TPU pods, SLURM), where jax.distributed.initialize() needs no arguments.
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mmjax import console
 from mmjax import dry_run
 from mmjax import trainer
 
@@ -26,18 +27,17 @@ _DRY_RUN = flags.DEFINE_string(
     "whether they fit, and stop; exits 1 when they do not (as tools/dry_run.py).")
 flags.mark_flags_as_required(["config"])
 
-# Environments in which jax.distributed.initialize() finds its settings on its own.
-CLUSTER_ENV_VARS = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+# Clusters in which jax.distributed.initialize() finds its settings on its own (and TPU VMs).
+CLUSTER_ENV_VARS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
   if _DRY_RUN.value:
-    name = config_flags.get_config_filename(flags.FLAGS["config"])
     report = dry_run.check(_CONFIG.value, _DRY_RUN.value)
-    print(dry_run.summary(report, name))
+    print(dry_run.summary(report, config_spec))
     return 0 if report["fits"] else 1
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (or --dry_run=TOPOLOGY)")
@@ -46,10 +46,14 @@ def main(argv):
   if distributed.coordinator_address:
     jax.distributed.initialize(distributed.coordinator_address, distributed.num_processes,
                                distributed.process_id)
-  elif any(os.environ.get(v) for v in CLUSTER_ENV_VARS):
+  elif any(os.environ.get(v) for v in CLUSTER_ENV_VARS) or console.on_a_tpu_vm():
     jax.distributed.initialize()
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  timer = console.Timer()
+  result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(console.summary(result, workdir=_WORKDIR.value, config_spec=config_spec,
+                          wall_seconds=timer.seconds), file=sys.stderr)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.app_run(main)

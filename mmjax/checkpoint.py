@@ -7,12 +7,14 @@ step; `Checkpointer.restore_latest` checks and falls back to older steps
 itself, warning with the name of each step it passes over.
 """
 import json
+import logging
 import os
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"
 
@@ -66,7 +68,7 @@ class Checkpointer:
     for step in steps:
       step_dir = os.path.join(self.directory, str(step))
       if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
-        logging.warning("checkpoint step %d (%s) is incomplete (no commit marker); "
+        log.warning("checkpoint step %d (%s) is incomplete (no commit marker); "
                         "falling back to an older step", step, step_dir)
         continue
       self.check_tree(step, abstract_state)
@@ -74,7 +76,7 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("checkpoint step %d (%s) is unreadable (%s: %s); falling back to an "
+        log.warning("checkpoint step %d (%s) is unreadable (%s: %s); falling back to an "
                         "older step", step, step_dir, type(e).__name__, str(e).splitlines()[0])
         continue
       return restored["state"], restored["data"], step

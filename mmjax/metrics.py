@@ -1,10 +1,9 @@
-"""Metric writing: DIR/metrics.jsonl, TensorBoard event files, a terminal progress line.
+"""Metrics: model FLOPs and peaks for MFU; writing DIR/metrics.jsonl and TensorBoard event files.
 
 Only process 0 writes; the others get a writer that does nothing.
 """
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -81,10 +80,8 @@ def model_flops(family: str, model, params, batch: dict) -> float:
 class Writer:
   """Writes scalars to metrics.jsonl (one object per line with "step") and TensorBoard."""
 
-  def __init__(self, workdir: str, total_steps: int):
+  def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
-    self.total_steps = total_steps
-    self.progress = self.enabled and sys.stderr.isatty()
     if not self.enabled:
       return
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -101,10 +98,6 @@ class Writer:
     for name, value in scalars.items():
       self.tensorboard.add_scalar(name, value, step)
     self.tensorboard.flush()
-    if self.progress:
-      shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k in ("loss", "eval_loss"))
-      sys.stderr.write(f"\rstep {step}/{self.total_steps} {shown}  ")
-      sys.stderr.flush()
 
   def write_samples(self, step: int, samples: list[dict]):
     """Generated answers next to the truth: DIR/samples.jsonl, and images + text in TensorBoard.
@@ -128,5 +121,3 @@ class Writer:
       self.jsonl.close()
       self.samples.close()
       self.tensorboard.close()
-      if self.progress:
-        sys.stderr.write("\n")

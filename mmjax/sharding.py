@@ -5,9 +5,9 @@ activations `act_batch`, `act_len`, `act_embed`); a preset of rules maps the
 names onto the mesh axes `data`, `fsdp` and `tensor`.
 """
 from collections.abc import Sequence
+import logging
 import math
 
-from absl import logging
 from flax import linen as nn
 import jax
 from jax.experimental import mesh_utils
@@ -15,6 +15,8 @@ from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both
@@ -107,7 +109,7 @@ def param_shardings(abstract_boxed, mesh, logical_rules):
   shardings = jax.tree_util.tree_map_with_path(
       fit, mesh_specs, values, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
   if unevenly:
-    logging.info("%d parameter dimension(s) left unsharded (not divisible by their mesh "
+    log.info("%d parameter dimension(s) left unsharded (not divisible by their mesh "
                  "axes), e.g. %s", len(unevenly), unevenly[:3])
   return shardings
 

@@ -9,17 +9,18 @@
      SIGTERM
 """
 import concurrent.futures
+import logging
 import os
 import signal
 import time
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from mmjax import checkpoint
+from mmjax import console
 from mmjax import dry_run
 from mmjax import evaluate
 from mmjax import metrics
@@ -28,6 +29,8 @@ from mmjax import sharding
 from mmjax import steps
 from mmjax.data import sources
 from mmjax.models import deep_fusion
+
+log = logging.getLogger(__name__)
 
 NAN_POLICIES = ("skip", "stop")
 
@@ -53,7 +56,7 @@ class Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    log.warning("SIGTERM: saving a checkpoint and stopping")
     self.requested = True
 
   def should_stop(self, sync: bool) -> bool:
@@ -101,20 +104,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = checkpointer.restore_latest(run.abstract_state)
     if restored:
       state, data_state, start = restored
-      logging.info("resumed from checkpoint step %d", start)
+      log.info("resumed from checkpoint step %d", start)
     else:
       state = run.init(jax.random.key(config.seed))
       if config.init_from:  # pretrained weights, e.g. from tools/import_hf.py
         state["params"] = checkpoint.load_params(os.path.join(config.init_from, "params"),
                                                  run.abstract_state["params"])
-        logging.info("initialised the parameters from %s", config.init_from)
+        log.info("initialised the parameters from %s", config.init_from)
       data_state, start = {"next_step": 1}, 0
 
     # 5. Compile both steps once, for the global batch's shapes.
     tic = time.perf_counter()
     compiled_step, compiled_eval = run.compile()
     compile_seconds = time.perf_counter() - tic
-    logging.info("compiled the train step in %.0f s: %s", compile_seconds,
+    log.info("compiled the train step in %.0f s: %s", compile_seconds,
                  dry_run.describe(dry_run.memory(compiled_step)))
     # Generated answers, scored, where the data has prompts to answer (image-text sources).
     generative = None
@@ -134,10 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     gates = jax.jit(deep_fusion.gate_values) if config.family == "deep_fusion" else None
 
     # 6. The loop. Host syncs (float(), device_get) happen on logging steps only.
-    writer = metrics.Writer(workdir, config.total_steps)
+    writer = metrics.Writer(workdir)
+    progress = console.Progress(config.total_steps, start,
+                                "images" if config.family == "vit" else "tokens",
+                                enabled=jax.process_index() == 0)
     config_json = config.to_dict()
     last, tic, steps_since, items = {}, time.perf_counter(), 0, 0.0
-    step = start
+    step, saved = start, start if restored else None
     # The next batch is read on a thread while the device runs this step (batches are a pure
     # function of the step, so reading ahead changes nothing).
     prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
@@ -152,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         data_state = {"next_step": data_state["next_step"] + 1}
         state, step_metrics = compiled_step(state, batch)
         steps_since += 1
+        progress.step()
         items = items + step_metrics.pop("items")  # on the device: no sync until logged
         log_now = step % config.log_every == 0 or step == config.total_steps
         if log_now:
@@ -177,20 +184,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               writer.write_samples(step, samples)
           _check_finite(state, config.nan_policy)
           writer.write(step, scalars)
+          progress.log(step, scalars)
           last, tic, steps_since, items = scalars, time.perf_counter(), 0, 0.0
         preempted = preemption.should_stop(sync=log_now)
         if ((config.checkpoint_every and step % config.checkpoint_every == 0)
             or step == config.total_steps or preempted):
           _check_finite(state, config.nan_policy)
           checkpointer.save(step, state, data_state, config_json)
+          saved = step
         if preempted:
-          logging.warning("stopped at step %d after SIGTERM; rerun the command to resume", step)
+          log.warning("stopped at step %d after SIGTERM; rerun the command to resume", step)
           break
     finally:
       prefetcher.shutdown(cancel_futures=True)
+      progress.close()
       writer.close()
       checkpointer.close()
-    return {"step": step, **last}
+    return {**last, "step": step, "compile_seconds": compile_seconds, "checkpoint_step": saved}
 
 
 def eval_losses(eval_step, params, data, num_batches: int, mesh) -> dict:

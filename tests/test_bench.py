@@ -41,11 +41,20 @@ def test_vit_flops_match_maxtext_formula():
   assert case_flops("vit-tiny") == pytest.approx(3 * forward, rel=1e-9)
 
 
+# The naive reference lives beside the checkout (../shared, as in CI), not in it: the tests that
+# compare with it say so when it is absent, rather than failing on a clone alone.
+REFERENCE = train_cli.ROOT.parent / "shared" / "bench" / "naive_reference.py"
+needs_reference = pytest.mark.skipif(
+    not REFERENCE.exists(), reason=f"the naive reference is not beside this checkout ({REFERENCE}"
+    " is absent): these tests compare mmjax with it, and CI has it")
+
+
+@needs_reference
 def test_bench_runs_and_compares_with_the_reference():
   result = subprocess.run(
       [sys.executable, str(train_cli.ROOT / "tools" / "bench.py"), "--cases=lm-tiny",
        "--steps=2", "--repeats=2",
-       f"--reference={train_cli.ROOT.parent / 'shared' / 'bench' / 'naive_reference.py'}"],
+       f"--reference={REFERENCE}"],
       env=train_cli.env(1), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -87,6 +96,7 @@ def test_data_bench_reports_both_sources():
     assert row["examples_per_s"] == pytest.approx(16 * 1000 / row["ms_per_batch"])
 
 
+@needs_reference
 def test_gpu_script_keeps_going_after_a_failed_stage(tmp_path):
   # tools/gpu_bench.sh is what a short GPU lease runs; here on the CPU with the tiny LM. A
   # stage that fails (an unknown case) is logged and the stages after it still run.

@@ -18,20 +18,16 @@ import os
 import pathlib
 import sys
 
-# The host only compiles: keep jax on the CPU, so it does not look for a TPU to run on, and tell
-# libtpu as much, so it does not query a TPU VM's metadata server and warn that there is none.
+# The host only compiles: keep jax on the CPU, so it does not look for a TPU to run on.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                    ("TPU_ACCELERATOR_TYPE", "v5litepod-8")):  # compiles any slice all the same
-  os.environ.setdefault(name, value)
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Config files import their siblings as `configs.common`: the repository root must be importable.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from mmjax import console  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mmjax import dry_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].")
@@ -66,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.app_run(main)

@@ -14,9 +14,9 @@ Orbax params-only checkpoint.
 import json
 import os
 
-from absl import app
 from absl import flags
 from mmjax import checkpoint
+from mmjax import console
 from mmjax.interop import hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or import directory.")
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.app_run(main)

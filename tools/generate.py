@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from mmjax import checkpoint
+from mmjax import console
 from mmjax import generation
 from mmjax import models
 from mmjax.data import images as image_codec
@@ -96,4 +97,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  console.app_run(main)

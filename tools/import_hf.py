@@ -10,10 +10,10 @@ params-only checkpoint) and the tokenizer files. Fine-tune it with
 import json
 import os
 
-from absl import app
 from absl import flags
 
 from mmjax import checkpoint
+from mmjax import console
 from mmjax.interop import hf
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "config.json + *.safetensors directory.")
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.app_run(main)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import checkpoint
+from mmjax import console
 from mmjax import generation
 from mmjax import models
 from mmjax import plots
@@ -91,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.app_run(main)

@@ -10,10 +10,10 @@ the PartitionSpec each parameter gets on this machine's devices.
 import pathlib
 import sys
 
-from absl import app
 import jax
 from ml_collections import config_flags
 
+from mmjax import console
 from mmjax import steps
 
 # Config files import their siblings as `configs.common`: the repository root must be importable.
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.app_run(main)

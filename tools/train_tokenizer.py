@@ -13,9 +13,9 @@ tokenizer to mmjax (`tokenizers.load`).
 import json
 import os
 
-from absl import app
 from absl import flags
 
+from mmjax import console
 from mmjax.data import tokenizers
 
 _INPUT = flags.DEFINE_multi_string("input", None, "Text or JSONL file(s).")
@@ -81,4 +81,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["input", "out"])
-  app.run(main)
+  console.app_run(main)

@@ -9,16 +9,19 @@ import collections
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data import base
 from mmjax.data import images as image_codec
 from mmjax.data import synthetic
+
+log = logging.getLogger(__name__)
+
 
 class ShapeScenesConfig(tfds.core.BuilderConfig):
   """Which scenes to generate; each setting builds its own dataset directory."""
@@ -114,7 +117,7 @@ def held_out(ids: list[str], percent: int) -> set[str]:
 def _warn_skipped(source: str, skipped: dict[str, list[str]]):
   """One warning for a whole split: how many examples were skipped, why, and the first ids."""
   if skipped:
-    logging.warning("%s: skipped %s", source, "; ".join(
+    log.warning("%s: skipped %s", source, "; ".join(
         f"{len(ids)} with {why} (first: {ids[:3]})" for why, ids in skipped.items()))
 
 

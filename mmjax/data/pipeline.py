@@ -24,8 +24,8 @@ import collections
 import dataclasses
 import importlib.util
 import json
+import logging
 
-from absl import logging
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
@@ -35,6 +35,8 @@ from mmjax.data import builders
 from mmjax.data import images as image_codec
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
+
+log = logging.getLogger(__name__)
 
 
 def hide_accelerators_from_tensorflow():
@@ -72,7 +74,7 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int, *, prep
     except FileExistsError:
       # Another process (another host, or a second run) finished the same build first and its
       # complete copy is in place: read that one.
-      logging.info("%s was built by another process meanwhile; reading its copy", builder.name)
+      log.info("%s was built by another process meanwhile; reading its copy", builder.name)
       builder = tfds.builder_from_directory(builder.data_dir)
     except ModuleNotFoundError as e:
       if e.name != "tensorflow":
@@ -179,7 +181,7 @@ class RecordSource(base.Source):
     self.counts[what] += 1
     n = self.counts[what]
     if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: counted, not spammed
-      logging.warning("%s: example %s %s; %d so far", type(self).__name__, example_id, what, n)
+      log.warning("%s: example %s %s; %d so far", type(self).__name__, example_id, what, n)
 
   def _layout(self, rows: list[list[Example]]) -> dict[str, np.ndarray]:
     shape = (len(rows), self.seq_len + 1)
