@@ -16,6 +16,10 @@ BACKBONES = {
     # cuDNN or splash attention where the mask allows.
     "base": dict(vit=dict(variant="B/16", image_size=224, pool="none", attention_impl="auto"),
                  lm=dict(variant="gpt2-124m", attention_impl="auto"), dtype="bfloat16"),
+    # Two pretrained towers, --config.towers.vision=DIR and --config.towers.language=DIR
+    # (mmjax/towers.py): their configs give the shapes; only how they run is set here.
+    "pretrained": dict(vit=dict(attention_impl="auto", remat_policy="none"),
+                       lm=dict(attention_impl="auto", remat_policy="none"), dtype="bfloat16"),
 }
 
 
@@ -67,10 +71,13 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
   return config
 
 
-def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
-  """Parses "BACKBONE[,STAGE]" -> the base config with the stage's freezing, towers and data."""
+def fusion_config(arg: str, *, family: str, stages: dict[str, str], pretrained_stage: str):
+  """Parses "BACKBONE[,STAGE]" -> the base config with the stage's freezing, towers and data.
+
+  The default stage trains everything, or with pretrained towers `pretrained_stage`.
+  """
   backbone, _, stage = arg.partition(",")
-  stage = stage or "all"
+  stage = stage or (pretrained_stage if backbone == "pretrained" else "all")
   if backbone not in BACKBONES or stage not in stages:
     raise ValueError(f"configs/{family}.py takes BACKBONE[,STAGE] with BACKBONE in "
                      f"{sorted(BACKBONES)} and STAGE in {sorted(stages)}, got {arg!r}")
@@ -87,6 +94,10 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str]):
       dtype=pair["dtype"],  # compute dtype of every part
   ))
   config.data = image_text_data()
+  config.towers = ml_collections.ConfigDict(dict(
+      vision="",  # a HuggingFace ViT/CLIP/SigLIP directory or a tools/import_hf.py output
+      language="",  # the same for GPT-2 or Llama, with its tokenizer.json or tokenizer.model
+  ))
   return config
 
 
@@ -149,7 +160,7 @@ def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
       # coco_captions: a validation file of its own (captions_val2017.json) and its images
       # ("" = image_dir); unset, 2% of json's images are held out.
       val_json="", val_image_dir="",
-      tokenizer="bytes",  # llava, coco_captions: or a SentencePiece .model / tokenizer.json
+      tokenizer="bytes",  # or a SentencePiece .model / tokenizer.json (config.towers sets it)
       max_images=1,  # llava: image slots per example
       pack=1,  # llava, coco_captions: examples per row, > 1 packs them with segment ids
       task="vqa",  # scenes: or "caption", "mixed"

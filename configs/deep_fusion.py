@@ -1,7 +1,11 @@
-"""Deep fusion (Flamingo-style) configs: `configs/deep_fusion.py:tiny[,stage]`.
+"""Deep fusion (Flamingo-style) configs: `configs/deep_fusion.py:BACKBONE[,STAGE]`.
 
 "flamingo" freezes both towers and trains the adapter and the cross-attention
-blocks only; "all" (the default) trains everything.
+blocks only; "all" trains everything. `pretrained` builds the model from two
+pretrained towers (mmjax/towers.py) and defaults to "flamingo":
+
+  python train.py --config configs/deep_fusion.py:pretrained --workdir DIR \\
+      --config.towers.vision=CLIP_DIR --config.towers.language=LLAMA_DIR
 """
 import ml_collections
 
@@ -11,7 +15,8 @@ STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  config = common.fusion_config(arg, family="deep_fusion", stages=STAGES)
+  config = common.fusion_config(arg, family="deep_fusion", stages=STAGES,
+                                pretrained_stage="flamingo")
   config.model.update(dict(
       cross_every=1,  # a cross block before every LM block: the tiny LM has only 2
       adapter_layers=2,
@@ -19,6 +24,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       media_attention="previous",  # or "latest"
       gate="scalar",  # or "channel"
   ))
-  if config.model.lm.variant == "gpt2-124m":
+  if config.model.lm.get("variant") == "gpt2-124m":
     config.model.cross_every = 4  # 3 cross blocks in GPT-2's 12
+  if arg.startswith("pretrained"):  # from the LM's depth: every 4th block, as Flamingo
+    config.model.cross_every = ml_collections.config_dict.placeholder(int)
   return config

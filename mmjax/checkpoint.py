@@ -10,9 +10,14 @@ import json
 import logging
 import os
 
+from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from mmjax import models
+from mmjax import sharding
+from mmjax.data import sources
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +105,27 @@ class Checkpointer:
     self.manager.close()
 
 
-def read_model(directory: str) -> tuple[dict, dict, str]:
-  """A model to run or export, on this host's first device.
+FSDP_OVER_ALL_DEVICES = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def read_model(directory: str, mesh: jax.sharding.Mesh | None = None) -> tuple[dict, dict, str]:
+  """A model to run or export: its parameters only (never the optimizer state), sharded.
 
   directory: a training workdir (its newest committed checkpoint) or a
   params-only export (mmjax_config.json + params/, from tools/export_hf.py
   --format=params or tools/import_hf.py).
-  -> ({"family", "model", and "pixels": {"mean", "std"} when images were
-  normalised}, params, the directory holding tokenizer files or "").
+  mesh: where the parameters go, by the "fsdp" rules; default: all devices, so
+  a model too large for one device is read straight into its shards.
+  -> ({"family", "model", "pixels": {"mean", "std"} when images were
+  normalised, "template": how the training data laid out a prompt}, params, the tokenizer: the run's config.data.tokenizer, the
+  import's tokenizer file, or "bytes").
   """
   imported = os.path.join(directory, "mmjax_config.json")
   if os.path.exists(imported):
     with open(imported) as f:
       config = json.load(f)
-    params_dir, tokenizer_dir = os.path.join(directory, "params"), directory
+    params_dir, subtree = os.path.join(directory, "params"), None
+    tokenizer = tokenizer_file(directory) or "bytes"
   else:
     checkpoints = os.path.abspath(os.path.join(directory, "checkpoints"))
     steps = sorted((int(s) for s in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
@@ -130,15 +142,39 @@ def read_model(directory: str) -> tuple[dict, dict, str]:
     data = run_config.get("data", {})
     if "image_mean" in data:
       config["pixels"] = {"mean": data["image_mean"], "std": data["image_std"]}
-    params_dir = os.path.join(checkpoints, str(steps[0]), "state")
-    tokenizer_dir = run_config.get("init_from", "")
-  with ocp.StandardCheckpointer() as ckpt:
-    saved = ckpt.metadata(os.path.abspath(params_dir)).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-    restored = ckpt.restore(os.path.abspath(params_dir), target)
-  params = restored["params"] if "params" in restored and "opt_state" in restored else restored
-  return config, params, tokenizer_dir
+    if data.get("name") in sources.SOURCES:
+      config["template"] = sources.SOURCES[data["name"]].template
+    params_dir, subtree = os.path.join(checkpoints, str(steps[0]), "state"), "params"
+    tokenizer = data.get("tokenizer") or "bytes"
+    if tokenizer == "bytes" and run_config.get("init_from"):  # started from an import
+      tokenizer = tokenizer_file(run_config["init_from"]) or "bytes"
+  mesh = mesh or sharding.make_mesh(FSDP_OVER_ALL_DEVICES)
+  boxed = models.abstract_params(config["family"], config["model"])
+  shardings = sharding.param_shardings(boxed, mesh, sharding.rules("fsdp"))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(boxed), shardings)
+  return config, _restore_params(os.path.abspath(params_dir), target, subtree), tokenizer
+
+
+def _restore_params(directory: str, target, subtree: str | None):
+  """Reads target's arrays (ShapeDtypeStructs with shardings) from an Orbax tree, or from its
+  `subtree` only (the params of a train state: its other items are never read)."""
+  with ocp.PyTreeCheckpointer() as ckpt:
+    saved = ckpt.metadata(directory).item_metadata.tree
+    _compare_trees(f"params checkpoint {directory}", saved[subtree] if subtree else saved,
+                   target)
+    item = {subtree: target} if subtree else target
+    restored = ckpt.restore(directory, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=bool(subtree)))
+  return restored[subtree] if subtree else restored
+
+
+def tokenizer_file(directory: str) -> str:
+  """A model directory's tokenizer: tokenizer.json (HuggingFace) or tokenizer.model
+  (SentencePiece), or "" when it has none."""
+  return next((os.path.join(directory, name) for name in ("tokenizer.json", "tokenizer.model")
+               if os.path.exists(os.path.join(directory, name))), "")
 
 
 def save_params(directory: str, params) -> None:
@@ -152,11 +188,7 @@ def load_params(directory: str, target):
 
   A tree that differs from the model's is an error naming the parameter.
   """
-  directory = os.path.abspath(directory)
-  with ocp.StandardCheckpointer() as ckpt:
-    saved = ckpt.metadata(directory).item_metadata.tree
-    _compare_trees(f"params checkpoint {directory}", saved, target)
-    return ckpt.restore(directory, target)
+  return _restore_params(os.path.abspath(directory), target, None)
 
 
 def _compare_trees(what: str, saved, target):

@@ -98,6 +98,11 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
   B, T = tokens.shape
   if cache_len < T:
     raise ValueError(f"cache_len={cache_len} is shorter than the prompts ({T} tokens)")
+  # Positions past the LM's table would read outside it (NaN logits, silently): say so first.
+  max_len = model.apply({"params": params}, method=lambda m: m.language.max_len)
+  if cache_len > max_len:
+    raise ValueError(f"prompts of {T} tokens and {cache_len - T} new ones need {cache_len} "
+                     f"positions; the LM has max_len={max_len}: shorten them")
   start = (T - lengths).astype(jnp.int32)  # first real slot of each row
   slots = jnp.arange(T)
   keys = jnp.arange(cache_len)

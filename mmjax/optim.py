@@ -9,6 +9,7 @@ optimizers is the same as scaling their learning rate (and decoupled decay).
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -61,15 +62,57 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
     tx = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
                          weight_decay_mask=decay_mask)
   tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
-  if config.get("frozen"):
-    frozen = re.compile(config.frozen)
-    labels = jax.tree.map(lambda p: "frozen" if frozen.search(p) else "trained", paths)
-    if "trained" not in jax.tree.leaves(labels):
-      raise ValueError(f"optimizer.frozen={config.frozen!r} freezes every parameter")
+  if config.get("frozen") or config.get("trained_rows"):
+    labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen_mask(config, params))
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   if config.get("lr_multipliers"):
     tx = optax.chain(tx, scale_by_path(config.lr_multipliers, paths))
   return tx
+
+
+def frozen_mask(config: ml_collections.ConfigDict, params):
+  """A tree like params: True where optimizer.frozen (a regex over paths) freezes the parameter.
+
+  A table named in optimizer.trained_rows stays trained (its other rows get no gradient, see
+  `row_masks`), however the regex reads.
+  """
+  pattern = re.compile(config.get("frozen") or "(?!)")  # "": nothing is frozen
+  rows = dict(config.get("trained_rows") or ())
+  mask = jax.tree.map(lambda p: bool(pattern.search(p)) and p not in rows, param_paths(params))
+  if all(jax.tree.leaves(mask)):
+    raise ValueError(f"optimizer.frozen={config.frozen!r} freezes every parameter")
+  return mask
+
+
+def row_masks(config: ml_collections.ConfigDict, params):
+  """A tree like params: for each table in optimizer.trained_rows ((path, row ids), ...), a
+  float32[rows, 1] mask of 1 on the rows that train, by which its gradient is multiplied (a
+  new token's embedding learns while the frozen vocabulary stays as it was); None elsewhere."""
+  rows = {path: tuple(ids) for path, ids in (config.get("trained_rows") or ())}
+  paths = param_paths(params)
+  unknown = sorted(set(rows) - set(jax.tree.leaves(paths)))
+  if unknown:
+    raise ValueError(f"optimizer.trained_rows names {unknown}, which the model lacks")
+
+  def mask(path, param):
+    if path not in rows:
+      return None
+    return jnp.zeros((param.shape[0], 1), jnp.float32).at[jnp.asarray(rows[path])].set(1.0)
+
+  return jax.tree.map(mask, paths, params)
+
+
+def split_frozen(params, mask) -> tuple[dict, dict]:
+  """-> (trained, frozen): params with None where the other half holds the leaf."""
+  trained = jax.tree.map(lambda p, f: None if f else p, params, mask)
+  frozen = jax.tree.map(lambda p, f: p if f else None, params, mask)
+  return trained, frozen
+
+
+def merge_frozen(trained, frozen):
+  """The inverse of split_frozen."""
+  return jax.tree.map(lambda t, f: f if t is None else t, trained, frozen,
+                      is_leaf=lambda x: x is None)
 
 
 def scale_by_path(multipliers, paths) -> optax.GradientTransformation:

@@ -27,6 +27,7 @@ import optax
 from mmjax import models
 from mmjax import optim
 from mmjax import sharding
+from mmjax import towers
 from mmjax.data import sources
 
 # Batch keys passed to the model as keyword arguments when present.
@@ -101,14 +102,25 @@ def new_state(model: nn.Module, optimizer, inputs: tuple, rng: jax.Array) -> dic
           "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(model, optimizer, *, microbatches: int):
-  """(state, batch) -> (state, metrics); a non-finite update is skipped and counted."""
+def make_train_step(model, optimizer, *, microbatches: int, frozen=None, row_masks=None):
+  """(state, batch) -> (state, metrics); a non-finite update is skipped and counted.
+
+  frozen: a tree like the parameters, True where a parameter is not trained
+  (optim.frozen_mask). Gradients are taken for the trained ones only: nothing
+  is differentiated through a frozen tower that only frozen parameters feed
+  (a frozen ViT runs no backward pass), no weight gradient of a frozen layer
+  is computed, and grad_norm and the non-finite guard cover what is trained.
+  row_masks (optim.row_masks): tables of which only some rows train.
+  """
 
   def grads_and_terms(params, batch):
-    def loss_sum(params):
-      total, count, correct = loss_terms(model, params, batch)
+    trained, fixed = optim.split_frozen(params, frozen) if frozen is not None else (params, None)
+
+    def loss_sum(trained):
+      merged = trained if fixed is None else optim.merge_frozen(trained, fixed)
+      total, count, correct = loss_terms(model, merged, batch)
       return total, (count, correct)
-    (total, (count, correct)), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+    (total, (count, correct)), grads = jax.value_and_grad(loss_sum, has_aux=True)(trained)
     return grads, total, count, correct
 
   def train_step(state, batch):
@@ -125,13 +137,20 @@ def make_train_step(model, optimizer, *, microbatches: int):
         out = grads_and_terms(params, microbatch)
         return jax.tree.map(jnp.add, carry, out), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, params), 0.0, 0.0, 0.0)
+      trained = params if frozen is None else optim.split_frozen(params, frozen)[0]
+      zeros = (jax.tree.map(jnp.zeros_like, trained), 0.0, 0.0, 0.0)
       (grads, total, count, correct), _ = jax.lax.scan(accumulate, zeros, split)
     # Normalise once by the whole batch's weight: the same update however it was split.
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
+    if row_masks is not None:
+      grads = jax.tree.map(lambda g, m: g if m is None else g * m, grads, row_masks,
+                           is_leaf=lambda x: x is None)
     loss = total / count
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(grads)  # of the trained parameters
+    if frozen is not None:  # the optimizer takes a whole tree; frozen leaves get no update
+      grads = optim.merge_frozen(grads, jax.tree.map(
+          lambda p, f: jnp.zeros_like(p) if f else None, params, frozen))
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -184,7 +203,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
 class Setup:
   """A config's model, mesh, shardings, optimizer and jitted steps; nothing allocated yet."""
 
-  config: ml_collections.ConfigDict
+  config: ml_collections.ConfigDict  # as given, with what its pretrained towers decide
   model: nn.Module
   mesh: jax.sharding.Mesh
   rules: tuple  # logical axis -> mesh axes
@@ -227,6 +246,7 @@ def setup(config: ml_collections.ConfigDict,
           devices: Sequence[jax.Device] | None = None) -> Setup:
   """Everything config describes, built for `devices` (default: every process's devices)."""
   devices = jax.devices() if devices is None else list(devices)
+  config = towers.resolve(config)  # what pretrained towers decide, if the config names any
   validate(config, len(devices), jax.process_count())
   mesh = sharding.make_mesh(config.mesh.shape, devices, config.mesh.get("dcn"))
   rules = sharding.rules(config.mesh.rules)
@@ -241,6 +261,9 @@ def setup(config: ml_collections.ConfigDict,
   boxed = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *inputs)["params"]
   params_sharding = sharding.param_shardings(boxed, mesh, rules)
   optimizer = optim.make_optimizer(config.optimizer, nn.unbox(boxed))
+  frozen = optim.frozen_mask(config.optimizer, nn.unbox(boxed))
+  row_masks = (optim.row_masks(config.optimizer, nn.unbox(boxed))
+               if config.optimizer.get("trained_rows") else None)
   init_state = functools.partial(new_state, model, optimizer, inputs)
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   state_sharding = sharding.state_shardings(abstract, params_sharding, mesh)
@@ -253,7 +276,8 @@ def setup(config: ml_collections.ConfigDict,
       abstract_state=abstract_state, abstract_batch=abstract_batch,
       init=jax.jit(init_state, out_shardings=state_sharding),
       # The old state's buffers are donated to the new one: one state's memory, not two.
-      train_step=jax.jit(make_train_step(model, optimizer, microbatches=config.microbatches),
+      train_step=jax.jit(make_train_step(model, optimizer, microbatches=config.microbatches,
+                                         frozen=frozen, row_masks=row_masks),
                          in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, None), donate_argnums=0),
       eval_step=jax.jit(functools.partial(loss_terms, model),

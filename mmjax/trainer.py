@@ -27,6 +27,7 @@ from mmjax import metrics
 from mmjax import optim
 from mmjax import sharding
 from mmjax import steps
+from mmjax import towers
 from mmjax.data import sources
 from mmjax.models import deep_fusion
 
@@ -37,7 +38,7 @@ NAN_POLICIES = ("skip", "stop")
 
 def validate(config: ml_collections.ConfigDict, num_devices: int):
   """One-line errors naming the config key, raised before anything compiles."""
-  steps.validate(config, num_devices, jax.process_count())
+  steps.validate(towers.resolve(config), num_devices, jax.process_count())
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}, got {config.nan_policy!r}")
   if config.eval_every % config.log_every:
@@ -87,8 +88,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config, jax.device_count())
 
     # 2. Model, mesh, shardings, optimizer and the jitted steps: the same for every entry point.
+    # From here on the config holds what its pretrained towers decide (their shapes, tokenizer).
     run = steps.setup(config)
-    mesh = run.mesh
+    config, mesh = run.config, run.mesh
 
     # 3. This process's rows of every global batch.
     train_data = sources.build(config, "train")
@@ -111,6 +113,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state["params"] = checkpoint.load_params(os.path.join(config.init_from, "params"),
                                                  run.abstract_state["params"])
         log.info("initialised the parameters from %s", config.init_from)
+      pretrained = towers.load(config, run.abstract_state["params"]) if config.get(
+          "towers") else {}
+      if pretrained:  # the towers' weights over the fresh ones, sharded as the state is
+        state["params"] = {**state["params"], **pretrained}
+        log.info("initialised %s from %s", " and ".join(sorted(pretrained)),
+                 ", ".join(d for d in config.towers.values() if d))
       data_state, start = {"next_step": 1}, 0
 
     # 5. Compile both steps once, for the global batch's shapes.

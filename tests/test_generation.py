@@ -237,3 +237,18 @@ def test_bad_sampling_settings_are_one_line_errors():
     generation.Sampling(method="sample", top_p=0.0)
   with pytest.raises(ValueError, match="needs at least one token"):
     generation.left_pad([[1], []], 0)
+
+
+def test_generating_past_the_lms_positions_is_an_error_before_compiling():
+  model = lm.Model("gpt2-tiny", max_len=16)
+  params = init(model, jnp.ones((1, 8), jnp.int32))
+  tokens, lengths = generation.left_pad([[256, 1, 2, 3, 4, 5]], pad_id=0)
+  generate = generation.make_generate(model, generation.Sampling(max_new_tokens=11))
+  with pytest.raises(ValueError, match=r"prompts of 6 tokens and 11 new ones need 17 positions; "
+                                       r"the LM has max_len=16"):
+    jax.jit(generate).lower(params, tokens, lengths, None, jax.random.key(0))
+  # Within the table: runs, and every logit is finite.
+  out = jax.jit(generation.make_generate(model, generation.Sampling(max_new_tokens=10)))(
+      params, tokens, lengths, None, jax.random.key(0))
+  assert out["tokens"].shape == (1, 10) and np.isfinite(out["logprobs"]).all()
+

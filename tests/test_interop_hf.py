@@ -5,6 +5,7 @@ save_pretrained, imported, and compared on the same inputs.
 """
 import json
 import os
+import tracemalloc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -161,15 +162,17 @@ def test_lm_export_round_trip(language_model, tmp_path):
 IMAGE_TOKEN = 100
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
+# HF's vision_feature_layer indexes hidden_states, whose 0 is the embeddings: -2 and 1 are the
+# same layer of a 3-block tower, counted from either end, and 2 is another.
+@pytest.fixture(scope="module", params=[-2, 1, 2])
+def llava(tmp_path_factory, request):
   torch.manual_seed(0)
   config = transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(**VISION_CONFIG),
+      vision_config=transformers.CLIPVisionConfig(**{**VISION_CONFIG, "num_hidden_layers": 3}),
       text_config=transformers.LlamaConfig(hidden_size=48, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2,
                                            intermediate_size=80, vocab_size=104),
-      image_token_index=IMAGE_TOKEN, vision_feature_layer=-2)
+      image_token_index=IMAGE_TOKEN, vision_feature_layer=request.param)
   model = transformers.LlavaForConditionalGeneration(config).eval()
   return model, saved(tmp_path_factory.mktemp("llava"), model)
 
@@ -183,7 +186,9 @@ def llava_inputs():
 def test_llava_parity_with_two_images(llava):
   model, path = llava
   config, params = hf.load(path)
-  assert config["family"] == "early_fusion" and config["model"]["vision_layer"] == -2
+  layer = model.config.vision_feature_layer
+  assert config["family"] == "early_fusion"
+  assert config["model"]["vision_layer"] == {-2: -2, 1: 0, 2: 1}[layer]  # mmjax's block index
   tokens, images = llava_inputs()
   logits, _ = build(config).apply({"params": params}, jnp.asarray(tokens),
                                   jnp.asarray(images[None]))
@@ -195,6 +200,7 @@ def test_llava_parity_with_two_images(llava):
 def test_llava_export_round_trip(llava, tmp_path):
   model, path = llava
   reloaded = export_and_reload(model, path, tmp_path / "out")
+  assert reloaded.config.vision_feature_layer == model.config.vision_feature_layer
   tokens, images = llava_inputs()
   with torch.no_grad():
     a = reloaded(input_ids=torch.tensor(tokens), pixel_values=torch_images(images)).logits
@@ -268,3 +274,32 @@ def test_sharded_checkpoint_and_tokenizer_files(tmp_path):
   out.mkdir()
   assert "tokenizer.json" in hf.copy_tokenizer(path, str(out))
   assert (out / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()
+
+
+def test_import_streams_each_tensor_into_its_shards(tmp_path):
+  """8 devices: every tensor arrives sharded as the fsdp rules say, and the host holds a few
+  tensors at a time (traced numpy allocations), never the model."""
+  torch.manual_seed(0)
+  path = saved(tmp_path, transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=6,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)))
+  config = hf.mmjax_config(json.load(open(os.path.join(path, "config.json"))))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  shardings = sharding.param_shardings(models.abstract_params("lm", config["model"]), mesh,
+                                       sharding.rules("fsdp"))
+  hf.load(path, shardings)  # jax's one-time allocations (caches) are not the import's
+  tracemalloc.start()
+  try:
+    _, params = hf.load(path, shardings)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  jax.tree.map(lambda x, s: assert_equal(x.sharding, s), params, shardings)
+  assert params["block_0"]["mlp"]["up"]["kernel"].sharding.spec == P("fsdp", None)
+  sizes = [x.nbytes for x in jax.tree.leaves(params)]
+  assert sum(sizes) > 10 * max(sizes)
+  assert peak < 3 * max(sizes), (peak, max(sizes), sum(sizes))
+
+
+def assert_equal(a, b):
+  assert a == b, (a, b)

@@ -175,7 +175,11 @@ def test_llava_entries_that_are_not_objects_or_lack_values_are_skipped(tmp_path,
   json_path, image_dir = write_llava(tmp_path / "llava")
   entries = json.loads(pathlib.Path(json_path).read_text())
   entries += ["a string", 17, {"id": "novalue", "conversations": [
-      {"from": "human", "value": "Hi"}, {"from": "gpt"}]}]
+      {"from": "human", "value": "Hi"}, {"from": "gpt"}]},
+      {"id": "twotags", "image": "rgb.png", "conversations": [
+          {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "?"}]},
+      {"id": "notag", "image": "rgb.png", "conversations": [
+          {"from": "human", "value": "What?"}, {"from": "gpt", "value": "?"}]}]
   pathlib.Path(json_path).write_text(json.dumps(entries))
   with caplog.at_level(logging.WARNING):
     source = pipeline.LlavaConversations(4, 64, json_path=json_path, image_dir=image_dir,
@@ -184,6 +188,8 @@ def test_llava_entries_that_are_not_objects_or_lack_values_are_skipped(tmp_path,
   assert sorted(records_ids(source)) == ["grey", "long", "rgb", "rgba", "text"]
   assert "2 with an entry that is not a JSON object (first: ['#10', '#11'])" in caplog.text
   assert "1 with a turn without a \"value\" string (first: ['novalue'])" in caplog.text
+  assert ("2 with a number of <image> tags other than of images (first: ['twotags', 'notag'])"
+          in caplog.text)
 
 
 def test_an_edited_source_is_converted_again(tmp_path):
@@ -198,6 +204,26 @@ def test_an_edited_source_is_converted_again(tmp_path):
   path = pathlib.Path(json_path)
   path.write_text(path.read_text().replace("Orange.", "Yellow"))
   assert read()["rgb"] == "Yellow"
+
+
+def test_llava_examples_with_more_images_than_slots_are_skipped(tmp_path, caplog):
+  json_path, image_dir = write_llava(tmp_path / "llava")
+  entries = json.loads(pathlib.Path(json_path).read_text())
+  entries.append({"id": "two", "image": ["rgb.png", "grey.png"], "conversations": [
+      {"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "No."}]})
+  pathlib.Path(json_path).write_text(json.dumps(entries))
+  kwargs = dict(json_path=json_path, image_dir=image_dir, image_size=4, image_tokens=2,
+                image_token_id=258, data_dir=str(tmp_path / "tfds"))
+  one = pipeline.LlavaConversations(4, 64, max_images=1, **kwargs)
+  two = pipeline.LlavaConversations(4, 64, max_images=2, **kwargs)
+  rows = lambda source: [source.batch(s) for s in range(2)]  # the first epoch, 6 records
+  with caplog.at_level(logging.WARNING):
+    one_rows = rows(one)
+  assert one.counts["more images than data.max_images"] == 1
+  assert "example two more images than data.max_images" in caplog.text
+  placeholders = lambda batches: sum(int((b["tokens"] == 258).sum()) for b in batches)
+  # With two slots the example trains, its 4 placeholders with it; with one it is left out.
+  assert placeholders(rows(two)) == placeholders(one_rows) + 4
 
 
 def records_of(source) -> dict:

@@ -207,6 +207,19 @@ def test_text_files_of_the_same_name_in_two_folders_stay_apart(tmp_path):
                    "b/x.txt:2": "blue fish"}
 
 
+def test_truncation_never_cuts_an_image_in_two():
+  # A cut through an image's placeholders drops that image whole, pixels and all: no
+  # placeholder is left to read the next packed example's image.
+  source = pipeline.Documents(1, 4, *documents(["x"]))
+  source.image_ids = [IMAGE, IMAGE]
+  pixels = [np.zeros((2, 2, 3)), np.ones((2, 2, 3))]
+  example = pipeline.Example("e", [BOS, IMAGE, IMAGE, 5, IMAGE, IMAGE, 6], [0] * 6 + [1], pixels)
+  cut = source._truncate(example, 5)  # pylint: disable=protected-access
+  assert cut.ids == [BOS, IMAGE, IMAGE, 5] and cut.loss == [0] * 4 and len(cut.images) == 1
+  whole = source._truncate(example, 6)  # pylint: disable=protected-access
+  assert whole.ids == [BOS, IMAGE, IMAGE, 5, IMAGE, IMAGE] and len(whole.images) == 2
+
+
 def documents(texts: list[str]):
   """An in-memory stand-in for a tfds split: records by index, in the given order."""
   records = [{"id": f"doc{i}".encode(), "text": t.encode()} for i, t in enumerate(texts)]

@@ -1,4 +1,5 @@
 """Tokenizers: byte, SentencePiece and HuggingFace round trips, special tokens, chat layout."""
+import json
 import random
 import sys
 
@@ -55,7 +56,7 @@ def test_bad_tokenizer_files_are_named(tmp_path, corpus):
   bare = hf.Tokenizer(hf.models.BPE(unk_token="<unk>"))
   bare.train_from_iterator(["a b c"], hf.trainers.BpeTrainer(special_tokens=["<unk>", "<pad>"]))
   bare.save(str(tmp_path / "tokenizer.json"))
-  with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json has no '<s>' \(bos\) token"):
+  with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json has no bos token \(looked for '<s>'"):
     tokenizers.load(str(tmp_path / "tokenizer.json"))
 
 
@@ -74,3 +75,49 @@ def test_conversation_layout_and_loss_mask():
     tokenizers.encode_conversation([], tokenizer, [258])
   with pytest.raises(ValueError, match="turn 1 is from 'human'; expected 'gpt'"):
     tokenizers.encode_conversation(turns[:1] * 2, tokenizer, [258])
+
+
+def test_prompts_place_as_many_images_as_they_are_given():
+  bytes_ = tokenizers.ByteTokenizer()
+  image = [258, 258]
+  # The template places one image; a prompt with its own markers places them itself.
+  assert tokenizers.encode_prompt("hi", 1, "<image>{prompt}", image, bytes_) == [
+      256, 258, 258, 104, 105]
+  assert tokenizers.encode_prompt("a<image>b<image>", 2, "<image>{prompt}", image, bytes_) == [
+      256, 97, 258, 258, 98, 258, 258]
+  # No marker anywhere: the images go first.
+  assert tokenizers.encode_prompt("hi", 2, "{prompt}", image, bytes_)[:5] == [256] + image * 2
+  for prompt, count in (("a<image>b<image>", 1), ("a<image>", 2), ("hi", 2), ("hi", 0)):
+    with pytest.raises(ValueError, match=r"the prompt places \d images \(<image> markers\) but "
+                                         rf"{count} were given"):
+      tokenizers.encode_prompt(prompt, count, "<image>{prompt}", image, bytes_)
+
+
+def test_a_gpt2_style_tokenizer_json_gets_its_specials_and_an_image_token(tmp_path):
+  """GPT-2 ships one special token and no tokenizer_config.json names; Llama-style files name
+  theirs there. Neither has "<image>" or a pad token."""
+  import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+  tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = hf_tokenizers.decoders.ByteLevel()
+  tokenizer.train_from_iterator(["a red circle top left", "two squares"] * 20,
+                                hf_tokenizers.trainers.BpeTrainer(
+                                    vocab_size=300, special_tokens=["<|endoftext|>"],
+                                    initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel
+                                    .alphabet()))
+  tokenizer.save(str(tmp_path / "tokenizer.json"))
+  vocab = tokenizer.get_vocab_size()
+  loaded = tokenizers.load(str(tmp_path / "tokenizer.json"))
+  end = tokenizer.token_to_id("<|endoftext|>")
+  assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (end, end, end)
+  assert (loaded.image_id, loaded.vocab_size) == (vocab, vocab + 1)
+  ids = tokenizers.encode_prompt("a red circle", 1, "<image>{prompt} ", [loaded.image_id],
+                                 loaded)
+  assert ids[:2] == [end, vocab] and vocab not in ids[2:]
+  assert loaded.decode(ids + [end]) == "a red circle "
+
+  # A tokenizer_config.json beside it names the specials (strings or {"content": ...}).
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": {"content": "<|endoftext|>"}, "eos_token": "<|endoftext|>",
+       "pad_token": "a"}))
+  assert tokenizers.load(str(tmp_path / "tokenizer.json")).pad_id == tokenizer.token_to_id("a")

@@ -1,7 +1,6 @@
 """The command-line tools end to end: import a HuggingFace model, fine-tune it, export it back."""
 import json
 import os
-import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,11 +26,7 @@ import show_params  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import lm as lm_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def run_tool(name, *args):
-  result = subprocess.run([sys.executable, str(train_cli.ROOT / "tools" / name), *args],
-                          env=train_cli.env(1), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+run_tool = train_cli.run_tool
 
 
 def test_import_finetune_export(tmp_path, run_train):
@@ -98,6 +93,10 @@ def test_params_only_export_round_trip(tmp_path, run_train):
   _, trained, _ = checkpoint.read_model(str(tmp_path / "run"))
   assert config["family"] == "lm"
   jax.tree.map(np.testing.assert_array_equal, params, trained)
+  # Read as the model runs: only the parameters, straight into their shards on all devices.
+  kernel = trained["block_0"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert len(kernel.sharding.device_set) == jax.device_count() == 8
 
 
 def test_show_params_lists_axes_and_shardings():

@@ -15,6 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from mmjax import sharding
 from mmjax import steps
 from mmjax import trainer
 from mmjax.data import sources
@@ -304,3 +305,34 @@ def test_two_processes_match_one_and_resume(tmp_path, run_train):
   # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into ~1e-6 moves.
   assert_trees_close(final_params(tmp_path / "two"), final_params(tmp_path / "single"),
                      rtol=1e-4, atol=2e-5)
+
+
+def test_frozen_parameters_get_no_gradient_and_no_say_in_grad_norm():
+  # Flamingo's recipe: both towers frozen. The step differentiates the adapter and cross
+  # blocks only: grad_norm is theirs, the towers stay bit-identical, and the compiled step does
+  # far less work (no backward pass through the ViT, no weight gradients in the LM).
+  config = config_for("deep_fusion", "tiny,flamingo", **{"data.name": "shapes", "batch_size": 8,
+                                                        "optimizer.warmup_steps": 0})
+  run = steps.setup(config)
+  state = run.init(jax.random.key(0))
+  batch = sharding.global_batch(sources.build(config).batch(1), run.mesh)
+  params = jax.device_get(state["params"])
+  train_step, _ = run.compile()
+  new_state, metrics = train_step(state, batch)
+
+  def loss(trained):
+    total, count, _ = steps.loss_terms(run.model, {**params, **trained}, batch)
+    return total / count
+
+  trained = {k: v for k, v in params.items() if not k.startswith(("vit", "lm"))}
+  expected = optax.tree.norm(jax.grad(loss)(trained))
+  np.testing.assert_allclose(metrics["grad_norm"], expected, rtol=1e-4)
+  new_params = jax.device_get(new_state["params"])
+  assert_trees_equal(new_params["vit"], params["vit"])
+  assert_trees_equal(new_params["lm"], params["lm"])
+  assert not np.array_equal(new_params["adapter"]["dense_0"]["kernel"],
+                            params["adapter"]["dense_0"]["kernel"])
+  everything = steps.setup(config_for("deep_fusion", "tiny", **{"data.name": "shapes",
+                                                                "batch_size": 8}))
+  flops = lambda r: float(r.compile_train().cost_analysis()["flops"])
+  assert flops(run) < 0.85 * flops(everything)

@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 
 def main(argv):
   del argv
-  config, params, tokenizer_dir = checkpoint.read_model(_WORKDIR.value)
+  config, params, tokenizer = checkpoint.read_model(_WORKDIR.value)
   out = _OUT.value
   os.makedirs(out, exist_ok=True)
   if _FORMAT.value == "params":
@@ -51,8 +51,8 @@ def main(argv):
           f"{out}/model.safetensors")
     return
   hf.save(out, config, params)
-  if tokenizer_dir:
-    hf.copy_tokenizer(tokenizer_dir, out)
+  if tokenizer != "bytes":  # the files beside the run's tokenizer (tokenizer_config.json, ...)
+    hf.copy_tokenizer(os.path.dirname(tokenizer), out)
   print(f"wrote a HuggingFace {config['family']} model to {out}")
 
 

@@ -8,10 +8,12 @@ export (tools/export_hf.py --format=params). --prompts reads one JSON object
 per line, {"prompt": "...", "images": ["a.png", ...]}, and prints one per line
 with "answer" added. Each prompt is laid out by --template: "<image>" stands
 for one image's placeholder tokens (early fusion) or marker (deep fusion);
-images without an "<image>" in the template go first. The default template
-matches the generated shapes dataset: the question, then a space; a prompt
-with its own "<image>" markers places its images itself. Text is byte-level
-unless --tokenizer names a SentencePiece or HuggingFace file; images are read
+images without an "<image>" in the template go first. The default is the
+layout of the run's training data: "<image>{prompt} " for the generated
+scenes, LLaVA-1.5's "USER: <image>\n{prompt} ASSISTANT:" for LLaVA data and
+LLaVA imports; a prompt with its own "<image>" markers places its images itself. Text is tokenized as
+the model was trained (the run's config.data.tokenizer, a pretrained language
+tower's, an import's) unless --tokenizer says otherwise; images are read
 with Pillow, made RGB, resized to the model's resolution and normalised as in
 training (config.data.image_mean/std, or an import's preprocessor values).
 """
@@ -33,9 +35,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or params-only
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
 _IMAGES = flags.DEFINE_multi_string("image", [], "Image file(s) for --prompt; repeat the flag.")
 _PROMPTS = flags.DEFINE_string("prompts", None, "A JSONL file of {prompt, images} objects.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", "bytes", "'bytes', a SentencePiece .model file "
-                                 "or a HuggingFace tokenizer.json (tools/train_tokenizer.py).")
-_TEMPLATE = flags.DEFINE_string("template", "<image>{prompt} ", "How a prompt is laid out.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Default: the run's own (its config.data."
+                                 "tokenizer, or the import's). Or 'bytes', a SentencePiece "
+                                 ".model file or a HuggingFace tokenizer.json.")
+_TEMPLATE = flags.DEFINE_string("template", None, "How a prompt is laid out. Default: as the "
+                                "run's training data did (its config.data.name).")
 _METHOD = flags.DEFINE_enum("method", "greedy", list(generation.METHODS), "How to choose tokens.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "--method=sample: logits / temperature.")
@@ -61,9 +65,9 @@ def read_requests() -> list[dict]:
 def main(argv):
   del argv
   requests = read_requests()
-  config, params, _ = checkpoint.read_model(_WORKDIR.value)
+  config, params, run_tokenizer = checkpoint.read_model(_WORKDIR.value)
   model = models.build(config["family"], config["model"])
-  tokenizer = tokenizers.load(_TOKENIZER.value)
+  tokenizer = tokenizers.load(_TOKENIZER.value or run_tokenizer)
   images = None
   image_ids = []
   if config["family"] in ("early_fusion", "deep_fusion"):
@@ -77,7 +81,8 @@ def main(argv):
       images = image_codec.normalise(images, **config.get("pixels", {}))
   elif any(r.get("images") for r in requests):
     raise ValueError(f"a {config['family']} model takes no images")
-  prompts = [tokenizers.encode_prompt(r["prompt"], len(r.get("images", [])), _TEMPLATE.value,
+  template = _TEMPLATE.value or config.get("template", "{prompt}")
+  prompts = [tokenizers.encode_prompt(r["prompt"], len(r.get("images", [])), template,
                                       image_ids, tokenizer) for r in requests]
   tokens, lengths = generation.left_pad(prompts, tokenizer.pad_id)
   sampling = generation.Sampling(

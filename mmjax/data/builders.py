@@ -226,6 +226,12 @@ class MmjaxLlava(tfds.core.GeneratorBasedBuilder):
         continue
       paths = entry.get("image") or []
       paths = [paths] if isinstance(paths, str) else paths
+      # Each image is read where its "<image>" tag stands: a tag without an image, or an image
+      # without a tag, would give the model another example's image or none.
+      tags = sum(t["value"].count("<image>") for t in turns if t["from"] == "human")
+      if tags != len(paths):
+        skipped["a number of <image> tags other than of images"].append(example_id)
+        continue
       images = []
       for path in paths:
         images.append(_read_image(os.path.join(self.builder_config.image_dir, path), example_id,

@@ -142,6 +142,7 @@ class RecordSource(base.Source):
     self.image_size = image_size
     self.tokenizer = tokenizers.load(tokenizer)
     self.counts = collections.Counter()
+    self.image_ids: list[int] = []  # the ids that stand for one image (sources with images)
 
   def __repr__(self):
     return (f"{type(self).__name__}({self.records!r}, batch_size={self.batch_size}, "
@@ -163,19 +164,37 @@ class RecordSource(base.Source):
                              for g in range(first, first + self.pack)]))
     return self._layout(rows)
 
-  def _fit(self, examples: list[Example]) -> list[Example]:
-    """The examples that fit one row of seq_len + 1 tokens; the first is truncated if it must be."""
+  def _fit(self, examples: list[Example | None]) -> list[Example]:
+    """The examples that fit one row of seq_len + 1 tokens; the first is truncated if it must be.
+
+    None stands for an example the source skipped (and counted): the row goes without it.
+    """
     room, kept = self.seq_len + 1, []
     for e in examples:
+      if e is None:
+        continue
       if len(e.ids) > room and kept:
         self._count("dropped from a full packed row (lower data.pack or raise data.seq_len)", e.id)
         continue
       if len(e.ids) > room:
         self._count("truncated to data.seq_len", e.id)
-        e = dataclasses.replace(e, ids=e.ids[:room], loss=e.loss[:room])
+        e = self._truncate(e, room)
       kept.append(e)
       room -= len(e.ids)
     return kept
+
+  def _truncate(self, e: Example, length: int) -> Example:
+    """e cut to `length` tokens, never inside an image's placeholders: an image whose
+    placeholders do not all fit is cut off whole, with its pixels, so no placeholder is left
+    to read the next example's image."""
+    ids = e.ids[:length]
+    if self.image_ids:
+      places = [i for i, t in enumerate(ids) if t == self.image_ids[0]]
+      whole = len(places) // len(self.image_ids)
+      if len(places) % len(self.image_ids):
+        ids = ids[:places[whole * len(self.image_ids)]]
+      e = dataclasses.replace(e, images=e.images[:whole])
+    return dataclasses.replace(e, ids=ids, loss=e.loss[:len(ids)])
 
   def _count(self, what: str, example_id: str):
     self.counts[what] += 1
@@ -263,8 +282,11 @@ class LlavaConversations(RecordSource):
     if not len(self.records):
       raise ValueError(f"LLaVA JSON {json_path} has no usable {self.split} examples")
 
-  def example(self, record: dict, position: int) -> Example:
+  def example(self, record: dict, position: int) -> Example | None:
     del position
+    if len(record["images"]) > self.max_images:  # the placeholders of the rest would read
+      self._count("more images than data.max_images", record["id"].decode())  # nothing real
+      return None
     ids, loss = tokenizers.encode_conversation(json.loads(record["conversation"]),
                                                self.tokenizer, self.image_ids)
     return Example(record["id"].decode(), ids, loss, self._images(record))
@@ -280,7 +302,8 @@ class LlavaConversations(RecordSource):
   ANSWER_TOKENS = 32  # generated per held-out question at most
 
   def longest_prompt(self) -> int:
-    return self.seq_len
+    """Question and answer together stay within the training length (and so the LM's)."""
+    return self.seq_len - self.ANSWER_TOKENS - 1
 
   def longest_answer(self) -> int:
     return self.ANSWER_TOKENS
@@ -295,7 +318,8 @@ class LlavaConversations(RecordSource):
       images = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
       for i, image in enumerate(self._images(record)):
         images[i] = image
-      rows.append({"image": self.normalise(images), "prompt": ids[:loss.index(1)][:self.seq_len],
+      prompt = ids[:loss.index(1)][:self.longest_prompt()]  # a longer question is cut short
+      rows.append({"image": self.normalise(images), "prompt": prompt,
                    "question": question["value"], "answer": answer["value"],
                    "type": "conversation"})
     return rows
@@ -316,7 +340,8 @@ class CocoCaptions(RecordSource):
                max_references: int = 5, val_json: str = "", val_image_dir: str = "",
                **kwargs):
     super().__init__(batch_size, seq_len, max_images=1, **kwargs)
-    self.prompt = [self.tokenizer.bos_id] + [image_token_id] * image_tokens
+    self.image_ids = [image_token_id] * image_tokens
+    self.prompt = [self.tokenizer.bos_id] + self.image_ids
     if seq_len <= len(self.prompt) + 1:
       raise ValueError(f"config.data.seq_len={seq_len} leaves no room for a caption after "
                        f"{image_tokens} image tokens")

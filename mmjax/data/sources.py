@@ -33,6 +33,9 @@ class Entry:
   build: Callable[[Config, str, dict], base.Source]  # (config, split, common keywords)
   required: tuple[str, ...] = ()  # config.data keys that must be set
   packs: bool = False  # takes config.data.pack > 1
+  # How its text lays out a prompt (tokenizers.encode_prompt): what generate.py uses for a
+  # model trained on it. "<image>" stands for one image's placeholders or marker.
+  template: str = "{prompt}"
 
 
 def image_size(config: Config) -> int:
@@ -52,6 +55,7 @@ def _tokens(data: Config) -> dict:
 def _scenes(config: Config, split: str, common: dict, *, in_memory: bool) -> base.Source:
   data = config.data
   fields = dict(task=data.task, max_shapes=data.max_shapes,
+                tokenizer=data.get("tokenizer", "bytes"),
                 image_token_id=config.model.image_token_id, **common)
   if in_memory:
     return synthetic.ShapeScenes(config.batch_size, data.seq_len, image_size(config),
@@ -112,6 +116,7 @@ def _tfds(config: Config, split: str, common: dict) -> base.Source:
 
 
 IMAGE_TEXT = models.IMAGE_TEXT
+SCENES_TEMPLATE = "<image>{prompt} "  # the image, the question, a space: then the answer
 SOURCES = {
     "arithmetic": Entry(("lm",), lambda config, split, common: synthetic.ArithmeticText(
         config.batch_size, config.data.seq_len, **common)),
@@ -121,13 +126,13 @@ SOURCES = {
         config.batch_size, image_size(config), **common)),
     "image_folder": Entry(("vit",), _image_folder, required=("image_dir",)),
     "shapes": Entry(IMAGE_TEXT, lambda config, split, common: _scenes(
-        config, split, common, in_memory=True)),
+        config, split, common, in_memory=True), template=SCENES_TEMPLATE),
     "tfds_scenes": Entry(IMAGE_TEXT, lambda config, split, common: _scenes(
-        config, split, common, in_memory=False)),
+        config, split, common, in_memory=False), template=SCENES_TEMPLATE),
     "llava": Entry(IMAGE_TEXT, _annotated, required=("json", "image_dir", "seq_len"),
-                   packs=True),
+                   packs=True, template=tokenizers.LLAVA_TEMPLATE),
     "coco_captions": Entry(IMAGE_TEXT, _annotated, required=("json", "image_dir", "seq_len"),
-                           packs=True),
+                           packs=True, template="<image>{prompt}"),
 }
 
 
@@ -195,7 +200,8 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   seq_len = data.seq_len
   if data.name in ("shapes", "tfds_scenes") and seq_len is None:  # the task's longest example
     seq_len = synthetic.ShapeScenes(B, None, image_size(config), placeholders_per_image(config),
-                                    task=data.task, max_shapes=data.max_shapes).seq_len
+                                    task=data.task, max_shapes=data.max_shapes,
+                                    tokenizer=data.get("tokenizer", "bytes")).seq_len
   text = jax.ShapeDtypeStruct((B, seq_len), np.int32)
   spec = {"tokens": text, "targets": text,
           "loss_weights": jax.ShapeDtypeStruct((B, seq_len), np.float32)}

@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from mmjax.data import base
+from mmjax.data import tokenizers
 
 
 def _shift(rows: list[list[int]], seq_len: int, pad_id: int, loss_from: list[int]):
@@ -83,8 +84,9 @@ class ShapeScenes(base.Source):
 
   def __init__(self, batch_size: int, seq_len: int | None, image_size: int, image_tokens: int,
                task: str = "vqa", max_shapes: int = 3, image_token_id: int | None = None,
-               **kwargs):
+               tokenizer: str = "bytes", **kwargs):
     super().__init__(batch_size, **kwargs)
+    self.tokenizer = tokenizers.load(tokenizer)
     if task not in TASKS:
       raise ValueError(f"config.data.task must be one of {TASKS}, got {task!r}")
     if not 1 <= max_shapes <= len(PLACES):
@@ -94,7 +96,8 @@ class ShapeScenes(base.Source):
     self.image_size = image_size
     self.image_tokens = image_tokens  # P per image for early fusion, 1 for deep fusion
     self.image_token_id = self.tokenizer.image_id if image_token_id is None else image_token_id
-    needed = max(prompt + answer for prompt, answer in self._longest_texts())  # inputs exclude the final EOS
+    # Inputs exclude the final EOS.
+    needed = max(prompt + answer for prompt, answer in self._longest_texts())
     self.seq_len = seq_len or needed
     if self.seq_len < needed:
       raise ValueError(f"config.data.seq_len={seq_len} is too short for {image_tokens} image "
@@ -112,9 +115,18 @@ class ShapeScenes(base.Source):
   def _longest_texts(self) -> list[tuple[int, int]]:
     """(prompt, answer) lengths of the longest examples this task can make."""
     image = 1 + self.image_tokens  # BOS + placeholders
-    question = (image + len("how many squares are there? "), len("bottom right"))
-    caption = (image, len(", ".join(["a yellow circle bottom right"] * self.max_shapes)) + 1)
+    question = (image + self._most_tokens("how many squares are there? "),
+                self._most_tokens("bottom right"))
+    caption = (image, self._most_tokens(", ".join(["a yellow circle bottom right"]
+                                                   * self.max_shapes)) + 1)
     return {"vqa": [question], "caption": [caption], "mixed": [question, caption]}[self.task]
+
+  def _most_tokens(self, text: str) -> int:
+    """Tokens that text, the longest of its kind in bytes, bounds: its bytes for the byte
+    tokenizer; one more for a subword one (every token holds a byte or more, but a
+    pretokenizer may add a leading-space token)."""
+    extra = 0 if isinstance(self.tokenizer, tokenizers.ByteTokenizer) else 1
+    return len(text.encode("utf-8")) + extra
 
   def longest_prompt(self) -> int:
     return max(prompt for prompt, _ in self._longest_texts())

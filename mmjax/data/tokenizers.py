@@ -10,10 +10,12 @@ image_id is the image placeholder (early fusion) or image marker (deep fusion).
 ".model" file, or a HuggingFace "tokenizer.json"; `tools/train_tokenizer.py`
 trains either kind offline with the special tokens below.
 """
+import json
 import os
 
 # Special tokens of the trained tokenizers, in id order.
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>", "image": "<image>"}
+IMAGE = SPECIAL_TOKENS["image"]
 
 
 class ByteTokenizer:
@@ -68,20 +70,39 @@ class SentencePieceTokenizer:
 
 
 class HuggingFaceTokenizer:
-  """A HuggingFace `tokenizers` tokenizer.json with the special tokens above in its vocabulary."""
+  """A HuggingFace `tokenizers` tokenizer.json, as tools/train_tokenizer.py or a pretrained
+  model ships it.
+
+  Special tokens: those a tokenizer_config.json beside the file names (bos_token,
+  eos_token, pad_token, as pretrained models have), else the ones above, else
+  GPT-2's "<|endoftext|>" as both bos and eos. Without a pad token, padding uses
+  unk or eos: padded positions carry no loss and no attention, so any id serves.
+  Without "<image>" it is added after the vocabulary (id = the old vocab size),
+  as LLaVA adds it; the LM's embedding table then needs that new row.
+  """
 
   def __init__(self, path: str):
     import tokenizers  # pylint: disable=g-import-not-at-top
     self.path = path
     self.tokenizer = tokenizers.Tokenizer.from_file(path)
-    self.vocab_size = self.tokenizer.get_vocab_size()
+    named = _named_special_tokens(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
     ids = {}
-    for name in ("pad", "bos", "eos", "image"):
-      ids[name] = self.tokenizer.token_to_id(SPECIAL_TOKENS[name])
-      if ids[name] is None:
-        raise ValueError(f"tokenizer {path} has no {SPECIAL_TOKENS[name]!r} ({name}) token")
+    for name in ("pad", "bos", "eos", "unk", "image"):
+      for token in (named.get(name), SPECIAL_TOKENS[name], *_FALLBACK_TOKENS.get(name, ())):
+        if token and self.tokenizer.token_to_id(token) is not None:
+          ids[name] = self.tokenizer.token_to_id(token)
+          break
+    if "image" not in ids:
+      self.tokenizer.add_special_tokens([tokenizers.AddedToken(IMAGE, special=True)])
+      ids["image"] = self.tokenizer.token_to_id(IMAGE)
+    ids.setdefault("pad", ids.get("unk", ids.get("eos")))
+    for name in ("pad", "bos", "eos"):
+      if ids.get(name) is None:
+        raise ValueError(f"tokenizer {path} has no {name} token (looked for "
+                         f"{SPECIAL_TOKENS[name]!r} and tokenizer_config.json's {name}_token)")
     self.pad_id, self.bos_id, self.eos_id, self.image_id = (
         ids["pad"], ids["bos"], ids["eos"], ids["image"])
+    self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
 
   def __repr__(self):
     return f"HuggingFaceTokenizer({self.path!r})"
@@ -91,6 +112,23 @@ class HuggingFaceTokenizer:
 
   def decode(self, ids) -> str:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+# GPT-2's one special token stands for both ends of a text.
+_FALLBACK_TOKENS = {"bos": ("<|endoftext|>",), "eos": ("<|endoftext|>",)}
+
+
+def _named_special_tokens(config_path: str) -> dict[str, str]:
+  """tokenizer_config.json's {"bos": "<s>", ...} (its tokens are strings or {"content": ...})."""
+  if not os.path.exists(config_path):
+    return {}
+  with open(config_path) as f:
+    config = json.load(f)
+  named = {}
+  for name in ("pad", "bos", "eos", "unk"):
+    token = config.get(f"{name}_token")
+    named[name] = token.get("content") if isinstance(token, dict) else token
+  return named
 
 
 def load(spec: str):
@@ -105,6 +143,11 @@ def load(spec: str):
     return HuggingFaceTokenizer(spec)
   raise ValueError(f"tokenizer {spec!r}: expected 'bytes', a SentencePiece .model file or a "
                    "HuggingFace tokenizer.json")
+
+
+# LLaVA-1.5's layout of one human turn, as encode_conversation writes it and HF's chat
+# template for llava-1.5 does ("USER: <image>\nWhat is it? ASSISTANT:").
+LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
 def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int]) -> tuple[list[int],
@@ -142,23 +185,23 @@ def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int]) -> t
   return ids, mask
 
 
-IMAGE = "<image>"
-
 
 def encode_prompt(prompt: str, num_images: int, template: str, image_ids: list[int],
                   tokenizer) -> list[int]:
   """BOS + the template with "{prompt}" filled in, each "<image>" replaced by image_ids.
 
   A prompt that places its images itself ("<image>" inside it) overrides the
-  template's image positions; images without a marker go first.
+  template's image positions. Where neither places them the images go first;
+  otherwise the markers must be as many as the images (an error names both).
   """
   if IMAGE in prompt:
     template = template.replace(IMAGE, "")
   text = template.replace("{prompt}", prompt)
-  missing = num_images - text.count(IMAGE)
-  if missing < 0:
-    raise ValueError(f"the prompt has {text.count(IMAGE)} {IMAGE} markers for {num_images} images")
-  text = IMAGE * missing + text
+  if IMAGE not in text:  # neither places them: the images go first
+    text = IMAGE * num_images + text
+  if text.count(IMAGE) != num_images:
+    raise ValueError(f"the prompt places {text.count(IMAGE)} images ({IMAGE} markers) but "
+                     f"{num_images} were given")
   ids = [tokenizer.bos_id]
   for i, part in enumerate(text.split(IMAGE)):
     ids += (image_ids if i else []) + tokenizer.encode(part)

@@ -17,7 +17,6 @@ import os
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -208,9 +207,12 @@ def mmjax_config(cfg: dict) -> dict:
   if kind == "llava":
     strategy = _require(cfg, "vision_feature_select_strategy", ("default", "full"), "LLaVA")
     layer = cfg.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
+    if not isinstance(layer, int) or layer == 0:
       raise ValueError(f"LLaVA: config.json field 'vision_feature_layer'={layer!r} is not "
-                       "supported (one layer index)")
+                       "supported (one layer index, not the embeddings' 0)")
+    # HF's hidden_states[0] is the embeddings and hidden_states[i + 1] block i's output, which
+    # mmjax calls block_i: counted from the end they agree, from the start they are one apart.
+    layer = layer - 1 if layer > 0 else layer
     _require(cfg, "projector_hidden_act", ("gelu",), "LLaVA")
     if not cfg.get("multimodal_projector_bias", True):
       raise ValueError("LLaVA: config.json field 'multimodal_projector_bias'=False is not "
@@ -409,7 +411,8 @@ def load(hf_dir: str, shardings=None) -> tuple[dict, dict]:
       tensor = np.asarray(handles[file].get_tensor(name), np.float32)
       for path, value in zip(entry.paths, entry.to_mmjax(tensor)):
         target = _get(shardings, path) if shardings is not None else None
-        _set(params, path, jax.device_put(jnp.asarray(value, jnp.float32), target))
+        # From the host straight into its shards: no device ever holds the whole tensor.
+        _set(params, path, jax.device_put(np.asarray(value, np.float32), target))
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
@@ -445,7 +448,8 @@ def hf_config(config: dict) -> dict:
     return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
                 vision_config=vision, text_config=text,
                 image_token_index=fields["image_token_id"], projector_hidden_act="gelu",
-                vision_feature_layer=fields["vision_layer"],
+                vision_feature_layer=(fields["vision_layer"] + 1 if fields["vision_layer"] >= 0
+                                      else fields["vision_layer"]),
                 vision_feature_select_strategy="default" if fields.get("drop_cls", True)
                 else "full", multimodal_projector_bias=True,
                 tie_word_embeddings=text.get("tie_word_embeddings", False))

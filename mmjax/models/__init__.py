@@ -7,8 +7,11 @@ image-text families also say how many placeholder tokens an image takes.
 Nothing here reads data or configs beyond the fields it is given.
 """
 from collections.abc import Mapping
+import functools
 
 from flax import linen as nn
+import jax
+import jax.numpy as jnp
 
 from mmjax.models import deep_fusion
 from mmjax.models import early_fusion
@@ -33,6 +36,21 @@ def build(family: str, fields: Mapping) -> nn.Module:
   """The unbound model of `family` with these fields (a dict or a ConfigDict)."""
   check_family(family)
   return FAMILIES[family].Model(**_fields(fields))
+
+
+def abstract_params(family: str, fields: Mapping) -> dict:
+  """The parameters' shapes, dtypes and logical axes (flax-boxed ShapeDtypeStructs), computed
+  without allocating them: what sharding.param_shardings places on a mesh."""
+  model = build(family, fields)
+  if family == "vit":
+    size = image_size(family, fields)
+    inputs = (jnp.zeros((1, size, size, 3)),)
+  else:  # parameter shapes do not depend on the text's length or the images' contents
+    inputs = (jnp.zeros((1, 8), jnp.int32),)
+    if family in IMAGE_TEXT:
+      size = image_size(family, fields)
+      inputs += (jnp.zeros((1, 1, size, size, 3)),)
+  return jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *inputs)["params"]
 
 
 def towers(family: str, fields: Mapping, key: str = "config.model") -> dict[str, tuple[str, dict]]:
