@@ -78,9 +78,12 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str], pretrained_s
   """
   backbone, _, stage = arg.partition(",")
   stage = stage or (pretrained_stage if backbone == "pretrained" else "all")
+  # STAGE+lora: the stage's freezing, with LoRA on the LM's projections.
+  stage, lora = stage.removesuffix("+lora"), stage.endswith("+lora")
   if backbone not in BACKBONES or stage not in stages:
     raise ValueError(f"configs/{family}.py takes BACKBONE[,STAGE] with BACKBONE in "
-                     f"{sorted(BACKBONES)} and STAGE in {sorted(stages)}, got {arg!r}")
+                     f"{sorted(BACKBONES)} and STAGE in {sorted(stages)} (+lora: LoRA on the "
+                     f"LM), got {arg!r}")
   # About 2 (early) and 3 (deep) minutes on 2 CPU cores for the tiny pair.
   config = base_config(family=family, total_steps=3000, batch_size=16)
   config.optimizer.learning_rate = 1e-3
@@ -94,6 +97,8 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str], pretrained_s
       dtype=pair["dtype"],  # compute dtype of every part
   ))
   config.data = image_text_data()
+  if lora:
+    with_lora(config, "lm/")
   config.towers = ml_collections.ConfigDict(dict(
       vision="",  # a HuggingFace ViT/CLIP/SigLIP directory or a tools/import_hf.py output
       language="",  # the same for GPT-2 or Llama, with its tokenizer.json or tokenizer.model
@@ -187,4 +192,20 @@ def optimizer(total_steps: int, learning_rate: float = 3e-3) -> ml_collections.C
       clip_norm=1.0,
       frozen="",  # regex over parameter paths ("lm/block_0/attn/query/kernel"); "" = none
       lr_multipliers=(),  # ((regex, factor), ...): e.g. (("^vit/", 0.1),) for a slower tower
+      # Low-rank adapters (mmjax/lora.py) on the kernels `targets` (a regex) names: they train,
+      # those kernels are frozen; "" = no LoRA. `with_lora` sets every projection of an LM.
+      lora=dict(targets="", rank=16, alpha=32.0,
+                base_dtype=ml_collections.config_dict.placeholder(str)),  # "bfloat16": QLoRA-ish
   ))
+
+
+def projections(prefix: str = "") -> str:
+  """A regex for every attention and MLP projection of an LM (query, key, value, out, gate,
+  up, down) whose parameter paths start with prefix ("lm/" inside a fusion model)."""
+  return rf"^{prefix}(block_\d+|blocks)/(attn|mlp)/\w+/kernel$"
+
+
+def with_lora(config: ml_collections.ConfigDict, prefix: str = "") -> ml_collections.ConfigDict:
+  """LoRA of rank 16 on every projection of the LM under prefix; the rest as the config says."""
+  config.optimizer.lora.targets = projections(prefix)
+  return config

@@ -1,5 +1,8 @@
 """Fine-tune an imported HuggingFace model: `--config configs/hf.py:/path/from/import_hf`.
 
+`configs/hf.py:/path/from/import_hf,lora` fine-tunes through LoRA adapters
+on the LM's projections (and the projector of a LLaVA in full).
+
 The family and model fields come from the import's mmjax_config.json, and the
 run starts from its params/. The data is the family's default (synthetic, byte
 tokens: the model's vocabulary must hold 320 ids) until flags point it at real
@@ -17,6 +20,8 @@ from configs import common
 
 
 def get_config(arg: str) -> ml_collections.ConfigDict:
+  """DIR, or DIR,lora: LoRA on the LM's projections, everything else frozen."""
+  arg, lora = (arg.removesuffix(",lora"), True) if arg.endswith(",lora") else (arg, False)
   path = os.path.join(arg, "mmjax_config.json")
   if not os.path.exists(path):
     raise ValueError(f"configs/hf.py needs a directory written by tools/import_hf.py; "
@@ -28,6 +33,9 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
   config.init_from = os.path.abspath(arg)
   config.optimizer = common.optimizer(config.total_steps, learning_rate=1e-4)  # fine-tuning
   model = imported["model"]
+  if lora:  # the adapters train; with early fusion the projector too (LLaVA's LoRA recipe)
+    common.with_lora(config, "" if imported["family"] == "lm" else "lm/")
+    config.optimizer.frozen = "^(?!projector/)"
   if imported["family"] == "lm":
     config.data = common.text_data(seq_len=min(128, model["max_len"]))
     return config

@@ -26,9 +26,16 @@ VARIANTS = {
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  """VARIANT, or VARIANT,lora: LoRA (rank 16) on every projection, the rest frozen."""
+  arg, _, lora = arg.partition(",")
+  if lora not in ("", "lora"):
+    raise ValueError(f"configs/lm.py takes VARIANT[,lora], got {arg},{lora}")
   preset = common.variant(VARIANTS, arg, "configs/lm.py")
   config = common.base_config(family="lm", total_steps=preset["total_steps"],
                               batch_size=preset["batch_size"])
   config.model = ml_collections.ConfigDict(preset["model"])  # lm.Model(**config.model)
   config.data = common.text_data(preset["seq_len"])
+  if lora:
+    common.with_lora(config)
+    config.optimizer.frozen = ".*"  # only the adapters train
   return config

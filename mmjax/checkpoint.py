@@ -6,6 +6,7 @@ step folder even without its commit marker and raises on a corrupt latest
 step; `Checkpointer.restore_latest` checks and falls back to older steps
 itself, warning with the name of each step it passes over.
 """
+import functools
 import json
 import logging
 import os
@@ -13,8 +14,10 @@ import os
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
+from mmjax import lora
 from mmjax import models
 from mmjax import sharding
 from mmjax.data import sources
@@ -108,7 +111,8 @@ class Checkpointer:
 FSDP_OVER_ALL_DEVICES = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
-def read_model(directory: str, mesh: jax.sharding.Mesh | None = None) -> tuple[dict, dict, str]:
+def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
+               merge_adapters: bool = True) -> tuple[dict, dict, str]:
   """A model to run or export: its parameters only (never the optimizer state), sharded.
 
   directory: a training workdir (its newest committed checkpoint) or a
@@ -117,7 +121,9 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None) -> tuple[d
   mesh: where the parameters go, by the "fsdp" rules; default: all devices, so
   a model too large for one device is read straight into its shards.
   -> ({"family", "model", "pixels": {"mean", "std"} when images were
-  normalised, "template": how the training data laid out a prompt}, params, the tokenizer: the run's config.data.tokenizer, the
+  normalised, "template": how the training data laid out a prompt, "lora": the run's
+  optimizer.lora when it trained adapters}, params (adapters merged into their kernels
+  unless merge_adapters=False), the tokenizer: the run's config.data.tokenizer, the
   import's tokenizer file, or "bytes").
   """
   imported = os.path.join(directory, "mmjax_config.json")
@@ -144,16 +150,24 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None) -> tuple[d
       config["pixels"] = {"mean": data["image_mean"], "std": data["image_std"]}
     if data.get("name") in sources.SOURCES:
       config["template"] = sources.SOURCES[data["name"]].template
+    adapters = lora.settings(ml_collections.ConfigDict(run_config.get("optimizer", {})))
+    if adapters is not None:
+      config["lora"] = adapters.to_dict()
     params_dir, subtree = os.path.join(checkpoints, str(steps[0]), "state"), "params"
     tokenizer = data.get("tokenizer") or "bytes"
     if tokenizer == "bytes" and run_config.get("init_from"):  # started from an import
       tokenizer = tokenizer_file(run_config["init_from"]) or "bytes"
   mesh = mesh or sharding.make_mesh(FSDP_OVER_ALL_DEVICES)
-  boxed = models.abstract_params(config["family"], config["model"])
+  optimizer = ml_collections.ConfigDict({"lora": config.get("lora")})
+  boxed = lora.add(models.abstract_params(config["family"], config["model"]), optimizer)
   shardings = sharding.param_shardings(boxed, mesh, sharding.rules("fsdp"))
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.unbox(boxed), shardings)
-  return config, _restore_params(os.path.abspath(params_dir), target, subtree), tokenizer
+  params = _restore_params(os.path.abspath(params_dir), target, subtree)
+  if merge_adapters and "lora" in config:
+    params = jax.jit(functools.partial(lora.merge, optimizer=optimizer))(params)
+    del config["lora"]  # what is returned is a plain model
+  return config, params, tokenizer
 
 
 def _restore_params(directory: str, target, subtree: str | None):

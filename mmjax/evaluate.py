@@ -69,7 +69,7 @@ class Generative:
   """
 
   def __init__(self, model: nn.Module, source, mesh, rules, params_sharding, *,
-               num_batches: int, num_samples: int = 8):
+               num_batches: int, num_samples: int = 8, merge=lambda params: params):
     self.source = source
     self.mesh, self.rules = mesh, rules
     self.num_batches = num_batches
@@ -83,7 +83,8 @@ class Generative:
         pad_id=self.tokenizer.pad_id))
     batch = sharding.batch_sharding(mesh)
     self.generate = jax.jit(
-        lambda params, tokens, lengths, images: generate(params, tokens, lengths, images,
+        # merge: the state's parameters -> the model's (LoRA factors into their kernels).
+        lambda params, tokens, lengths, images: generate(merge(params), tokens, lengths, images,
                                                          jax.random.key(0))["tokens"],
         in_shardings=(params_sharding, batch, batch, batch))
 

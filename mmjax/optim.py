@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mmjax import lora
+
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -62,7 +64,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientT
     tx = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None,
                          weight_decay_mask=decay_mask)
   tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), tx)
-  if config.get("frozen") or config.get("trained_rows"):
+  if config.get("frozen") or config.get("trained_rows") or lora.settings(config):
     labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen_mask(config, params))
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
   if config.get("lr_multipliers"):
@@ -74,11 +76,19 @@ def frozen_mask(config: ml_collections.ConfigDict, params):
   """A tree like params: True where optimizer.frozen (a regex over paths) freezes the parameter.
 
   A table named in optimizer.trained_rows stays trained (its other rows get no gradient, see
-  `row_masks`), however the regex reads.
+  `row_masks`), however the regex reads. With optimizer.lora, its target kernels are frozen
+  and their factors train, however the regex reads.
   """
   pattern = re.compile(config.get("frozen") or "(?!)")  # "": nothing is frozen
   rows = dict(config.get("trained_rows") or ())
-  mask = jax.tree.map(lambda p: bool(pattern.search(p)) and p not in rows, param_paths(params))
+  adapters = lora.settings(config)
+
+  def frozen(path):
+    if lora.is_factor(path):
+      return False
+    return lora.is_target(adapters, path) or (bool(pattern.search(path)) and path not in rows)
+
+  mask = jax.tree.map(frozen, param_paths(params))
   if all(jax.tree.leaves(mask)):
     raise ValueError(f"optimizer.frozen={config.frozen!r} freezes every parameter")
   return mask

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mmjax import lora
 from mmjax import models
 from mmjax import optim
 from mmjax import sharding
@@ -63,6 +64,13 @@ def loss_terms(model: nn.Module, params, batch: dict):
   return total, jnp.sum(batch["loss_weights"]), correct
 
 
+def adapted_loss_terms(model: nn.Module, optimizer: ml_collections.ConfigDict | None, params,
+                       batch: dict):
+  """loss_terms with the LoRA adapters of optimizer.lora (if any) applied."""
+  with lora.adapted(optimizer):
+    return loss_terms(model, params, batch)
+
+
 # Sequence positions per chunk of logits: [B, 256, V] float32 at a time.
 LOGIT_CHUNK = 256
 
@@ -94,15 +102,20 @@ def chunked_token_losses(model: nn.Module, params, hidden: jax.Array, targets: j
   return total, correct
 
 
-def new_state(model: nn.Module, optimizer, inputs: tuple, rng: jax.Array) -> dict:
-  """The train state: fresh parameters, their optimizer state, the step and the NaN counters."""
-  params = nn.unbox(model.init(rng, *inputs)["params"])
+def new_state(model: nn.Module, optimizer, inputs: tuple, rng: jax.Array,
+              adapt: Callable = lambda params, rng: params) -> dict:
+  """The train state: fresh parameters, their optimizer state, the step and the NaN counters.
+
+  adapt: (params, rng) -> params with what the model lacks (LoRA factors, lora.init).
+  """
+  params = adapt(nn.unbox(model.init(rng, *inputs)["params"]), jax.random.fold_in(rng, 1))
   return {"params": params, "opt_state": optimizer.init(params),
           "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
           "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
-def make_train_step(model, optimizer, *, microbatches: int, frozen=None, row_masks=None):
+def make_train_step(model, optimizer, *, microbatches: int, frozen=None, row_masks=None,
+                    adapters: ml_collections.ConfigDict | None = None):
   """(state, batch) -> (state, metrics); a non-finite update is skipped and counted.
 
   frozen: a tree like the parameters, True where a parameter is not trained
@@ -111,6 +124,7 @@ def make_train_step(model, optimizer, *, microbatches: int, frozen=None, row_mas
   (a frozen ViT runs no backward pass), no weight gradient of a frozen layer
   is computed, and grad_norm and the non-finite guard cover what is trained.
   row_masks (optim.row_masks): tables of which only some rows train.
+  adapters: config.optimizer, whose LoRA factors (lora.adapted) the model applies.
   """
 
   def grads_and_terms(params, batch):
@@ -118,7 +132,7 @@ def make_train_step(model, optimizer, *, microbatches: int, frozen=None, row_mas
 
     def loss_sum(trained):
       merged = trained if fixed is None else optim.merge_frozen(trained, fixed)
-      total, count, correct = loss_terms(model, merged, batch)
+      total, count, correct = adapted_loss_terms(model, adapters, merged, batch)
       return total, (count, correct)
     (total, (count, correct)), grads = jax.value_and_grad(loss_sum, has_aux=True)(trained)
     return grads, total, count, correct
@@ -175,6 +189,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   """One-line errors naming the config key, for everything `setup` builds; nothing compiles."""
   models.check(config.family, config.model)
   sources.check(config)
+  lora.check(config.optimizer)
   data_size, fsdp_size, _ = sharding.mesh_shape(config.mesh.shape, num_devices)
   sharding.rules(config.mesh.rules)
   parallel = data_size * fsdp_size
@@ -217,6 +232,7 @@ class Setup:
   init: Callable  # (rng) -> state, created directly in its shardings
   train_step: Callable  # jitted (state, batch) -> (state, metrics); donates the state
   eval_step: Callable  # jitted (params, batch) -> (summed loss, weight count, summed correct)
+  merge: Callable  # the state's params -> the model's: LoRA factors into kernels, or as they are
 
   def lower_train(self) -> jax.stages.Lowered:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):  # constraints need both
@@ -259,12 +275,14 @@ def setup(config: ml_collections.ConfigDict,
   # Shapes and logical axes, no memory. (No rules in scope during init: flax's DenseGeneral
   # would constrain its flat pre-reshape kernel with the 3-d axis names.)
   boxed = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *inputs)["params"]
+  boxed = lora.add(boxed, config.optimizer)  # LoRA factors, with their kernels' axes
   params_sharding = sharding.param_shardings(boxed, mesh, rules)
   optimizer = optim.make_optimizer(config.optimizer, nn.unbox(boxed))
   frozen = optim.frozen_mask(config.optimizer, nn.unbox(boxed))
   row_masks = (optim.row_masks(config.optimizer, nn.unbox(boxed))
                if config.optimizer.get("trained_rows") else None)
-  init_state = functools.partial(new_state, model, optimizer, inputs)
+  init_state = functools.partial(new_state, model, optimizer, inputs, adapt=functools.partial(
+      lora.init, optimizer=config.optimizer, abstract=nn.unbox(boxed)))
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   state_sharding = sharding.state_shardings(abstract, params_sharding, mesh)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -277,8 +295,10 @@ def setup(config: ml_collections.ConfigDict,
       init=jax.jit(init_state, out_shardings=state_sharding),
       # The old state's buffers are donated to the new one: one state's memory, not two.
       train_step=jax.jit(make_train_step(model, optimizer, microbatches=config.microbatches,
-                                         frozen=frozen, row_masks=row_masks),
+                                         frozen=frozen, row_masks=row_masks,
+                                         adapters=config.optimizer),
                          in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, None), donate_argnums=0),
-      eval_step=jax.jit(functools.partial(loss_terms, model),
-                        in_shardings=(params_sharding, batch_sharding)))
+      eval_step=jax.jit(functools.partial(adapted_loss_terms, model, config.optimizer),
+                        in_shardings=(params_sharding, batch_sharding)),
+      merge=functools.partial(lora.merge, optimizer=config.optimizer))

@@ -23,6 +23,7 @@ from mmjax import checkpoint
 from mmjax import console
 from mmjax import dry_run
 from mmjax import evaluate
+from mmjax import lora
 from mmjax import metrics
 from mmjax import optim
 from mmjax import sharding
@@ -110,13 +111,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       state = run.init(jax.random.key(config.seed))
       if config.init_from:  # pretrained weights, e.g. from tools/import_hf.py
-        state["params"] = checkpoint.load_params(os.path.join(config.init_from, "params"),
-                                                 run.abstract_state["params"])
+        # (With LoRA the checkpoint holds the base model: the fresh factors stay.)
+        state["params"] = lora.with_base(state["params"], checkpoint.load_params(
+            os.path.join(config.init_from, "params"), lora.base(run.abstract_state["params"])))
         log.info("initialised the parameters from %s", config.init_from)
-      pretrained = towers.load(config, run.abstract_state["params"]) if config.get(
+      pretrained = towers.load(config, lora.base(run.abstract_state["params"])) if config.get(
           "towers") else {}
       if pretrained:  # the towers' weights over the fresh ones, sharded as the state is
-        state["params"] = {**state["params"], **pretrained}
+        state["params"] = lora.with_base(state["params"], pretrained)
         log.info("initialised %s from %s", " and ".join(sorted(pretrained)),
                  ", ".join(d for d in config.towers.values() if d))
       data_state, start = {"next_step": 1}, 0
@@ -131,7 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     generative = None
     if config.eval_every and eval_data.example_types:
       generative = evaluate.Generative(run.model, eval_data, mesh, run.rules, run.params_sharding,
-                                       num_batches=config.eval_steps)
+                                       num_batches=config.eval_steps, merge=run.merge)
     # MaxText's count of the model's FLOPs (XLA's cost analysis counts a loop body once).
     flops = metrics.model_flops(config.family, run.model, run.abstract_state["params"],
                                 run.abstract_batch) / jax.device_count()

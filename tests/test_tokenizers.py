@@ -1,6 +1,7 @@
 """Tokenizers: byte, SentencePiece and HuggingFace round trips, special tokens, chat layout."""
 import json
 import random
+import re
 import sys
 
 import pytest
@@ -56,7 +57,8 @@ def test_bad_tokenizer_files_are_named(tmp_path, corpus):
   bare = hf.Tokenizer(hf.models.BPE(unk_token="<unk>"))
   bare.train_from_iterator(["a b c"], hf.trainers.BpeTrainer(special_tokens=["<unk>", "<pad>"]))
   bare.save(str(tmp_path / "tokenizer.json"))
-  with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json has no bos token \(looked for '<s>'"):
+  with pytest.raises(ValueError,
+                     match=r"tokenizer .*tokenizer.json has no bos token \(looked for '<s>'"):
     tokenizers.load(str(tmp_path / "tokenizer.json"))
 
 
@@ -75,6 +77,24 @@ def test_conversation_layout_and_loss_mask():
     tokenizers.encode_conversation([], tokenizer, [258])
   with pytest.raises(ValueError, match="turn 1 is from 'human'; expected 'gpt'"):
     tokenizers.encode_conversation(turns[:1] * 2, tokenizer, [258])
+
+
+def test_llava_layout_is_the_prompt_transformers_documents_for_llava_1_5():
+  """transformers' LlavaForConditionalGeneration documents LLaVA-1.5's prompt (no system
+  prompt): the template generate.py uses and the training layout give exactly it."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  from transformers.models.llava import modeling_llava  # pylint: disable=g-import-not-at-top
+  documented = re.search(r'prompt = "(USER: <image>.*? ASSISTANT:)"',
+                         inspect.getsource(modeling_llava)).group(1).replace("\\n", "\n")
+  question = documented.removeprefix("USER: <image>\n").removesuffix(" ASSISTANT:")
+  assert tokenizers.LLAVA_TEMPLATE.replace("{prompt}", question) == documented
+  tokenizer = tokenizers.ByteTokenizer()
+  ids, mask = tokenizers.encode_conversation(
+      [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "A"}],
+      tokenizer, [258])
+  prompt = ids[1:mask.index(1)]  # after BOS, up to the answer
+  assert bytes(i for i in prompt if i != 258).decode() == documented.replace("<image>", "")
+  assert prompt.index(258) == len("USER: ")
 
 
 def test_prompts_place_as_many_images_as_they_are_given():

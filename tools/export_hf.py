@@ -1,6 +1,6 @@
 """Exports an mmjax model to HuggingFace format, or as params only for serving.
 
-  python tools/export_hf.py --workdir DIR --out OUT [--format hf|params]
+  python tools/export_hf.py --workdir DIR --out OUT [--format hf|params|peft]
 
 DIR is a training workdir (its newest checkpoint is used) or a directory from
 tools/import_hf.py. "hf" writes config.json + model.safetensors that
@@ -9,7 +9,9 @@ plus the tokenizer files of the run's init_from directory. A deep-fusion
 model has no HuggingFace class: OUT/vision and OUT/language get its towers,
 and OUT/model.safetensors all its weights named by their mmjax paths
 ("xattn_3/attn/query/kernel", ...). "params" writes mmjax_config.json and an
-Orbax params-only checkpoint.
+Orbax params-only checkpoint. A LoRA run's adapters are merged into their
+kernels for both; "peft" writes them alone (adapter_model.safetensors +
+adapter_config.json), for peft.PeftModel.from_pretrained on the HF base model.
 """
 import json
 import os
@@ -21,14 +23,25 @@ from mmjax.interop import hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or import directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
-_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "params"], "What to write.")
+_FORMAT = flags.DEFINE_enum("format", "hf", ["hf", "params", "peft"],
+                            "What to write: a HuggingFace model (LoRA adapters merged), "
+                            "mmjax params, or a LoRA run's adapters alone in the PEFT layout.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
 def main(argv):
   del argv
-  config, params, tokenizer = checkpoint.read_model(_WORKDIR.value)
   out = _OUT.value
+  if _FORMAT.value == "peft":
+    config, params, _ = checkpoint.read_model(_WORKDIR.value, merge_adapters=False)
+    if "lora" not in config:
+      raise ValueError(f"{_WORKDIR.value} trained no LoRA adapters (config.optimizer.lora."
+                       "targets): export it with --format=hf")
+    hf.save_adapter(out, config, params, config["lora"])
+    print(f"wrote a PEFT LoRA adapter to {out} (the base model: the run's towers or import; "
+          "parameters trained in full, such as a projector, are only in --format=hf)")
+    return
+  config, params, tokenizer = checkpoint.read_model(_WORKDIR.value)
   os.makedirs(out, exist_ok=True)
   if _FORMAT.value == "params":
     with open(os.path.join(out, "mmjax_config.json"), "w") as f:

@@ -11,11 +11,12 @@ for one image's placeholder tokens (early fusion) or marker (deep fusion);
 images without an "<image>" in the template go first. The default is the
 layout of the run's training data: "<image>{prompt} " for the generated
 scenes, LLaVA-1.5's "USER: <image>\n{prompt} ASSISTANT:" for LLaVA data and
-LLaVA imports; a prompt with its own "<image>" markers places its images itself. Text is tokenized as
-the model was trained (the run's config.data.tokenizer, a pretrained language
-tower's, an import's) unless --tokenizer says otherwise; images are read
-with Pillow, made RGB, resized to the model's resolution and normalised as in
-training (config.data.image_mean/std, or an import's preprocessor values).
+LLaVA imports; a prompt with its own "<image>" markers places its images
+itself. Text is tokenized as the model was trained (the run's
+config.data.tokenizer, a pretrained language tower's, an import's) unless
+--tokenizer says otherwise; images are read with Pillow, made RGB, resized
+to the model's resolution and normalised as in training
+(config.data.image_mean/std, or an import's preprocessor values).
 """
 import json
 

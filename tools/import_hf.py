@@ -6,18 +6,24 @@ Tensors stream one at a time from the safetensors files into their shards on
 --mesh (default: fully sharded over every device), so a model larger than one
 device's memory, or than the host's, imports as it will train.
 
+--adapter merges a PEFT LoRA adapter of the model into the weights it writes.
+
 Writes OUT/mmjax_config.json ({"family", "model"}, and "pixels": the image
 mean/std of the model's preprocessor_config.json when it has one), OUT/params (an Orbax
 params-only checkpoint) and the tokenizer files. Fine-tune it with
 `python train.py --config configs/hf.py:OUT --workdir DIR`.
 """
+import functools
 import json
 import os
 
 from absl import flags
+import jax
+import ml_collections
 
 from mmjax import checkpoint
 from mmjax import console
+from mmjax import lora
 from mmjax import models
 from mmjax import sharding
 from mmjax.data import tokenizers
@@ -28,6 +34,8 @@ _OUT = flags.DEFINE_string("out", None, "Directory to write the mmjax import to.
 _MESH = flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1",
                             "Mesh axis sizes the parameters are placed on (-1: the rest).")
 _RULES = flags.DEFINE_string("rules", "fsdp", "Sharding rules: fsdp, dp or fsdp_tp.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "A PEFT LoRA adapter directory of this model "
+                               "(adapter_config.json + adapter_model.safetensors), merged in.")
 flags.mark_flags_as_required(["hf_dir", "out"])
 
 
@@ -53,6 +61,10 @@ def main(argv):
   boxed = models.abstract_params(config["family"], config["model"])
   config, params = hf.load(_HF_DIR.value, sharding.param_shardings(
       boxed, mesh, sharding.rules(_RULES.value)))
+  if _ADAPTER.value:
+    settings, factors = hf.load_adapter(_ADAPTER.value, config)
+    params = jax.jit(functools.partial(lora.merge, optimizer=ml_collections.ConfigDict(
+        {"lora": settings})))(lora.with_factors(params, factors))
   preprocessor = os.path.join(_HF_DIR.value, "preprocessor_config.json")
   if os.path.exists(preprocessor):
     with open(preprocessor) as f:

@@ -14,13 +14,17 @@ from collections.abc import Callable
 import dataclasses
 import json
 import os
+import re
 import shutil
 
+from flax import linen as nn
 import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from mmjax import lora
+from mmjax import models
 from mmjax.models import lm
 from mmjax.models import vit
 
@@ -535,3 +539,113 @@ def save_flat(path: str, params: dict):
   flat = {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(jax.device_get(v))
           for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   save_file(flat, path, metadata={"format": "mmjax", "names": "mmjax parameter paths"})
+
+
+# ----------------------------------------------------------------------------
+# LoRA adapters in the PEFT layout (adapter_model.safetensors + adapter_config.json).
+# ----------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+# A LLaVA's LM modules as transformers names them in memory (where PEFT finds them) <- on disk.
+IN_MEMORY = (("model.language_model.", "language_model.model."),)
+
+
+def _module_name(tensor: str) -> str:
+  """A weight's name on disk -> its module's name in the model PEFT adapts."""
+  name = tensor.removesuffix(".weight")
+  for memory, disk in IN_MEMORY:
+    if name.startswith(disk):
+      return memory + name[len(disk):]
+  return name
+
+
+def _kernels(config: dict) -> dict[str, tuple[tuple[int, ...], tuple]]:
+  """Each kernel of the model config describes: {path: (shape, logical axis names)}."""
+  boxed = models.abstract_params(config["family"], config["model"])
+  leaves = jax.tree_util.tree_flatten_with_path(
+      boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): (v.value.shape, tuple(v.names))
+          for k, v in leaves if getattr(k[-1], "key", None) == "kernel"}
+
+
+def _adapter_entries(config: dict, kernels: list[str]) -> dict[str, tuple[Entry, int]]:
+  """mmjax kernel path -> (its HuggingFace entry, its number of input axes), for kernels HF
+  stores as one [out, in] matrix of their flattened axes (Llama's projections, LLaVA's LM);
+  any other is an error naming it."""
+  entries = {e.paths[0]: e for e in table(hf_config(config), config) if len(e.paths) == 1}
+  shapes = _kernels(config)
+  found = {}
+  for path in kernels:
+    shape, names = shapes[path]
+    stacked, inputs = lora.sides(names)
+    entry = entries.get(path)
+    probe = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    if stacked or entry is None or not np.array_equal(
+        entry.to_hf((probe,)), probe.reshape(int(np.prod(shape[:inputs])), -1).T):
+      raise ValueError(f"LoRA on {path} has no PEFT form (HuggingFace does not store that "
+                       "kernel as one [out, in] matrix, e.g. GPT-2's fused c_attn): export it "
+                       "merged (--format=hf)")
+    found[path] = (entry, inputs)
+  return found
+
+
+def save_adapter(out_dir: str, config: dict, params: dict, settings: dict):
+  """Writes the LoRA factors of params (unmerged; settings: optimizer.lora's rank and alpha)
+  as a PEFT adapter of the HF model `save` writes from the same config, which
+  peft.PeftModel.from_pretrained loads."""
+  modules = [path.removesuffix("/lora_a") for path in _flat_paths(params)
+             if path.endswith("/lora_a")]
+  tensors, names = {}, []
+  for path, (entry, _) in _adapter_entries(config, [f"{m}/kernel" for m in modules]).items():
+    module = path.removesuffix("/kernel")
+    a = np.asarray(jax.device_get(_get(params, f"{module}/lora_a")), np.float32)
+    b = np.asarray(jax.device_get(_get(params, f"{module}/lora_b")), np.float32)
+    r = a.shape[-1]
+    name = _module_name(entry.hf)
+    names.append(name)
+    # W_hf = W.reshape(in, out).T, so delta_hf = (a @ b).T = b.T @ a.T: PEFT's B @ A.
+    tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T)
+    tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T)
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"),
+            metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(settings["rank"]),
+               "lora_alpha": float(settings["alpha"]), "lora_dropout": 0.0, "bias": "none",
+               "target_modules": sorted(names), "fan_in_fan_out": False,
+               "inference_mode": True, "base_model_name_or_path": None}, f, indent=2)
+
+
+def load_adapter(adapter_dir: str, config: dict) -> tuple[dict, dict]:
+  """A PEFT LoRA adapter of the model `config` describes -> (optimizer.lora settings
+  {"targets", "rank", "alpha"}, the factors as params {module: {"lora_a", "lora_b"}})."""
+  with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+    settings = json.load(f)
+  if (settings.get("peft_type") != "LORA" or settings.get("use_dora")
+      or settings.get("use_rslora")):
+    raise ValueError(f"{adapter_dir}/adapter_config.json: only plain LoRA adapters are read")
+  by_name = {_module_name(e.hf): e.paths[0]
+             for e in table(hf_config(config), config) if len(e.paths) == 1}
+  with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "np") as f:
+    tensors = {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}
+  names = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f"{adapter_dir}: adapter module {unknown[0]!r} is not in the model")
+  kernels = [by_name[n] for n in names]
+  shapes = _kernels(config)
+  params, rank = {}, None
+  for name, (kernel, (_, inputs)) in zip(names, _adapter_entries(config, kernels).items()):
+    shape = shapes[kernel][0]
+    a, b = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]  # [r, in], [out, r]
+    rank = a.shape[0]
+    module = kernel.removesuffix("/kernel")
+    _set(params, f"{module}/lora_a", a.T.reshape(*shape[:inputs], rank))
+    _set(params, f"{module}/lora_b", b.T.reshape(rank, *shape[inputs:]))
+  targets = "^(" + "|".join(re.escape(k) for k in kernels) + ")$"
+  return {"targets": targets, "rank": rank, "alpha": settings["lora_alpha"]}, params
+
+
+def _flat_paths(params) -> list[str]:
+  return [jax.tree_util.keystr(k, simple=True, separator="/")
+          for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

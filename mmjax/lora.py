@@ -1,0 +1,244 @@
+"""LoRA: low-rank adapters on the kernels a regex over parameter paths names.
+
+  config.optimizer.lora = dict(targets=r"^lm/.*/(query|key|value|out|gate|up|down)/kernel$",
+                               rank=16, alpha=32.0, base_dtype=None)
+
+A target kernel W keeps its path; two factors join it in its module,
+"lora_a" float32[*in, r] and "lora_b" float32[r, *out]. In the train and eval
+steps (`adapted`) each such projection returns x W + (alpha / r) (x a) b: no
+merged kernel is formed and no gradient of W, so training costs the base
+model's forward and backward through activations plus the small factors.
+Generation, the evaluators and the HF export take `merge`d parameters, W +
+(alpha / r) a b, formed once. The models know nothing of LoRA (a flax method
+interceptor adds the adapters' term), so every family and tower takes them. b
+starts at zero: the first step starts exactly at the base model.
+
+In training the target kernels are frozen (no gradient, no optimizer state)
+and the factors always train; every other parameter follows optimizer.frozen,
+so a stage that freezes "^(vit|lm)/" and puts LoRA on the LM trains the
+projector in full and the LM through its adapters (LLaVA's LoRA recipe). The
+factors carry their kernel's logical axes on its input and output sides, so they
+shard as the kernel does. `base_dtype="bfloat16"` stores the frozen targets in
+bfloat16, halving the base model's memory (QLoRA-style, without the int8).
+
+Einsum letters: L stacked layers (scanned LMs), I the kernel's input size
+(its leading axes flattened), O its output size, R the rank.
+"""
+import contextlib
+import math
+import re
+import zlib
+
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmjax.models import layers
+
+FACTORS = ("lora_a", "lora_b")
+STACKED = "layers"  # the logical axis of a scanned LM's stacked blocks
+
+
+def settings(optimizer: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict | None:
+  """config.optimizer.lora when it names targets, else None (no LoRA)."""
+  lora = optimizer.get("lora") if optimizer else None
+  return lora if lora and lora.get("targets") else None
+
+
+def check(optimizer: ml_collections.ConfigDict):
+  lora = settings(optimizer)
+  if lora is None:
+    return
+  if int(lora.rank) < 1:
+    raise ValueError(f"config.optimizer.lora.rank must be >= 1, got {lora.rank}")
+  if lora.get("base_dtype") not in (None, "float32", "bfloat16"):
+    raise ValueError(f"config.optimizer.lora.base_dtype must be unset, 'float32' or 'bfloat16', "
+                     f"got {lora.base_dtype!r}")
+  try:
+    re.compile(lora.targets)
+  except re.error as e:
+    raise ValueError(f"config.optimizer.lora.targets={lora.targets!r} is not a regex: {e}")
+
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def is_factor(path: str) -> bool:
+  return path.rsplit("/", 1)[-1] in FACTORS
+
+
+def is_target(lora, path: str) -> bool:
+  return (lora is not None and path.rsplit("/", 1)[-1] == "kernel"
+          and re.search(lora.targets, path) is not None)
+
+
+def sides(names: tuple) -> tuple[int, int]:
+  """(stacked leading axes, input axes) of a kernel from its logical axis names: the output
+  is the trailing "embed" axis of a projection back to the model width (attention out, MLP
+  down, patch embedding), else everything after the first axis."""
+  stacked = int(bool(names) and names[0] == STACKED)
+  rest = names[stacked:]
+  inputs = len(rest) - 1 if rest[-1] == "embed" and len(rest) > 1 else 1
+  return stacked, inputs
+
+
+def add(boxed: dict, optimizer: ml_collections.ConfigDict) -> dict:
+  """Abstract boxed parameters (eval_shape of model.init) with the factors' shapes and axes."""
+  lora = settings(optimizer)
+  if lora is None:
+    return boxed
+  r = int(lora.rank)
+  found = []
+
+  def visit(tree, prefix):
+    out = {}
+    for key, value in tree.items():
+      path = f"{prefix}{key}"
+      if isinstance(value, dict):
+        out[key] = visit(value, path + "/")
+        continue
+      out[key] = value
+      if is_target(lora, path):
+        found.append(path)
+        names = tuple(value.names)
+        shape = value.value.shape
+        stacked, inputs = sides(names)
+        split = stacked + inputs
+        lead = shape[:stacked]
+        out["lora_a"] = nn.LogicallyPartitioned(
+            jax.ShapeDtypeStruct((*shape[:split], r), jnp.float32), (*names[:split], None))
+        out["lora_b"] = nn.LogicallyPartitioned(
+            jax.ShapeDtypeStruct((*lead, r, *shape[split:]), jnp.float32),
+            (*names[:stacked], None, *names[split:]))
+    return out
+
+  boxed = visit(boxed, "")
+  if not found:
+    raise ValueError(f"config.optimizer.lora.targets={lora.targets!r} matches no kernel")
+  return boxed
+
+
+def _stacked(kernel_ndim: int, a_ndim: int, b_ndim: int) -> int:
+  """Leading axes a and b share with their kernel: 1 for a scanned LM's stacked layers."""
+  return a_ndim + b_ndim - 2 - kernel_ndim
+
+
+def init(params: dict, rng: jax.Array, *, optimizer: ml_collections.ConfigDict,
+         abstract: dict) -> dict:
+  """params with the factors of `abstract` (from `add`, unboxed): a uniform in
+  +-1/sqrt(fan in) (PEFT's kaiming default), b zero; the targets in base_dtype."""
+  lora = settings(optimizer)
+  if lora is None:
+    return params
+  base_dtype = jnp.dtype(lora.get("base_dtype") or "float32")
+
+  def visit(tree, shapes, prefix):
+    out = {}
+    for key, shape in shapes.items():
+      path = f"{prefix}{key}"
+      if isinstance(shape, dict):
+        out[key] = visit(tree[key], shape, path + "/")
+      elif key == "lora_a":
+        stacked = _stacked(tree["kernel"].ndim, len(shape.shape), len(shapes["lora_b"].shape))
+        bound = 1.0 / math.prod(shape.shape[stacked:-1]) ** 0.5
+        out[key] = jax.random.uniform(jax.random.fold_in(rng, zlib.crc32(path.encode())),
+                                      shape.shape, jnp.float32, -bound, bound)
+      elif key == "lora_b":
+        out[key] = jnp.zeros(shape.shape, jnp.float32)
+      elif is_target(lora, path):
+        out[key] = tree[key].astype(base_dtype)
+      else:
+        out[key] = tree[key]
+    return out
+
+  return visit(params, abstract, "")
+
+
+def merge(params: dict, *, optimizer: ml_collections.ConfigDict) -> dict:
+  """The model's parameters: each target kernel W + (alpha / r) * a @ b, the factors gone."""
+  lora = settings(optimizer)
+  if lora is None:
+    return params
+  scale = float(lora.alpha) / int(lora.rank)
+
+  def visit(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if "lora_a" not in tree:
+      return {k: visit(v) for k, v in tree.items()}
+    a, b, kernel = tree["lora_a"], tree["lora_b"], tree["kernel"]
+    stacked = _stacked(kernel.ndim, a.ndim, b.ndim)
+    lead = kernel.shape[:stacked]
+    r = a.shape[-1]
+    a2 = a.reshape(*lead, -1, r)
+    b2 = b.reshape(*lead, r, -1)
+    delta = jnp.einsum("...IR,...RO->...IO", a2, b2).reshape(kernel.shape)
+    merged = {k: v for k, v in tree.items() if k not in FACTORS}
+    merged["kernel"] = (kernel.astype(jnp.float32) + scale * delta).astype(
+        jnp.promote_types(kernel.dtype, jnp.float32))
+    return merged
+
+  return visit(params)
+
+
+# The projections LoRA adapts: each contracts the trailing axes of its input with its kernel's
+# leading axes (a Conv, e.g. the ViT's patch embedding, does not).
+PROJECTIONS = (nn.Dense, layers.HeadProjection)
+
+
+@contextlib.contextmanager
+def adapted(optimizer: ml_collections.ConfigDict):
+  """Within it (around a model.apply, when tracing a step), every projection holding factors
+  beside its kernel returns y + (alpha / r) (x a) b."""
+  lora = settings(optimizer)
+  if lora is None:
+    yield
+    return
+  scale = float(lora.alpha) / int(lora.rank)
+
+  def add_adapter(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not module.has_variable("params", "lora_a"):
+      return next_fun(*args, **kwargs)
+    if not isinstance(module, PROJECTIONS):
+      raise ValueError(f"config.optimizer.lora.targets={lora.targets!r} names the kernel of "
+                       f"{'/'.join(module.path)}, a {type(module).__name__}: LoRA adapts dense "
+                       "projections only")
+    y = next_fun(*args, **kwargs)
+    a = module.get_variable("params", "lora_a").astype(y.dtype)  # [*in, R]
+    b = module.get_variable("params", "lora_b").astype(y.dtype)  # [R, *out]
+    h = jnp.tensordot(args[0].astype(y.dtype), a, axes=a.ndim - 1)  # [..., R]
+    return y + scale * jnp.tensordot(h, b, axes=1)
+
+  with nn.intercept_methods(add_adapter):
+    yield
+
+
+def base(params: dict) -> dict:
+  """params without the factors: the tree a pretrained checkpoint or tower holds."""
+  return {k: base(v) if isinstance(v, dict) else v for k, v in params.items()
+          if k not in FACTORS}
+
+
+def with_base(params: dict, loaded: dict) -> dict:
+  """params with the leaves of `loaded` (a subtree-by-subtree overlay, e.g. pretrained
+  towers) put in, each in the dtype it replaces (bfloat16 for base_dtype targets); the
+  factors are kept."""
+  out = dict(params)
+  for key, value in loaded.items():
+    if isinstance(value, dict):
+      out[key] = with_base(params[key], value)
+    else:
+      out[key] = value.astype(params[key].dtype)
+  return out
+
+
+def with_factors(params: dict, factors: dict) -> dict:
+  """params with the factor leaves of `factors` (e.g. a PEFT adapter read back) beside their
+  kernels."""
+  out = dict(params)
+  for key, value in factors.items():
+    out[key] = with_factors(params.get(key, {}), value) if isinstance(value, dict) else value
+  return out
