@@ -146,3 +146,23 @@ def test_generate_answers_like_decode(tmp_path, run_train):
   assert answers == [source.tokenizer.decode(t[:n]) for t, n in zip(expected["tokens"],
                                                                       expected["lengths"])]
   np.testing.assert_allclose(images[0, 0], examples[0]["image"][0], atol=1 / 255)
+
+
+def test_showcase_trains_each_scheme_per_seed_and_tabulates_mean_and_spread(tmp_path):
+  args = [f"--out={tmp_path}", "--seeds=0,1", "--set=total_steps=6", "--set=batch_size=4",
+          "--set=data.name=shapes", "--questions=8"]
+  out = run_tool("showcase.py", *args)
+  rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert sorted((r["scheme"], r["seed"]) for r in rows) == [
+      ("deep_fusion", 0), ("deep_fusion", 1), ("early_fusion", 0), ("early_fusion", 1)]
+  for r in rows:
+    assert 0.0 <= r["vqa/accuracy"] <= 1.0 and r["wall_seconds"] > 0
+  early = [r["vqa/accuracy"] for r in rows if r["scheme"] == "early_fusion"]
+  mean, spread = np.mean(early), np.std(early, ddof=1)
+  assert f"| default | early_fusion | 2 | {mean:.3f} +- {spread:.3f} |" in out
+  # Finished runs are read back, not trained again.
+  finished = tmp_path / "default" / "deep_fusion-seed0" / "showcase.json"
+  stamp = finished.stat().st_mtime_ns
+  again = run_tool("showcase.py", *args, "--schemes=deep_fusion")
+  assert finished.stat().st_mtime_ns == stamp
+  assert out.splitlines()[-4:] == again.splitlines()[-4:]  # the same table
