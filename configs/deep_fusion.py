@@ -24,6 +24,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       media_attention="previous",  # or "latest"
       gate="scalar",  # or "channel"
   ))
+  if arg.partition(",")[0] == "tiny":
+    # The best recipe of tools/showcase.py's ablations (3 seeds each, README): a gate per
+    # channel, and the new layers (adapter, cross blocks, gates) learning 3x faster, as
+    # Flamingo trains its new layers faster than the frozen LM would allow. Scalar gates at one
+    # learning rate: 0.667 +- 0.170 held-out VQA; this: 0.771 +- 0.023 (early fusion 0.741).
+    config.model.gate = "channel"
+    config.optimizer.lr_multipliers = (("^(xattn|adapter)", 3.0),)
   if config.model.lm.get("variant") == "gpt2-124m":
     config.model.cross_every = 4  # 3 cross blocks in GPT-2's 12
   if arg.startswith("pretrained"):  # from the LM's depth: every 4th block, as Flamingo
