@@ -61,10 +61,6 @@ def check(optimizer: ml_collections.ConfigDict):
     raise ValueError(f"config.optimizer.lora.targets={lora.targets!r} is not a regex: {e}")
 
 
-def _path(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def is_factor(path: str) -> bool:
   return path.rsplit("/", 1)[-1] in FACTORS
 
