@@ -91,19 +91,19 @@ def test_tiny_lm_trains(tmp_path, run_train):
 @pytest.mark.parametrize("name", ["early_fusion", "deep_fusion"])
 def test_fusion_models_learn_from_the_image(tmp_path, run_train, name):
   rows = run_train(tmp_path, f"{name}.py:tiny", {
-      "total_steps": 300, "log_every": 50, "eval_every": 300, "optimizer.decay_steps": 300,
+      "total_steps": 400, "log_every": 50, "eval_every": 400, "optimizer.decay_steps": 400,
       "data.max_shapes": 1, "data.name": "shapes"})  # in memory: no 50k-scene build for this
   # Greedy answers to 128 held-out questions about one-shape scenes. The question alone leaves
   # colour and place at 1/4 and the count ("how many squares?": zero or one) at 1/2.
   last = rows[-1]
   assert last["vqa/accuracy_colour"] > 0.8 and last["vqa/accuracy"] > 0.5, last
   samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-  assert len(samples) == 8 and all(s["step"] == 300 for s in samples)
+  assert len(samples) == 8 and all(s["step"] == 400 for s in samples)
   # Throughput counts the tokens the loss is on (the answers), not the prompt or padding:
-  # over the last logged steps (251-300, batches 251-300) their share of the batch slots.
+  # over the last logged steps (351-400, batches 351-400) their share of the batch slots.
   config = config_for(name, **{"data.max_shapes": 1, "data.name": "shapes"})
   data = sources.build(config)
-  weights = [data.batch(s)["loss_weights"] for s in range(251, 301)]
+  weights = [data.batch(s)["loss_weights"] for s in range(351, 401)]
   share = sum(w.sum() for w in weights) / sum(w.size for w in weights)
   assert last["items_per_sec"] / last["padded_items_per_sec"] == pytest.approx(share, rel=1e-5)
   assert share < 0.5
