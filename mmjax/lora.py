@@ -218,23 +218,14 @@ def base(params: dict) -> dict:
           if k not in FACTORS}
 
 
-def with_base(params: dict, loaded: dict) -> dict:
-  """params with the leaves of `loaded` (a subtree-by-subtree overlay, e.g. pretrained
-  towers) put in, each in the dtype it replaces (bfloat16 for base_dtype targets); the
-  factors are kept."""
+def overlay(params: dict, loaded: dict) -> dict:
+  """params with the leaves of `loaded` put in, subtree by subtree: pretrained base weights
+  (each in the dtype of the leaf it replaces, bfloat16 for base_dtype targets; the factors
+  kept) or factors read back (new leaves beside their kernels, as they are)."""
   out = dict(params)
   for key, value in loaded.items():
     if isinstance(value, dict):
-      out[key] = with_base(params[key], value)
+      out[key] = overlay(params.get(key, {}), value)
     else:
-      out[key] = value.astype(params[key].dtype)
-  return out
-
-
-def with_factors(params: dict, factors: dict) -> dict:
-  """params with the factor leaves of `factors` (e.g. a PEFT adapter read back) beside their
-  kernels."""
-  out = dict(params)
-  for key, value in factors.items():
-    out[key] = with_factors(params.get(key, {}), value) if isinstance(value, dict) else value
+      out[key] = value.astype(params[key].dtype) if key in params else value
   return out

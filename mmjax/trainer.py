@@ -112,13 +112,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = run.init(jax.random.key(config.seed))
       if config.init_from:  # pretrained weights, e.g. from tools/import_hf.py
         # (With LoRA the checkpoint holds the base model: the fresh factors stay.)
-        state["params"] = lora.with_base(state["params"], checkpoint.load_params(
+        state["params"] = lora.overlay(state["params"], checkpoint.load_params(
             os.path.join(config.init_from, "params"), lora.base(run.abstract_state["params"])))
         log.info("initialised the parameters from %s", config.init_from)
       pretrained = towers.load(config, lora.base(run.abstract_state["params"])) if config.get(
           "towers") else {}
       if pretrained:  # the towers' weights over the fresh ones, sharded as the state is
-        state["params"] = lora.with_base(state["params"], pretrained)
+        state["params"] = lora.overlay(state["params"], pretrained)
         log.info("initialised %s from %s", " and ".join(sorted(pretrained)),
                  ", ".join(d for d in config.towers.values() if d))
       data_state, start = {"next_step": 1}, 0

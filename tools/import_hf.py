@@ -64,7 +64,7 @@ def main(argv):
   if _ADAPTER.value:
     settings, factors = hf.load_adapter(_ADAPTER.value, config)
     params = jax.jit(functools.partial(lora.merge, optimizer=ml_collections.ConfigDict(
-        {"lora": settings})))(lora.with_factors(params, factors))
+        {"lora": settings})))(lora.overlay(params, factors))
   preprocessor = os.path.join(_HF_DIR.value, "preprocessor_config.json")
   if os.path.exists(preprocessor):
     with open(preprocessor) as f:
