@@ -114,19 +114,15 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
 
   if isinstance(model, deep_fusion.Model) and images is not None:
     def run(m):
-      visual = m.encode_images(images)
-      _, I, R, D = visual.shape
+      keys, key_image = m.visual_keys(images, m.encode_images(images))
       is_marker = tokens == m.image_token_id
-      media = deep_fusion.media_mask(is_marker, I, R, m.media_attention)
-      logits, aux = m.run_language(tokens, visual.reshape(B, I * R, D), media,
-                                   positions=positions, mask=mask,
+      media = deep_fusion.media_mask(is_marker, key_image, m.media_attention)
+      logits, aux = m.run_language(tokens, keys, media, positions=positions, mask=mask,
                                    caches=lm_lib.empty_caches(m.language, B, cache_len))
-      return logits, aux, jnp.sum(is_marker, axis=1)
-    logits, aux, seen = model.apply({"params": params}, method=run)
-    num_visual = aux["cross_caches"][0].k.shape[1]  # I * R
-    num_images = images.shape[1]
+      return logits, aux, jnp.sum(is_marker, axis=1), key_image
+    logits, aux, seen, key_image = model.apply({"params": params}, method=run)
     state.update(cross=aux["cross_caches"], seen=seen.astype(jnp.int32),
-                 image_of_key=jnp.arange(num_visual) // (num_visual // num_images))
+                 image_of_key=jnp.broadcast_to(key_image, (B, key_image.shape[-1])))
   else:
     def run(m):
       x = m.language.embed_tokens(tokens)

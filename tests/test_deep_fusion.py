@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.data import patches as patch_lib
 from mmjax.models import deep_fusion
 from mmjax.models import lm
+from mmjax.models import vit
 
 IMG = 9  # image marker id in these tests
 VIT = dict(variant="mu/8", image_size=16, pool="none")  # 4 tokens per 16 px image
@@ -80,7 +82,7 @@ def test_text_before_the_first_image_gets_nothing(model_and_params):
 ])
 def test_media_mask_by_hand(rule, expected):
   is_marker = jnp.array([[0, 1, 0, 1, 0, 1]], bool)
-  mask = deep_fusion.media_mask(is_marker, num_images=3, tokens_per_image=2, rule=rule)
+  mask = deep_fusion.media_mask(is_marker, jnp.repeat(jnp.arange(3), 2), rule)
   np.testing.assert_array_equal(mask[0], np.repeat(np.array(expected, bool), 2, axis=-1))
 
 
@@ -88,14 +90,14 @@ def test_media_mask_with_packed_examples():
   # Example 1 = positions 0-2 (image 0 marked at 1), example 2 = positions 3-5 (image 1 at 4).
   is_marker = jnp.array([[0, 1, 0, 0, 1, 0]], bool)
   segments = jnp.array([[1, 1, 1, 2, 2, 2]])
-  mask = deep_fusion.media_mask(is_marker, 2, 1, "previous", segments)
+  mask = deep_fusion.media_mask(is_marker, jnp.arange(2), "previous", segments)
   expected = [[0, 0], [1, 0], [1, 0], [0, 0], [0, 1], [0, 1]]
   np.testing.assert_array_equal(mask[0], np.array(expected, bool))
 
 
 def test_unknown_media_rule():
   with pytest.raises(ValueError, match="media_attention must be one of"):
-    deep_fusion.media_mask(jnp.zeros((1, 2), bool), 1, 1, "all")
+    deep_fusion.media_mask(jnp.zeros((1, 2), bool), jnp.arange(1), "all")
 
 
 def test_visual_tokens_never_see_text(model_and_params):
@@ -147,6 +149,54 @@ def test_packed_examples_see_only_their_own_images(model_and_params):
   alone_b, _ = model.apply({"params": params}, b, images[:, 1:])
   np.testing.assert_allclose(logits[:, :4], alone_a, atol=1e-5)
   np.testing.assert_allclose(logits[:, 4:], alone_b, atol=1e-5)
+
+
+def test_media_mask_over_packed_patches_by_hand():
+  # Keys: image 0's two patches, image 1's cls slot (never a key) and patch, padding.
+  is_marker = jnp.array([[0, 1, 0, 1, 0]], bool)
+  key_image = jnp.array([[0, 0, vit.PADDING, 1, vit.PADDING]])
+  expected = {"previous": [[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 1, 0],
+                           [1, 1, 0, 1, 0]],
+              "latest": [[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 1, 0],
+                         [0, 0, 0, 1, 0]]}
+  for rule, want in expected.items():
+    np.testing.assert_array_equal(deep_fusion.media_mask(is_marker, key_image, rule)[0],
+                                  np.array(want, bool))
+
+
+@pytest.mark.parametrize("vit_fields,resampler", [(dict(posemb="learn", pool="cls"), None),
+                                                  (dict(posemb="sincos2d"), None),
+                                                  (dict(posemb="learn"), 3)])
+def test_mixed_sizes_in_one_batch_match_each_example_alone(vit_fields, resampler):
+  # Row 0: an 8 x 16 image; row 1: a 16 x 16 one; row 2: a 12 x 4 then an 8 x 16 image. Each
+  # row's logits equal those of its example alone: dense for rows 0 and 1, and for row 2 its
+  # images packed with no padding at all.
+  model = make(vit={**VIT, "variant": "mu/4", **vit_fields}, resampler_latents=resampler)
+  rng = np.random.default_rng(0)
+  wide, square, tall = (rng.standard_normal((h, w, 3)).astype(np.float32)
+                        for h, w in [(8, 16), (16, 16), (12, 4)])
+  tokens = jnp.array([[1, IMG, 5, 6, 7, 3], [2, IMG, 7, 3, 3, 3], [1, IMG, 4, IMG, 5, 6]])
+  cls = vit_fields.get("pool") == "cls"
+
+  def as_patches(rows, slots):
+    return vit.Patches(*(jnp.asarray(x) for x in patch_lib.pack(
+        rows, 4, slots=slots, max_images=2, cls=cls).values()))
+
+  packed = as_patches([[wide], [square], [tall, wide]], 24)
+  params = open_gates(nn.unbox(model.init(jax.random.key(0), tokens, packed))["params"], 0.5)
+  logits, _ = model.apply({"params": params}, tokens, packed)
+  for row, image in [(0, wide), (1, square)]:
+    alone, _ = model.apply({"params": params}, tokens[row:row + 1], jnp.asarray(image)[None, None])
+    np.testing.assert_allclose(logits[row], alone[0], rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(alone))))
+  alone, _ = model.apply({"params": params}, tokens[2:],
+                         as_patches([[tall, wide]], 3 + 8 + 2 * int(cls)))
+  np.testing.assert_allclose(logits[2], alone[0], rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(alone))))
+  # The images matter: the same text with the rows' images swapped reads differently.
+  swapped, _ = model.apply({"params": params}, tokens, as_patches([[square], [wide],
+                                                                    [tall, wide]], 24))
+  assert not np.allclose(swapped[:2, 2:], logits[:2, 2:], atol=1e-3)
 
 
 def test_resampler_channel_gates_and_gqa():

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from mmjax import generation
+from mmjax.data import patches
 from mmjax.models import deep_fusion
 from mmjax.models import early_fusion
 from mmjax.models import lm
+from mmjax.models import vit
 
 IMG = 9  # image token id in these tests
 VIT = dict(variant="mu/8", image_size=16, pool="none")  # 4 tokens per 16 px image
@@ -49,7 +51,7 @@ def check_consistency(model, params, prompts, images, generated):
   """At every generated position: cached logits == full-pass logits, and greedy tokens agree."""
   cached = cached_logits(model, params, prompts, images, generated)
   for b, prompt in enumerate(prompts):
-    row_images = None if images is None else images[b:b + 1]
+    row_images = None if images is None else jax.tree.map(lambda x: x[b:b + 1], images)
     full = full_logits(model, params, prompt, row_images, np.asarray(generated[b]))
     np.testing.assert_allclose(cached[b], full, atol=2e-5, rtol=1e-5)
   return cached
@@ -140,6 +142,22 @@ def test_deep_fusion_cached_logits_equal_full_pass(rule):
   before = cached_logits(model, params, prompts, only_first, forced)
   np.testing.assert_allclose(before[0, :2], cached[0, :2], atol=1e-6)  # image 2 not yet seen
   assert np.abs(before[0, 2:] - cached[0, 2:]).max() > 1e-3
+
+
+def test_deep_fusion_decodes_mixed_size_images():
+  # Native-resolution images, packed: row 0 a 16 x 8 then a 16 x 16 image, row 1 a 8 x 24 one.
+  model = deep_fusion.Model(vit={**VIT, "variant": "mu/4"}, lm=dict(variant="llama-tiny"),
+                            image_token_id=IMG, cross_every=1)
+  rng = np.random.default_rng(1)
+  tall, square, wide = (rng.standard_normal((h, w, 3)).astype(np.float32)
+                        for h, w in [(16, 8), (16, 16), (8, 24)])
+  images = vit.Patches(*(jnp.asarray(x) for x in patches.pack(
+      [[tall, square], [wide]], 4, slots=28, max_images=2, cls=False).values()))
+  prompts = [[256, IMG, 40, IMG, 41], [256, 50, IMG, 51]]
+  params = open_gates(init(model, jnp.array(prompts[:1]), jax.tree.map(lambda x: x[:1], images)))
+  out = greedy(model, params, prompts, images, 5)
+  cached = check_consistency(model, params, prompts, images, out["tokens"])
+  np.testing.assert_array_equal(out["tokens"], np.argmax(cached, axis=-1))
 
 
 def test_deep_fusion_projects_visual_keys_once():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmjax.data import patches
 from mmjax.interop import hf
 from mmjax.models import vit
 
@@ -153,3 +154,33 @@ def test_sincos2d_position_embeddings():
   assert not np.allclose(tokens[0, 0], tokens[0, 3], atol=1e-3)  # same pixels, other place
   with pytest.raises(ValueError, match="posemb must be"):
     vit.Model("mu/8", image_size=16, posemb="sincos").init(jax.random.key(0), images)
+
+
+@pytest.mark.parametrize("posemb,pool,resize", [("learn", "cls", "bicubic"),
+                                                ("learn", "gap", "bilinear"),
+                                                ("sincos2d", "none", "bilinear"),
+                                                ("sincos2d", "map", "bilinear")])
+def test_packed_images_match_each_image_alone(posemb, pool, resize):
+  # Three sizes and aspect ratios, two in one row: each image's features, block outputs and
+  # pooled vector equal those of the image run alone as a dense batch of one.
+  model = vit.Model("mu/4", image_size=16, pool=pool, posemb=posemb, posemb_resize=resize)
+  rng = np.random.default_rng(0)
+  images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in
+            [(8, 16), (12, 4), (16, 16)]]
+  cls = pool == "cls"
+  packed = patches.pack([images[:2], images[2:]], 4, slots=20, max_images=2, cls=cls)
+  variables = model.init(jax.random.key(0), images[2][None])
+  _, aux = model.apply(variables, vit.Patches(*(jnp.asarray(packed[k]) for k in patches.KEYS)))
+  where = [(0, 0, 0), (0, 1, 9 if cls else 8), (1, 0, 0)]  # (row, image, first slot)
+  for image, (row, index, first) in zip(images, where):
+    _, alone = model.apply(variables, image[None])
+    n = alone["features"].shape[1]
+    assert np.all(packed["patch_images"][row, first:first + n] == index + 1)
+    for key in ("features", "block_0"):
+      want = alone[key][0]
+      np.testing.assert_allclose(aux[key][row, first:first + n], want, rtol=1e-5,
+                                 atol=1e-5 * float(jnp.max(jnp.abs(want))))
+    if pool != "none":
+      want = alone["pooled"][0]
+      np.testing.assert_allclose(aux["pooled"][row, index], want, rtol=1e-5,
+                                 atol=1e-5 * float(jnp.max(jnp.abs(want))))

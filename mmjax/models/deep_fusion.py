@@ -21,6 +21,12 @@ image, samples without images) get exactly zero (`has_media`), as in Llama
 
 Parameters: "vit" and "lm" are exactly `vit.Model`'s and `lm.Model`'s;
 "adapter", "resampler" and "xattn_<i>" (before LM block i) are new.
+
+Images at their own sizes come as `vit.Patches` (patches of each row's images
+packed into a fixed budget): the visual keys are then the row's S = P patch
+slots (or M * R resampler latents, R per image), and each text position
+attends only to the patches of the images it may see, so mixed sizes cost only
+the patches they have.
 """
 from flax import linen as nn
 import jax
@@ -44,19 +50,28 @@ class PerceiverResampler(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: float[B, P, D] -> float[B, R, D]."""
-    B, _, D = x.shape
+  def __call__(self, x: jax.Array, membership: jax.Array | None = None) -> jax.Array:
+    """x: float[B, P, D] -> float[B, R, D]; with membership bool[B, P, M] (packed images),
+    R latents per image, reading only its patches -> float[B, M * R, D]."""
+    B, P, D = x.shape
+    R = self.num_latents
     latents = self.param("latents", layers.partitioned(nn.initializers.normal(0.02),
-                                                       (None, "embed")), (self.num_latents, D))
-    y = jnp.broadcast_to(latents, (B, self.num_latents, D)).astype(self.dtype)
+                                                       (None, "embed")), (R, D))
+    M = 1 if membership is None else membership.shape[-1]
+    y = jnp.broadcast_to(jnp.tile(latents, (M, 1)), (B, M * R, D)).astype(self.dtype)
+    mask = layers.Mask()
+    if membership is not None:  # latent (m, r) reads image m's patches and image m's latents
+      reads_patch = jnp.repeat(jnp.swapaxes(membership, 1, 2), R, axis=1)  # [B, M * R, P]
+      same_image = jnp.repeat(jnp.repeat(jnp.eye(M, dtype=bool), R, axis=0), R, axis=1)
+      mask = layers.Mask(explicit=jnp.concatenate(
+          [reads_patch, jnp.broadcast_to(same_image, (B, M * R, M * R))], axis=-1))
     for i in range(self.depth):
       context = jnp.concatenate([layers.Norm("layernorm", 1e-5, name=f"context_norm_{i}")(x),
                                  layers.Norm("layernorm", 1e-5, name=f"latent_norm_{i}")(y)],
                                 axis=1).astype(self.dtype)
       query = layers.Norm("layernorm", 1e-5, name=f"query_norm_{i}")(y)
       attended, _ = layers.Attention(num_heads=self.num_heads, dtype=self.dtype,
-                                     name=f"attn_{i}")(query, context)
+                                     name=f"attn_{i}")(query, context, mask=mask)
       y = y + attended.astype(y.dtype)
       h = layers.Norm("layernorm", 1e-5, name=f"mlp_norm_{i}")(y)
       y = y + layers.Mlp(self.mlp_dim, activation="gelu", use_bias=False, dtype=self.dtype,
@@ -150,24 +165,36 @@ class Model(nn.Module):
         qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype, name=f"xattn_{i}")
                   for i in self.cross_at}
 
-  def __call__(self, tokens: jax.Array, images: jax.Array | None, *,
+  def __call__(self, tokens: jax.Array, images: jax.Array | vit_lib.Patches | None, *,
                positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """tokens: int[B, T]; images: float[B, I, H, W, 3] or None -> (logits float32[B, T, V], aux).
+    """tokens: int[B, T]; images: float[B, I, H, W, 3], Patches or None -> (logits
+    float32[B, T, V], aux).
 
-    aux: "img/features" float[B, I, R, D], "xattn/gate_<i>" the tanh gates, "hidden".
+    aux: "img/features" (encode_images), "xattn/gate_<i>" the tanh gates, "hidden".
     """
     if images is None:  # All text: the cross blocks would add exactly zero.
       return self.language(tokens, positions=positions, segment_ids=segment_ids)
     visual = self.encode_images(images)
-    B, I, R, D = visual.shape
-    media = media_mask(tokens == self.image_token_id, I, R, self.media_attention, segment_ids)
-    logits, aux = self.run_language(tokens, visual.reshape(B, I * R, D), media,
-                                    positions=positions, segment_ids=segment_ids)
+    keys, key_image = self.visual_keys(images, visual)
+    media = media_mask(tokens == self.image_token_id, key_image, self.media_attention,
+                       segment_ids)
+    logits, aux = self.run_language(tokens, keys, media, positions=positions,
+                                    segment_ids=segment_ids)
     return logits, {"img/features": visual, **aux}
 
-  def encode_images(self, images: jax.Array) -> jax.Array:
-    """images: float[B, I, H, W, 3] -> visual tokens float[B, I, R, D]; text plays no part."""
+  def encode_images(self, images: jax.Array | vit_lib.Patches) -> jax.Array:
+    """Visual tokens, computed from the images alone (the text plays no part).
+
+    images float[B, I, H, W, 3] -> float[B, I, R, D]; Patches -> float[B, P, D]
+    (one per patch slot), or float[B, M * R, D] with the resampler.
+    """
+    if isinstance(images, vit_lib.Patches):
+      _, vit_aux = self.vision(images)
+      visual = self.adapter(vit_aux["features"])
+      if self.resampler_latents:
+        visual = self.resampler(visual, images.membership() & ~images.is_cls[..., None])
+      return visual.astype(self.dtype)
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
     features = vit_aux["features"]
@@ -177,6 +204,20 @@ class Model(nn.Module):
     if self.resampler_latents:
       visual = self.resampler(visual)
     return visual.reshape(B, I, *visual.shape[1:]).astype(self.dtype)
+
+  def visual_keys(self, images: jax.Array | vit_lib.Patches,
+                  visual: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """encode_images' tokens as cross-attention keys float[B, S, D], with the index of each
+    key's image in its row, int[S] or int[B, S] (vit.PADDING: no image's, never seen)."""
+    if not isinstance(images, vit_lib.Patches):
+      B, I, R, D = visual.shape
+      return visual.reshape(B, I * R, D), jnp.repeat(jnp.arange(I), R)
+    if self.resampler_latents:
+      M = images.grids.shape[1]
+      present = images.grids[..., 0] > 0  # [B, M]
+      key_image = jnp.where(present, jnp.arange(M), vit_lib.PADDING)
+      return visual, jnp.repeat(key_image, self.resampler_latents, axis=1)
+    return visual, jnp.where(images.is_cls, vit_lib.PADDING, images.image_index())
 
   def run_language(self, tokens: jax.Array, visual: jax.Array | list[layers.KVCache],
                    media: jax.Array, *, positions: jax.Array | None = None,
@@ -209,30 +250,32 @@ class Model(nn.Module):
     return logits, {**aux, **lm_aux, "cross_caches": cross_caches}
 
 
-def media_mask(is_marker: jax.Array, num_images: int, tokens_per_image: int, rule: str,
+def media_mask(is_marker: jax.Array, key_image: jax.Array, rule: str,
                segment_ids: jax.Array | None = None) -> jax.Array:
-  """Which visual tokens each text position may attend to.
+  """Which visual keys each text position may attend to.
 
-  is_marker: bool[B, T], True where an image is marked; image k of a sample is
-  its k-th marker. -> bool[B, T, I * R], I = num_images, R = tokens_per_image.
-  "previous": images marked at or before t; "latest": only the last of them.
-  With segment_ids (packed examples), a position sees only the images marked
-  inside its own example.
+  is_marker: bool[B, T], True where an image is marked; image k of a row is
+  its k-th marker. key_image: int[S] or int[B, S], the image of each key
+  (`Model.visual_keys`). -> bool[B, T, S]. "previous": images marked at or
+  before t; "latest": only the last of them. With segment_ids (packed
+  examples), a position sees only the images marked inside its own example.
   """
+  B = is_marker.shape[0]
   seen = jnp.cumsum(is_marker, axis=1)  # [B, T]: images marked at or before t
-  visible = visible_images(seen, jnp.arange(num_images), rule)  # [B, T, I]
+  key_image = jnp.broadcast_to(key_image, (B, key_image.shape[-1]))[:, None, :]  # [B, 1, S]
+  visible = visible_images(seen, key_image, rule)  # [B, T, S]
   if segment_ids is not None:
-    # [B, T, I]: position t marks image k
-    marks_image = is_marker[..., None] & (jnp.arange(num_images) == seen[..., None] - 1)
-    image_segment = jnp.sum(marks_image * segment_ids[..., None], axis=1)  # [B, I]
-    visible = visible & (image_segment[:, None, :] == segment_ids[..., None])
-  return jnp.repeat(visible, tokens_per_image, axis=-1)
+    marks_key = is_marker[..., None] & (seen[..., None] - 1 == key_image)  # [B, T, S]
+    key_segment = jnp.sum(marks_key * segment_ids[..., None], axis=1)  # [B, S]
+    visible = visible & (key_segment[:, None, :] == segment_ids[..., None])
+  return visible
 
 
 def visible_images(seen: jax.Array, image: jax.Array, rule: str) -> jax.Array:
   """Whether a position that has seen `seen` image markers may attend to image `image`.
 
-  seen: int[B, ...]; image: int[I] image indices -> bool[B, ..., I].
+  seen: int[B, ...]; image: image indices broadcastable against seen[..., None]
+  (int[S], or int[B, S] with seen int[B]) -> bool[B, ..., S].
   """
   if rule == "previous":
     return image < seen[..., None]

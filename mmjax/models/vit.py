@@ -9,11 +9,20 @@ pooled vector; aux holds
   "pooled":   float[B, D],
   "block_i":  float[B, P, D] output of block i (before any final norm), so a
               fusion model can read an earlier layer, as LLaVA does.
+
+Native resolution (NaViT's "patch n' pack", Dehghani et al. 2023): the model
+also takes `Patches`, images of different sizes and aspect ratios cut into
+patches and packed into rows of a fixed budget of P slots. Each patch attends
+only to its own image's patches, gets the position of its (row, column) in its
+own image's grid, and pooling is per image (M images per row at most): pooled
+float[B, M, D]. One compile serves every mix of sizes, and each image's
+features equal those of the image run alone as a dense batch.
 """
 import dataclasses
 import re
 
 from flax import linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +40,34 @@ VARIANTS = {  # width, depth, mlp_dim, num_heads
     "nano": dict(width=64, depth=2, mlp_dim=128, num_heads=4),
 }
 POOLS = ("cls", "gap", "map", "none")
+
+
+@struct.dataclass
+class Patches:
+  """Images at their own sizes, cut into p x p patches and packed into rows of P slots.
+
+  Built by `mmjax.data.patches.pack`; M is the most images a row holds.
+  """
+
+  pixels: jax.Array  # float[B, P, p * p * 3]: each patch's pixels, (y, x, channel) order
+  image_ids: jax.Array  # int32[B, P]: 1 + the index of the patch's image in its row; 0: padding
+  coords: jax.Array  # int32[B, P, 2]: (row, column) in its image's grid; (-1, -1): a cls slot
+  grids: jax.Array  # int32[B, M, 2]: each image's grid (rows, columns); (0, 0): no image
+
+  @property
+  def is_cls(self) -> jax.Array:
+    return self.coords[..., 0] < 0
+
+  def image_index(self) -> jax.Array:
+    """int32[B, P]: the index of each slot's image in its row; PADDING for padding."""
+    return jnp.where(self.image_ids > 0, self.image_ids - 1, PADDING)
+
+  def membership(self) -> jax.Array:
+    """bool[B, P, M]: whether slot p belongs to image m."""
+    return self.image_ids[..., None] == jnp.arange(1, self.grids.shape[1] + 1)
+
+
+PADDING = 2 ** 30  # the image index of padding slots: past any real image
 
 
 def variant_fields(variant: str) -> dict:
@@ -53,12 +90,12 @@ class Block(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: layers.Mask) -> jax.Array:
     """x: float[B, P, D] -> float[B, P, D]."""
     y = layers.Norm("layernorm", self.norm_eps, name="attn_norm")(x)
     y, _ = layers.Attention(
         num_heads=self.num_heads, use_bias=True, attention_impl=self.attention_impl,
-        dtype=self.dtype, name="attn")(y)
+        dtype=self.dtype, name="attn")(y, mask=mask)
     x = layers.constrain(x + y.astype(x.dtype))
     y = layers.Norm("layernorm", self.norm_eps, name="mlp_norm")(x)
     y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, dtype=self.dtype, name="mlp")(y)
@@ -75,18 +112,22 @@ class MapHead(nn.Module):
   dtype: jnp.dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: float[B, P, D] -> float[B, D]."""
+  def __call__(self, x: jax.Array, membership: jax.Array | None = None) -> jax.Array:
+    """x: float[B, P, D] -> float[B, D]; with membership bool[B, P, M] (packed images), one
+    probe per image, reading only its patches -> float[B, M, D]."""
     D = x.shape[-1]
     probe = self.param("probe", layers.partitioned(nn.initializers.xavier_uniform(),
                                                    (None, None, "embed")), (1, 1, D))
-    probe = jnp.broadcast_to(probe, (x.shape[0], 1, D)).astype(x.dtype)
+    M = 1 if membership is None else membership.shape[-1]
+    probe = jnp.broadcast_to(probe, (x.shape[0], M, D)).astype(x.dtype)
+    mask = layers.Mask() if membership is None else layers.Mask(
+        explicit=jnp.swapaxes(membership, 1, 2))
     x, _ = layers.Attention(num_heads=self.num_heads, use_bias=True, dtype=self.dtype,
-                            name="attn")(probe, x)
+                            name="attn")(probe, x, mask=mask)
     y = layers.Norm("layernorm", self.norm_eps, name="norm")(x)
     x = x + layers.Mlp(self.mlp_dim, activation=self.mlp_activation, dtype=self.dtype,
                        name="mlp")(y).astype(x.dtype)
-    return x[:, 0]
+    return x[:, 0] if membership is None else x
 
 
 class _Model(nn.Module):
@@ -111,37 +152,41 @@ class _Model(nn.Module):
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> tuple[jax.Array, dict]:
-    """images: float[B, H, W, 3] -> (logits float[B, C] or pooled float[B, D], aux)."""
+  def __call__(self, images: jax.Array | Patches) -> tuple[jax.Array, dict]:
+    """images: float[B, H, W, 3] or Patches -> (logits float[B, (M,) C] or pooled float[B,
+    (M,) D], aux); M only for Patches."""
     if self.pool not in POOLS:
       raise ValueError(f"ViT pool must be one of {POOLS}, got {self.pool!r}")
+    if self.posemb not in ("learn", "sincos2d"):
+      raise ValueError(f"ViT posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
     p = self.patch_size
-    if images.shape[1] % p or images.shape[2] % p:
-      raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch size {p}")
+    packed = isinstance(images, Patches)
+    if packed:
+      B, P = images.image_ids.shape
+      pixels = images.pixels.reshape(B * P, p, p, 3)
+    else:
+      if images.shape[1] % p or images.shape[2] % p:
+        raise ValueError(f"image size {images.shape[1:3]} is not a multiple of patch size {p}")
+      pixels = images
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 use_bias=self.patch_bias, name="embedding",
                 kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                (None, None, None, "embed")),
-                bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(images)
-    B, gh, gw, D = x.shape
-    x = x.reshape(B, gh * gw, D)
-
-    if self.posemb == "sincos2d":  # patches only: the cls token, if any, has no position
-      x = x + posemb_sincos_2d(gh, gw, D).astype(x.dtype)
-    elif self.posemb != "learn":
-      raise ValueError(f"ViT posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+                bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(pixels)
+    D = x.shape[-1]
     has_cls = self.pool == "cls"
-    if has_cls:
-      cls = self.param("cls", layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
-                       (1, 1, D))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)).astype(x.dtype), x], axis=1)
-    if self.posemb == "learn":
-      grid = self.image_size // p
-      pos = self.param("pos_embedding",
-                       layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
-                       (1, int(has_cls) + grid * grid, D))
-      x = x + interpolate_positions(pos, has_cls, grid, (gh, gw),
-                                    self.posemb_resize).astype(x.dtype)
+    cls = self.param("cls", layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
+                     (1, 1, D)) if has_cls else None
+    pos = self.param("pos_embedding",
+                     layers.partitioned(nn.initializers.normal(0.02), (None, None, "embed")),
+                     (1, int(has_cls) + (self.image_size // p) ** 2, D)
+                     ) if self.posemb == "learn" else None
+    if packed:
+      x = self._embed_packed(x.reshape(B, P, D), images, cls, pos)
+      mask = layers.Mask(segment_ids=images.image_ids)
+    else:
+      x = self._embed_dense(x, cls, pos)
+      mask = layers.Mask()
     if self.pre_norm:
       x = layers.Norm("layernorm", self.norm_eps, name="pre_norm")(x)
     x = layers.constrain(x)
@@ -150,20 +195,22 @@ class _Model(nn.Module):
     block = layers.remat(Block, self.remat_policy)
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_dim, self.mlp_activation, self.norm_eps,
-                self.attention_impl, self.dtype, name=f"block_{i}")(x)
+                self.attention_impl, self.dtype, name=f"block_{i}")(x, mask)
       aux[f"block_{i}"] = x
     x = layers.Norm("layernorm", self.norm_eps, name="final_norm")(x)
     aux["features"] = x
 
-    if self.pool == "cls":
-      pooled = x[:, 0]
-    elif self.pool == "gap":
-      pooled = jnp.mean(x, axis=1)
-    elif self.pool == "map":
-      pooled = MapHead(self.num_heads, self.mlp_dim, self.mlp_activation, self.norm_eps,
-                       self.dtype, name="map_head")(x)
-    else:
+    if self.pool == "none":
       return x, aux
+    if self.pool == "map":
+      pooled = MapHead(self.num_heads, self.mlp_dim, self.mlp_activation, self.norm_eps,
+                       self.dtype, name="map_head")(x, images.membership() if packed else None)
+    elif not packed:
+      pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+    else:  # the cls slot of each image, or the mean of its patches
+      pick = images.membership() & (images.is_cls == has_cls)[..., None]  # [B, P, M]
+      pooled = jnp.einsum("BPM,BPD->BMD", pick.astype(x.dtype), x) / jnp.maximum(
+          jnp.sum(pick, axis=1), 1)[..., None].astype(x.dtype)
     aux["pooled"] = pooled
     if self.num_classes is None:
       return pooled, aux
@@ -172,16 +219,60 @@ class _Model(nn.Module):
                       bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(pooled)
     return logits.astype(jnp.float32), aux
 
+  def _embed_dense(self, x: jax.Array, cls: jax.Array | None,
+                   pos: jax.Array | None) -> jax.Array:
+    """Patch embeddings float[B, gh, gw, D] -> tokens float[B, (1 +) gh * gw, D] with positions."""
+    B, gh, gw, D = x.shape
+    x = x.reshape(B, gh * gw, D)
+    if self.posemb == "sincos2d":  # patches only: the cls token, if any, has no position
+      x = x + posemb_sincos_2d(gh, gw, D).astype(x.dtype)
+    if cls is not None:
+      x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)).astype(x.dtype), x], axis=1)
+    if pos is not None:
+      x = x + interpolate_positions(pos, cls is not None, self.image_size // self.patch_size,
+                                    (gh, gw), self.posemb_resize).astype(x.dtype)
+    return x
 
-def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+  def _embed_packed(self, x: jax.Array, images: Patches, cls: jax.Array | None,
+                    pos: jax.Array | None) -> jax.Array:
+    """Patch embeddings float[B, P, D] -> tokens float[B, P, D]: each slot gets what the same
+    token of its image run alone would (`_embed_dense`)."""
+    D = x.shape[-1]
+    is_cls = images.is_cls[..., None]
+    rows, columns = images.coords[..., 0], images.coords[..., 1]
+    if self.posemb == "sincos2d":
+      x = x + jnp.where(is_cls, 0.0, sincos_2d(rows, columns, D)).astype(x.dtype)
+    if cls is not None:
+      x = jnp.where(is_cls, cls.astype(x.dtype), x)
+    if pos is not None:
+      has_cls = cls is not None
+      grid = self.image_size // self.patch_size
+      index = jnp.clip(images.image_ids - 1, 0)[..., None]  # [B, P, 1]
+      image_grid = jnp.take_along_axis(images.grids, index, axis=1)  # [B, P, 2]: (gh, gw)
+      row_weights = resize_weights_at(rows, image_grid[..., 0], grid, self.posemb_resize)
+      column_weights = resize_weights_at(columns, image_grid[..., 1], grid, self.posemb_resize)
+      table = pos[0, int(has_cls):].reshape(grid, grid, D)
+      patch_pos = jnp.einsum("BPh,BPw,hwD->BPD", row_weights, column_weights, table)
+      if has_cls:
+        patch_pos = jnp.where(is_cls, pos[0, 0], patch_pos)
+      x = x + patch_pos.astype(x.dtype)
+    return x
+
+
+def posemb_sincos_2d(h: int, w: int, width: int) -> jax.Array:
   """Fixed 2-d sine-cosine position embeddings float32[1, h * w, width] (big_vision's)."""
+  y, x = jnp.mgrid[:h, :w]
+  return sincos_2d(y.reshape(-1), x.reshape(-1), width)[None]
+
+
+def sincos_2d(y: jax.Array, x: jax.Array, width: int, temperature: float = 10_000.0) -> jax.Array:
+  """The sine-cosine embedding of patch coordinates: y, x int[...] -> float32[..., width]."""
   if width % 4:
     raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
-  y, x = jnp.mgrid[:h, :w]
   omega = 1.0 / temperature ** (jnp.arange(width // 4) / max(width // 4 - 1, 1))
-  y = jnp.einsum("m,d->md", y.reshape(-1), omega)
-  x = jnp.einsum("m,d->md", x.reshape(-1), omega)
-  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)[None]
+  y = jnp.einsum("...,d->...d", y, omega)
+  x = jnp.einsum("...,d->...d", x, omega)
+  return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=-1)
 
 
 POSEMB_RESIZE = ("bilinear", "bicubic")
@@ -194,23 +285,30 @@ def resize_weights(size: int, target: int, method: str) -> jax.Array:
   is Keys' with a = -0.75, edges repeated), so a model resized here matches
   one resized by HF's interpolate_pos_encoding or timm.
   """
+  return resize_weights_at(jnp.arange(target), jnp.asarray(target), size, method)
+
+
+def resize_weights_at(index: jax.Array, target: jax.Array, size: int, method: str) -> jax.Array:
+  """`resize_weights`' row for position index of a target-long axis, for any shape of index
+  and target (int[...], target >= 1 where it matters) -> float32[..., size]."""
   if method not in POSEMB_RESIZE:
     raise ValueError(f"ViT posemb_resize must be one of {POSEMB_RESIZE}, got {method!r}")
-  source = (jnp.arange(target) + 0.5) * size / target - 0.5
+  source = (index + 0.5) * size / jnp.maximum(target, 1) - 0.5
   if method == "bilinear":
     source = jnp.maximum(source, 0.0)
     left = jnp.floor(source)
-    taps, weights = left[:, None] + jnp.arange(2), jnp.stack([1 - (source - left),
-                                                              source - left], axis=1)
+    taps = left[..., None] + jnp.arange(2)
+    weights = jnp.stack([1 - (source - left), source - left], axis=-1)
   else:
     a = -0.75
     left = jnp.floor(source)
-    distance = jnp.abs(source[:, None] - (left[:, None] + jnp.arange(-1, 3)))  # [target, 4]
+    taps = left[..., None] + jnp.arange(-1, 3)
+    distance = jnp.abs(source[..., None] - taps)  # [..., 4]
     near = ((a + 2) * distance - (a + 3)) * distance ** 2 + 1  # |d| <= 1
     far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a  # 1 < |d| < 2
-    taps, weights = left[:, None] + jnp.arange(-1, 3), jnp.where(distance <= 1, near, far)
+    weights = jnp.where(distance <= 1, near, far)
   taps = jnp.clip(taps, 0, size - 1).astype(jnp.int32)
-  return jnp.zeros((target, size)).at[jnp.arange(target)[:, None], taps].add(weights)
+  return jnp.einsum("...k,...ks->...s", weights, jax.nn.one_hot(taps, size, dtype=weights.dtype))
 
 
 def interpolate_positions(pos: jax.Array, has_cls: bool, grid: int, target: tuple[int, int],

@@ -1,0 +1,80 @@
+"""Images at their own resolution: fit to a patch budget, cut into patches, pack into rows.
+
+The host side of the ViT's native-resolution input (`vit.Patches`, NaViT's
+"patch n' pack"). An image keeps its aspect ratio and is shrunk only as far as
+a budget of patches needs (and to whole patches); each row of a batch holds the
+patches of its images back to back in a fixed number of slots, so one compiled
+step serves every mix of sizes.
+
+  grid = fit_grid(height, width, patch=16, max_patches=256)  # (rows, columns) of patches
+  batch = pack([[image_a, image_b], [image_c]], patch=16, slots=512, max_images=2, cls=False)
+"""
+import math
+
+import numpy as np
+
+KEYS = ("patches", "patch_images", "patch_coords", "image_grids")  # the batch's arrays
+
+
+def fit_grid(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
+  """The patch grid (rows, columns) an image of height x width pixels is resized to: its own
+  size rounded to whole patches, shrunk keeping the aspect ratio to at most max_patches."""
+  if max_patches < 1:
+    raise ValueError(f"config.data.max_patches must be at least 1, got {max_patches}")
+  rows, columns = max(1, round(height / patch)), max(1, round(width / patch))
+  if rows * columns > max_patches:
+    scale = math.sqrt(max_patches / (rows * columns))
+    rows, columns = max(1, int(rows * scale)), max(1, int(columns * scale))
+    while rows * columns > max_patches:  # a side floored to 1 can leave the other too long
+      columns, rows = (columns - 1, rows) if columns >= rows else (columns, rows - 1)
+  return rows, columns
+
+
+def cut(image: np.ndarray, patch: int) -> np.ndarray:
+  """float[gh * p, gw * p, 3] -> float[gh * gw, p * p * 3], patches row-major, each patch's
+  pixels in (y, x, channel) order (the layout of the ViT's patch-embedding kernel)."""
+  height, width, channels = image.shape
+  if height % patch or width % patch:
+    raise ValueError(f"image of {height} x {width} pixels is not whole {patch}-pixel patches")
+  gh, gw = height // patch, width // patch
+  grid = image.reshape(gh, patch, gw, patch, channels).transpose(0, 2, 1, 3, 4)
+  return grid.reshape(gh * gw, patch * patch * channels)
+
+
+def tokens_per_image(grid: tuple[int, int], cls: bool) -> int:
+  return grid[0] * grid[1] + int(cls)
+
+
+def pack(rows: list[list[np.ndarray]], patch: int, slots: int, max_images: int,
+         cls: bool) -> dict[str, np.ndarray]:
+  """Each row's images (float[h, w, 3], whole patches) into `slots` patch slots.
+
+  cls: each image also gets a slot for the ViT's cls token, before its patches.
+  -> {"patches": float32[B, slots, p * p * 3], "patch_images": int32[B, slots]
+  (1 + the image's index in its row, 0: padding), "patch_coords": int32[B,
+  slots, 2] ((row, column), (-1, -1) for a cls slot), "image_grids": int32[B,
+  max_images, 2]}: the fields of `vit.Patches`.
+  """
+  B = len(rows)
+  out = {"patches": np.zeros((B, slots, patch * patch * 3), np.float32),
+         "patch_images": np.zeros((B, slots), np.int32),
+         "patch_coords": np.zeros((B, slots, 2), np.int32),
+         "image_grids": np.zeros((B, max_images, 2), np.int32)}
+  for b, images in enumerate(rows):
+    if len(images) > max_images:
+      raise ValueError(f"a row of {len(images)} images; the batch holds {max_images} per row")
+    start = 0
+    for i, image in enumerate(images):
+      grid = (image.shape[0] // patch, image.shape[1] // patch)
+      end = start + tokens_per_image(grid, cls)
+      if end > slots:
+        raise ValueError(f"images of {end} patches or more in a row of {slots} slots")
+      first = start + int(cls)
+      out["patches"][b, first:end] = cut(image, patch)
+      out["patch_images"][b, start:end] = i + 1
+      out["patch_coords"][b, start:first] = -1
+      y, x = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+      out["patch_coords"][b, first:end] = np.stack([y, x], axis=1)
+      out["image_grids"][b, i] = grid
+      start = end
+  return out
