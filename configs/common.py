@@ -167,10 +167,15 @@ def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
       val_json="", val_image_dir="",
       tokenizer="bytes",  # or a SentencePiece .model / tokenizer.json (config.towers sets it)
       max_images=1,  # llava: image slots per example
-      pack=1,  # llava, coco_captions: examples per row, > 1 packs them with segment ids
+      pack=1,  # llava, coco_captions (and scenes with max_patches): examples per row, > 1 packs
       task="vqa",  # scenes: or "caption", "mixed"
       max_shapes=max_shapes,  # per image; 1 is easy, 3 makes counting and binding matter
       image_size=model_image_size(),
+      # Deep fusion at native resolution: each image keeps its aspect ratio, cut into patches
+      # packed into this many slots per row, with up to `pack` examples a row (mmjax/data/
+      # patches.py); None: every image resized to image_size. Scenes only, for now.
+      max_patches=ml_collections.config_dict.placeholder(int),
+      scene_sizes="fixed",  # scenes: or "varied", sizes image_size/2..2*image_size (max_patches)
       resize="bilinear",  # user images to image_size: or "bicubic", "lanczos", "box", "nearest"
       **pixels(),
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example

@@ -122,7 +122,8 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
   a model too large for one device is read straight into its shards.
   -> ({"family", "model", "pixels": {"mean", "std"} when images were
   normalised, "template": how the training data laid out a prompt, "lora": the run's
-  optimizer.lora when it trained adapters}, params (adapters merged into their kernels
+  optimizer.lora when it trained adapters, "max_patches": when it read images at their own
+  sizes}, params (adapters merged into their kernels
   unless merge_adapters=False), the tokenizer: the run's config.data.tokenizer, the
   import's tokenizer file, or "bytes").
   """
@@ -150,6 +151,8 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
       config["pixels"] = {"mean": data["image_mean"], "std": data["image_std"]}
     if data.get("name") in sources.SOURCES:
       config["template"] = sources.SOURCES[data["name"]].template
+    if data.get("max_patches"):  # trained on images at their own sizes
+      config["max_patches"] = data["max_patches"]
     adapters = lora.settings(ml_collections.ConfigDict(run_config.get("optimizer", {})))
     if adapters is not None:
       config["lora"] = adapters.to_dict()

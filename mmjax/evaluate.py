@@ -10,6 +10,7 @@
 Generation uses `mmjax.generation` with the training mesh: parameters stay sharded as
 they were trained and the prompts are sharded over the batch axes.
 """
+import dataclasses
 import re
 
 from flax import linen as nn
@@ -19,6 +20,8 @@ import numpy as np
 
 from mmjax import generation
 from mmjax import sharding
+from mmjax import steps
+from mmjax.data import patches
 
 
 def loss_scores(sums: np.ndarray, classification: bool) -> dict[str, float]:
@@ -95,10 +98,11 @@ class Generative:
       examples = self.source.examples(i)
       tokens, lengths = generation.left_pad([e["prompt"] for e in examples], self.tokenizer.pad_id,
                                         width=self.prompt_len)
-      local = {"tokens": tokens, "lengths": lengths,
-               "images": np.stack([e["image"] for e in examples])}
+      local = {"tokens": tokens, "lengths": lengths, **self._images(examples)}
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        generated = self.generate(params, *sharding.global_batch(local, self.mesh).values())
+        inputs = sharding.global_batch(local, self.mesh)
+        generated = self.generate(params, inputs["tokens"], inputs["lengths"],
+                                  steps.batch_images(inputs))
       # Every reference answer, padded: [b, references, answer_len] (one for questions).
       truths = np.full((len(examples), self.max_references, self.answer_len),
                        self.tokenizer.pad_id, np.int32)
@@ -107,9 +111,11 @@ class Generative:
           truth = self.tokenizer.encode(reference)[:self.answer_len]
           truths[b, r, :len(truth)] = truth
       kinds = np.array([self.source.example_types.index(e["type"]) for e in examples], np.int32)
-      generated, truths, kinds, prompts, images = (
+      generated, truths, kinds, prompts = (
           np.asarray(multihost_utils.process_allgather(x, tiled=True))
-          for x in (generated, truths, kinds, tokens, local["images"]))
+          for x in (generated, truths, kinds, tokens))
+      images = {k: np.asarray(multihost_utils.process_allgather(local[k], tiled=True))
+                for k in local if k not in ("tokens", "lengths")}
       for b in range(len(generated)):
         references = [self.tokenizer.decode(t) for t in truths[b]
                       if (t != self.tokenizer.pad_id).any()]
@@ -119,7 +125,9 @@ class Generative:
                      "truth": references[0], "references": references,
                      "type": self.source.example_types[kinds[b]],
                      # Back to [0, 1] pixels for pictures of the samples.
-                     "image": images[b, 0] * self.source.image_std + self.source.image_mean})
+                     "image": (patches.unpack(images, b, 0) if "patches" in images
+                               else images["images"][b, 0])
+                              * self.source.image_std + self.source.image_mean})
     scores = {}
     questions = [r for r in rows if r["type"] != "caption"]
     if questions:
@@ -130,6 +138,15 @@ class Generative:
       scores.update(caption_scores([r["answer"] for r in captions],
                                    [r["references"] for r in captions]))
     return scores, rows[:self.num_samples]
+
+
+  def _images(self, examples: list[dict]) -> dict[str, np.ndarray]:
+    """The examples' images (each "image" float32[I, H, W, 3]) as the model takes them: dense,
+    or packed one example a row when the source keeps each image's size."""
+    layout = getattr(self.source, "layout", None)
+    if layout is None:
+      return {"images": np.stack([e["image"] for e in examples])}
+    return dataclasses.replace(layout, max_images=1).pack([list(e["image"]) for e in examples])
 
 
 def _until_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:

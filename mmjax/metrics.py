@@ -44,9 +44,16 @@ def model_flops(family: str, model, params, batch: dict) -> float:
     towers, text = {"vit/": vit.Model(**model.vit), "lm/": lm.Model(**model.lm)}, lm.Model(
         **model.lm)
   B = next(iter(batch.values())).shape[0]
-  images = 0 if family == "lm" else (B if family == "vit" else B * batch["images"].shape[1])
   vision = towers.get("vit/", model if family == "vit" else None)
-  patches = (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
+  if "patches" in batch:  # packed at native resolution: every slot is computed, padding too
+    images, patches = B, batch["patches"].shape[1]  # one ViT sequence per row
+    keys = patches  # cross-attention keys per row
+    tokens = patches
+  else:
+    images = 0 if family == "lm" else (B if family == "vit" else B * batch["images"].shape[1])
+    patches = (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
+    keys = patches * (batch["images"].shape[1] if family == "deep_fusion" else 0)
+    tokens = patches + int(vision is not None and vision.pool == "cls")
   visual_tokens = images * patches
   T = batch["tokens"].shape[1] if "tokens" in batch else 0
   text_tokens = B * T
@@ -70,9 +77,8 @@ def model_flops(family: str, model, params, batch: dict) -> float:
     forward += 0.5 * 4 * text.depth * B * T * T * heads_dim  # causal: half the scores
     if family == "deep_fusion":
       crosses = sum(1 for k in params if k.startswith("xattn_"))
-      forward += 4 * crosses * B * T * batch["images"].shape[1] * patches * heads_dim
+      forward += 4 * crosses * B * T * keys * heads_dim
   if vision is not None:
-    tokens = patches + int(vision.pool == "cls")
     forward += 4 * vision.depth * images * tokens * tokens * vision.width
   return 3 * forward
 

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 import numpy as np
 
 from mmjax.models import deep_fusion
+from mmjax.models import vit
 
 # Chart panels: a title and which metrics.jsonl keys it draws.
 PANELS = (
@@ -84,13 +85,14 @@ def answer_rows(prompts: list[list[int]], answers: list[list[int]],
   return tokens, rows
 
 
-def image_attention(model, params, tokens: jax.Array, images: jax.Array,
-                    rows: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-  """Where the positions `rows` look in the first image -> (maps float32[B, g, g], share [B]).
+def image_attention(model, params, tokens: jax.Array, images: jax.Array | vit.Patches,
+                    rows: jax.Array) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
+  """Where the positions `rows` look in the first image -> (maps float32[B, gh, gw], share [B]).
 
-  tokens int[B, T]; images float[B, I, H, W, 3]; rows bool[B, T]: the positions
+  tokens int[B, T]; images float[B, I, H, W, 3], or Patches (deep fusion; maps
+  is then a list of each row's float32[gh, gw]); rows bool[B, T]: the positions
   to average over (e.g. those that produced an answer). Probabilities are
-  averaged over heads, layers and rows. maps sums to one over the image's g x g
+  averaged over heads, layers and rows. maps sums to one over the image's gh x gw
   patches; share is the part of the rows' attention that went to those patches
   (1 for deep fusion's cross-attention, which sees only images).
 
@@ -107,6 +109,16 @@ def image_attention(model, params, tokens: jax.Array, images: jax.Array,
   probs = jnp.mean(jnp.stack(probs), axis=(0, 2))  # [B, T, S]: layers and heads averaged
   weights = rows.astype(jnp.float32)[..., None]
   probs = jnp.sum(probs * weights, axis=1) / jnp.sum(weights, axis=1)  # [B, S]
+  if cross and isinstance(images, vit.Patches):
+    if probs.shape[-1] != images.image_ids.shape[1]:
+      raise ValueError("the visual keys are a resampler's latents, not patches: no map onto "
+                       "the image")
+    first = np.asarray((images.image_ids == 1) & ~images.is_cls)  # [B, P]
+    grids = np.asarray(images.grids[:, 0])
+    image = [np.asarray(probs[b])[first[b]] for b in range(len(first))]
+    share = np.array([x.sum() for x in image])
+    return [x.reshape(*grid) / max(total, 1e-9) for x, grid, total in zip(image, grids, share)
+            ], share
   if cross:
     num_tokens = probs.shape[-1] // images.shape[1]  # visual keys are image-major: [I * R]
     image = probs[:, :num_tokens]
@@ -115,13 +127,14 @@ def image_attention(model, params, tokens: jax.Array, images: jax.Array,
     num_tokens = int(placeholders.sum(axis=1).min()) // images.shape[1]
     columns = np.stack([np.flatnonzero(p)[:num_tokens] for p in placeholders])
     image = jnp.take_along_axis(probs, jnp.asarray(columns), axis=1)
-  side = math.isqrt(num_tokens)
-  if side * side != num_tokens:
-    raise ValueError(f"{num_tokens} image tokens are not a square patch grid (a resampler, or "
-                     "a class token): no map onto the image")
+  patch = vit.Model(**model.vit).patch_size
+  grid = (images.shape[2] // patch, images.shape[3] // patch)
+  if grid[0] * grid[1] != num_tokens:
+    raise ValueError(f"{num_tokens} image tokens are not the {grid[0]} x {grid[1]} patch grid "
+                     "(a resampler, or a class token): no map onto the image")
   share = jnp.sum(image, axis=-1)
   maps = image / jnp.maximum(share, 1e-9)[:, None]
-  return np.asarray(maps.reshape(-1, side, side)), np.asarray(share)
+  return np.asarray(maps.reshape(-1, *grid)), np.asarray(share)
 
 
 def attention_figure(images: np.ndarray, maps: np.ndarray, titles: list[str]) -> Figure:

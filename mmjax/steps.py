@@ -29,17 +29,28 @@ from mmjax import models
 from mmjax import optim
 from mmjax import sharding
 from mmjax import towers
+from mmjax.data import patches
 from mmjax.data import sources
+from mmjax.models import vit
 
 # Batch keys passed to the model as keyword arguments when present.
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
+
+
+def batch_images(batch: dict) -> jax.Array | vit.Patches | None:
+  """A batch's images: dense float[B, (I,) H, W, 3], packed patches at their own sizes, or
+  None."""
+  if "patches" in batch:
+    return vit.Patches(*(batch[k] for k in patches.KEYS))
+  return batch.get("images")
 
 
 def init_inputs(batch: dict) -> tuple:
   """The positional model inputs of a batch: (images,) or (tokens,) or (tokens, images)."""
   if "labels" in batch:
     return (batch["images"],)
-  return (batch["tokens"], *((batch["images"],) if "images" in batch else ()))
+  images = batch_images(batch)
+  return (batch["tokens"], *(() if images is None else (images,)))
 
 
 def loss_terms(model: nn.Module, params, batch: dict):
@@ -56,9 +67,8 @@ def loss_terms(model: nn.Module, params, batch: dict):
     return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct)
   # Next-token prediction: tokens, targets, loss_weights int/float[B, T] (+ images). Only the
   # final hidden states are used: jit drops the model's own [B, T, V] logits.
-  images = (batch["images"],) if "images" in batch else ()
   kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
-  _, aux = model.apply({"params": params}, batch["tokens"], *images, **kwargs)
+  _, aux = model.apply({"params": params}, *init_inputs(batch), **kwargs)
   total, correct = chunked_token_losses(model, params, aux["hidden"], batch["targets"],
                                         batch["loss_weights"])
   return total, jnp.sum(batch["loss_weights"]), correct
@@ -270,7 +280,8 @@ def setup(config: ml_collections.ConfigDict,
   batch_sharding = sharding.batch_sharding(mesh)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding)
                     for k, v in sources.batch_spec(config).items()}
-  inputs = tuple(np.zeros((1, *x.shape[1:]), x.dtype) for x in init_inputs(abstract_batch))
+  inputs = jax.tree.map(lambda x: np.zeros((1, *x.shape[1:]), x.dtype),
+                        init_inputs(abstract_batch))
 
   # Shapes and logical axes, no memory. (No rules in scope during init: flax's DenseGeneral
   # would constrain its flat pre-reshape kernel with the 3-d axis names.)

@@ -85,15 +85,35 @@ def test_decode_bench_reports_throughput_and_bytes_read():
     assert row["bound_tokens_per_s"] is None  # no known bandwidth for a CPU
 
 
-def test_data_bench_reports_both_sources():
+def test_data_bench_reports_every_source():
   result = subprocess.run(
       [sys.executable, str(train_cli.ROOT / "tools" / "bench.py"), "--data", "--steps=1"],
       env=train_cli.env(1), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-  assert [r["source"] for r in rows] == ["shapes", "tfds_scenes"]
-  for row in rows:
+  assert [r["source"] for r in rows] == ["shapes", "shapes-varied", "tfds_scenes"]
+  for row in rows[::2]:  # a row per example
     assert row["examples_per_s"] == pytest.approx(16 * 1000 / row["ms_per_batch"])
+  # Packed rows hold several examples each, and most of their patch slots.
+  assert rows[1]["examples_per_s"] > 2 * 16 * 1000 / rows[1]["ms_per_batch"]
+  assert 0.9 <= rows[1]["patch_slots_used"] <= 1
+
+
+def test_mixed_sizes_bench_times_native_and_resized_on_the_same_images():
+  (native, packed), (dense, resized), images, used = bench.mixed_size_batches("tiny-native", 2)
+  assert images == int(np.sum(packed["image_grids"][..., 0] > 0)) == len(resized["tokens"])
+  assert used == pytest.approx(np.mean(packed["patch_images"] > 0))
+  # Every image of the packed batch is in the resized one, at the largest side.
+  largest = max(max(g) for g in packed["image_grids"].reshape(-1, 2)) * 8
+  assert resized["images"].shape[2:4] == (largest, largest)
+  assert dense.data.image_size == largest and native.data.max_patches == 128
+  # The same text: each example's loss-weighted targets, in order.
+  packed_answers = [packed["targets"][r][(packed["segment_ids"][r] == k)
+                                         & (packed["loss_weights"][r] > 0)].tolist()
+                    for r in range(2) for k in range(1, packed["segment_ids"][r].max() + 1)]
+  resized_answers = [t[w > 0].tolist() for t, w in zip(resized["targets"],
+                                                       resized["loss_weights"])]
+  assert packed_answers == resized_answers
 
 
 @needs_reference

@@ -1,4 +1,6 @@
 """Pictures from a real short run: metric charts, gate values, attention maps over patches."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from configs import early_fusion as early_config
 from mmjax import checkpoint
 from mmjax import models
 from mmjax import plots
+from mmjax import steps
 from mmjax import trainer
 from mmjax.data import sources
 from mmjax.models import layers
@@ -109,6 +112,31 @@ def test_attention_maps_cover_the_patch_grid(name):
       share_a + share_b)[:, None, None]
   np.testing.assert_allclose(maps, expected, atol=1e-5)
   np.testing.assert_allclose(share, (share_a + share_b) / 2, atol=1e-6)
+
+
+def test_attention_maps_over_images_at_their_own_sizes():
+  # Varied-size scenes packed one a row: each map has its image's grid (not square), and equals
+  # the map of the same image run alone as a dense batch.
+  config = deep_config.get_config("tiny-native")
+  model = models.build(config.family, config.model)
+  examples = sources.build(config, "validation").examples(0)[:3]
+  tokens, rows = plots.answer_rows([e["prompt"] for e in examples], [list(b"re")] * 3, 0)
+  layout = dataclasses.replace(sources.layout(config), max_images=1)
+  packed = steps.batch_images(jax.tree.map(jnp.asarray, layout.pack(
+      [list(e["image"]) for e in examples])))
+  params = model.init(jax.random.key(0), jnp.asarray(tokens), packed)["params"]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: 30 * x if "query" in jax.tree_util.keystr(path) else x, params)
+  maps, share = plots.image_attention(model, params, jnp.asarray(tokens), packed,
+                                      jnp.asarray(rows))
+  assert [m.shape for m in maps] == [(e["image"].shape[1] // 8, e["image"].shape[2] // 8)
+                                     for e in examples]
+  assert any(m.shape[0] != m.shape[1] for m in maps)
+  np.testing.assert_allclose(share, 1, atol=1e-5)
+  for b, e in enumerate(examples):
+    alone, _ = plots.image_attention(model, params, jnp.asarray(tokens[b:b + 1]),
+                                     jnp.asarray(e["image"][None]), jnp.asarray(rows[b:b + 1]))
+    np.testing.assert_allclose(maps[b], alone[0], atol=1e-5)
 
 
 def test_plot_tool_draws_attention_over_an_image(deep_run, tmp_path):

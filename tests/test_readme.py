@@ -14,3 +14,5 @@ def test_readme_python_examples_run():
   out = namespace["out"]
   assert out["tokens"].shape == (2, 8) and out["lengths"].shape == (2,)
   assert namespace["logits"].shape == (1, 29, 512)  # the tiny early-fusion model's last call
+  assert namespace["native_logits"].shape == (1, 22, 512)  # deep fusion, images at their sizes
+  assert namespace["native_aux"]["img/features"].shape == (1, 40, 64)

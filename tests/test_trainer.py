@@ -166,6 +166,25 @@ def test_generated_answers_are_the_same_on_a_sharded_mesh(tmp_path, run_train):
   assert eight["vqa/accuracy"] == one[-1]["vqa/accuracy"]
 
 
+def test_native_resolution_trains_and_answers_alike_on_one_and_eight_devices(tmp_path, run_train):
+  # Varied-size scenes packed at their own resolution, through train.py on one device, then
+  # sharded over 8 (fsdp_tp): the same losses and the same greedy answers.
+  overrides = {"total_steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1,
+               "batch_size": 4}
+  one = run_train(tmp_path / "one", "deep_fusion.py:tiny-native", overrides, devices=1)
+  config = config_for("deep_fusion", "tiny-native", **{
+      "mesh.rules": "fsdp_tp", "mesh.shape.data": 2, "mesh.shape.fsdp": -1,
+      "mesh.shape.tensor": 2, **overrides})
+  eight = trainer.train_and_evaluate(config, str(tmp_path / "eight"))
+  np.testing.assert_allclose(losses(train_cli.read_metrics(tmp_path / "eight")), losses(one),
+                             rtol=2e-5)
+  assert all(np.isfinite(losses(one)))
+  read = lambda run: [json.loads(line)["answer"]
+                      for line in (tmp_path / run / "samples.jsonl").read_text().splitlines()]
+  assert read("eight") == read("one") and len(read("one")) == 4
+  assert eight["vqa/accuracy"] == one[-1]["vqa/accuracy"]
+
+
 # ----------------------------------------------------------------------------
 # Non-finite updates.
 # ----------------------------------------------------------------------------

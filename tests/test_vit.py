@@ -141,9 +141,11 @@ def test_parameters_are_float32_and_partitioned():
 
 
 def test_sincos2d_position_embeddings():
-  np.testing.assert_allclose(vit.posemb_sincos_2d(1, 2, 4)[0],
+  np.testing.assert_allclose(vit.sincos_2d(jnp.array([0, 0]), jnp.array([0, 1]), 4),
                              [[0, 1, 0, 1], [np.sin(1), np.cos(1), 0, 1]], atol=1e-6)
-  pe = vit.posemb_sincos_2d(3, 3, 8)[0]  # x-features depend on the column, y-features on the row
+  rows, columns = jnp.mgrid[:3, :3]
+  pe = vit.sincos_2d(rows.reshape(-1), columns.reshape(-1), 8)  # x-features: the column's,
+  # y-features: the row's
   np.testing.assert_allclose(pe[1, :4], pe[4, :4], atol=1e-6)
   np.testing.assert_allclose(pe[3, 4:], pe[4, 4:], atol=1e-6)
   model = vit.Model("mu/8", image_size=16, pool="none", posemb="sincos2d")
@@ -156,14 +158,16 @@ def test_sincos2d_position_embeddings():
     vit.Model("mu/8", image_size=16, posemb="sincos").init(jax.random.key(0), images)
 
 
-@pytest.mark.parametrize("posemb,pool,resize", [("learn", "cls", "bicubic"),
+@pytest.mark.parametrize("posemb,pool,resize", [("learn", "cls", "bicubic"),  # map: fractional
                                                 ("learn", "gap", "bilinear"),
                                                 ("sincos2d", "none", "bilinear"),
                                                 ("sincos2d", "map", "bilinear")])
 def test_packed_images_match_each_image_alone(posemb, pool, resize):
   # Three sizes and aspect ratios, two in one row: each image's features, block outputs and
   # pooled vector equal those of the image run alone as a dense batch of one.
-  model = vit.Model("mu/4", image_size=16, pool=pool, posemb=posemb, posemb_resize=resize)
+  coords = "fractional" if pool == "map" else "absolute"
+  model = vit.Model("mu/4", image_size=16, pool=pool, posemb=posemb, posemb_resize=resize,
+                    posemb_coords=coords)
   rng = np.random.default_rng(0)
   images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in
             [(8, 16), (12, 4), (16, 16)]]
@@ -184,3 +188,22 @@ def test_packed_images_match_each_image_alone(posemb, pool, resize):
       want = alone["pooled"][0]
       np.testing.assert_allclose(aux["pooled"][row, index], want, rtol=1e-5,
                                  atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_fractional_sincos_positions_name_the_same_place_at_any_size():
+  # At the model's grid, fractional = absolute; on a grid twice as fine, patch r sits at
+  # (r + 0.5) * 4 / 8 - 0.5 of the model's 4-patch grid.
+  model = vit.Model("mu/4", image_size=16, pool="none", posemb="sincos2d",
+                    posemb_coords="fractional", depth=0)
+  absolute = model.clone(posemb_coords="absolute")
+  images = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+  variables = model.init(jax.random.key(1), images)
+  np.testing.assert_array_equal(model.apply(variables, images)[0],
+                                absolute.apply(variables, images)[0])
+  large = jnp.zeros((1, 32, 32, 3))  # patch embeddings are then the bias: 0
+  tokens = model.apply(variables, large)[0][0]  # [64, D] after the final norm, no blocks
+  rows, columns = jnp.mgrid[:8, :8]
+  want = vit.sincos_2d((rows.reshape(-1) + 0.5) / 2 - 0.5, (columns.reshape(-1) + 0.5) / 2 - 0.5,
+                       32)
+  norm = lambda x: (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(tokens, norm(want), atol=1e-4)

@@ -4,6 +4,7 @@
   python tools/bench.py --cases gpt2-124m,llama-1b,vit-b16,early-fusion,deep-fusion   # GPU
   python tools/bench.py --decode --cases gpt2-124m,llama-1b   # generation at batch 1 and 32
   python tools/bench.py --data   # examples/s of the fusion configs' data sources
+  python tools/bench.py --mixed_sizes   # deep fusion: images at their own sizes vs resized
   python tools/bench.py --topology v5e:2x4 --cases gpt2-124m --batch 64   # memory per TPU chip
 
 Prints one JSON line per case: seconds per step (median after warm-up),
@@ -14,6 +15,12 @@ reference. --repeats N alternates the two N times and compares the best of each;
 --profile DIR traces three more of mmjax's steps per case. Batches are
 synthetic and in memory, so it needs neither tfds nor TensorFlow; the step is
 the trainer's own (`steps.make_train_step`).
+
+--mixed_sizes trains deep fusion (configs/deep_fusion.py:tiny-native) on one
+batch of varied-size scenes packed at their own resolution, and on the same
+examples with every image resized to the largest side (a row per example, as
+with one image size), and reports images/s of each, the compiled FLOPs of each
+step (XLA's cost analysis) and the patch slots used.
 
 --decode times `generation.make_generate` (greedy, no EOS, so every row makes
 every token) and compares new tokens/s with the memory-bandwidth bound: each
@@ -39,6 +46,7 @@ from mmjax import metrics
 from mmjax import models
 from mmjax import sharding
 from mmjax import steps
+from mmjax.data import patches
 from mmjax.data import sources
 from mmjax.data import synthetic
 from mmjax.models import lm
@@ -217,21 +225,120 @@ def run_decode(name: str, batch_size: int, prompt_len: int, new_tokens: int, dty
 
 
 def run_data(name: str, batch_size: int, steps: int) -> dict:
-  """Examples/s of one fusion-config data source (tiny pair: 32 px, 16 image tokens)."""
+  """Examples/s of one fusion-config data source (tiny pair: 32 px, 16 image tokens);
+  "shapes-varied" is configs/deep_fusion.py:tiny-native's (batch_size rows of packed examples,
+  images at their own sizes), with the fraction of patch slots that hold a patch."""
   if name == "tfds_scenes":
     import tempfile  # pylint: disable=g-import-not-at-top
     from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top  # needs tfds, grain
     source = pipeline.TfdsScenes(batch_size, None, 32, 16, max_shapes=2, train_size=5000,
                                  data_dir=tempfile.mkdtemp())
+  elif name == "shapes-varied":
+    config = common.load("deep_fusion.py:tiny-native")
+    config.batch_size = batch_size
+    source = sources.build(config)
   else:
     source = synthetic.ShapeScenes(batch_size, None, 32, 16, max_shapes=2)
   source.batch(0)
+  examples, used = 0, []
   tic = time.perf_counter()
   for step in range(1, steps + 1):
-    source.batch(step)
+    batch = source.batch(step)
+    if "patch_images" in batch:
+      examples += int(np.sum(batch["image_grids"][..., 0] > 0))
+      used.append(float(np.mean(batch["patch_images"] > 0)))
+    else:
+      examples += batch_size
   seconds = time.perf_counter() - tic
   return {"impl": "mmjax", "mode": "data", "source": name, "batch": batch_size,
-          "examples_per_s": batch_size * steps / seconds, "ms_per_batch": 1e3 * seconds / steps}
+          "examples_per_s": examples / seconds, "ms_per_batch": 1e3 * seconds / steps,
+          **({"patch_slots_used": float(np.mean(used))} if used else {})}
+
+
+# --mixed_sizes workloads: overrides of configs/deep_fusion.py:tiny-native. Its tiny ViT costs
+# less than its text; "vision-heavy" has a ViT (width 256, depth 4, 4 px patches: up to 256 a
+# scene) that outweighs the text, as the vision towers of Llama 3.2 Vision (ViT-H, 1601 patches
+# a tile, up to 4 tiles) and Flamingo do for short texts.
+MIXED_SIZES = {
+    "tiny-native": {},
+    "vision-heavy": {"model.vit.variant": None, "model.vit.width": 256, "model.vit.depth": 4,
+                     "model.vit.num_heads": 4, "model.vit.mlp_dim": 1024,
+                     "model.vit.patch_size": 4, "data.max_patches": 512},
+}
+
+
+def mixed_size_batches(workload: str, rows: int, seed: int = 0):
+  """One batch of varied-size scenes, twice: packed at native resolution, and as a row per
+  example with each image resized to the largest side -> ((config, batch), (config, batch),
+  the number of images, the fraction of patch slots used)."""
+  native = common.load("deep_fusion.py:tiny-native")
+  native.update_from_flattened_dict({**MIXED_SIZES[workload], "batch_size": rows, "seed": seed,
+                                     "optimizer": _adamw()})
+  packed = sources.build(native).batch(0)
+  examples = []  # (tokens with the final target, loss weights, image) of every packed example
+  for r in range(rows):
+    for k in range(1, int(packed["segment_ids"][r].max()) + 1):
+      where = packed["segment_ids"][r] == k
+      ids = np.append(packed["tokens"][r, where], packed["targets"][r, where][-1])
+      examples.append((ids, packed["loss_weights"][r, where], patches.unpack(packed, r, k - 1)))
+  largest = max(max(image.shape[:2]) for _, _, image in examples)
+  length = max(len(ids) for ids, _, _ in examples) - 1
+  dense = common.load("deep_fusion.py:tiny-native")
+  dense.update_from_flattened_dict({
+      **MIXED_SIZES[workload], "batch_size": len(examples), "seed": seed, "optimizer": _adamw(),
+      "data.max_patches": None, "data.scene_sizes": "fixed", "data.pack": 1,
+      "data.image_size": largest, "data.seq_len": length})
+  N = len(examples)
+  batch = {"tokens": np.zeros((N, length), np.int32), "targets": np.zeros((N, length), np.int32),
+           "loss_weights": np.zeros((N, length), np.float32),
+           "images": np.zeros((N, 1, largest, largest, 3), np.float32)}
+  for i, (ids, weights, image) in enumerate(examples):
+    n = len(ids) - 1
+    batch["tokens"][i, :n], batch["targets"][i, :n] = ids[:-1], ids[1:]
+    batch["loss_weights"][i, :n] = weights
+    batch["images"][i, 0] = jax.image.resize(image, (largest, largest, 3), "bilinear")
+  used = float(np.mean(packed["patch_images"] > 0))
+  return (native, packed), (dense, batch), N, used
+
+
+def run_mixed_sizes(workload: str, rows: int, steps_timed: int, repeats: int) -> list[dict]:
+  """Native resolution against resizing to the largest size, on the same examples."""
+  (native, packed), (dense, resized), images, used = mixed_size_batches(workload, rows)
+  runs = {}
+  for name, config, batch in (("native", native, packed), ("resized", dense, resized)):
+    run = steps.setup(config)
+    compiled = run.compile_train()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    runs[name] = dict(compiled=compiled, state=run.init(jax.random.key(0)),
+                      batch=sharding.global_batch(batch, run.mesh), flops=float(cost["flops"]),
+                      times=[])
+  for _ in range(repeats):  # the two take turns, so drift in the machine's load hits both alike
+    for run in runs.values():
+      run["state"], out = run["compiled"](run["state"], run["batch"])  # warm-up
+      jax.block_until_ready(out)
+      for _ in range(steps_timed):
+        tic = time.perf_counter()
+        run["state"], out = run["compiled"](run["state"], run["batch"])
+        jax.block_until_ready(out)
+        run["times"].append(time.perf_counter() - tic)
+  rows_out = []
+  for name, run in runs.items():
+    seconds = float(np.median(run["times"]))
+    rows_out.append({"impl": "mmjax", "mode": "mixed_sizes", "workload": workload,
+                     "images": name,
+                     "device": jax.devices()[0].device_kind,
+                     "batch_shapes": {k: list(v.shape) for k, v in run["batch"].items()},
+                     "seconds_per_step": seconds, "images_per_s": images / seconds,
+                     "compiled_flops": run["flops"]})
+  native_row, resized_row = rows_out
+  rows_out.append({"mode": "mixed_sizes", "workload": workload, "images_per_step": images,
+                   "patch_slots_used": used,
+                   "images_per_s_native_over_resized": (native_row["images_per_s"]
+                                                        / resized_row["images_per_s"]),
+                   "flops_resized_over_native": (resized_row["compiled_flops"]
+                                                 / native_row["compiled_flops"])})
+  return rows_out
 
 
 def _adamw() -> ml_collections.ConfigDict:
@@ -299,6 +406,9 @@ def main():
   parser.add_argument("--decode", action="store_true", help="time generation instead")
   parser.add_argument("--data", action="store_true",
                       help="time the fusion configs' data sources (batch 16) instead")
+  parser.add_argument("--mixed_sizes", action="store_true",
+                      help="time deep fusion on varied-size images: native vs resized")
+  parser.add_argument("--rows", type=int, default=8, help="--mixed_sizes: packed rows")
   parser.add_argument("--decode_batches", default="1,32")
   parser.add_argument("--prompt_len", type=int, default=None,
                       help="--decode prompt tokens; default: half the case's text length")
@@ -311,8 +421,13 @@ def main():
                       help="global batch of every case (default: the case's)")
   args = parser.parse_args()
   if args.data:
-    for name in ("shapes", "tfds_scenes"):
+    for name in ("shapes", "shapes-varied", "tfds_scenes"):
       print(json.dumps(run_data(name, 16, 10 * args.steps)), flush=True)
+    return
+  if args.mixed_sizes:
+    for workload in MIXED_SIZES:
+      for row in run_mixed_sizes(workload, args.rows, args.steps, args.repeats):
+        print(json.dumps(row), flush=True)
     return
   if args.topology:
     for name in args.cases.split(","):

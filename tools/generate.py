@@ -15,8 +15,10 @@ LLaVA imports; a prompt with its own "<image>" markers places its images
 itself. Text is tokenized as the model was trained (the run's
 config.data.tokenizer, a pretrained language tower's, an import's) unless
 --tokenizer says otherwise; images are read with Pillow, made RGB, resized
-to the model's resolution and normalised as in training
-(config.data.image_mean/std, or an import's preprocessor values).
+to the model's resolution (or, for a run trained with config.data.max_patches,
+kept at their own size and aspect ratio within that many patches) and
+normalised as in training (config.data.image_mean/std, or an import's
+preprocessor values).
 """
 import json
 
@@ -29,7 +31,9 @@ from mmjax import checkpoint
 from mmjax import console
 from mmjax import generation
 from mmjax import models
+from mmjax import steps
 from mmjax.data import images as image_codec
+from mmjax.data import patches
 from mmjax.data import tokenizers
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or params-only export.")
@@ -74,7 +78,13 @@ def main(argv):
   if config["family"] in ("early_fusion", "deep_fusion"):
     size, image_ids = models.image_layout(config["family"], config["model"])
     most = max(len(r.get("images", [])) for r in requests)
-    if most:  # rows with fewer images get blank slots: no placeholder ever reads them
+    if most and "max_patches" in config:  # trained at native resolution: images keep theirs
+      images = steps.batch_images(patches.read_rows(
+          [r.get("images", []) for r in requests],
+          models.patch_size(config["family"], config["model"]), config["max_patches"],
+          models.has_cls(config["family"], config["model"]),
+          **config.get("pixels", {})))
+    elif most:  # rows with fewer images get blank slots: no placeholder ever reads them
       images = np.zeros((len(requests), most, size, size, 3), np.float32)
       for b, request in enumerate(requests):
         for i, path in enumerate(request.get("images", [])):

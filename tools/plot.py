@@ -25,7 +25,9 @@ from mmjax import console
 from mmjax import generation
 from mmjax import models
 from mmjax import plots
+from mmjax import steps
 from mmjax.data import images as image_codec
+from mmjax.data import patches
 from mmjax.data import tokenizers
 
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "Training workdir(s); repeat the flag.")
@@ -47,7 +49,7 @@ def run_names(workdirs: list[str]) -> list[str]:
 
 
 def attention_maps(workdir: str, image_paths: list[str], prompts: list[str]):
-  """-> (images float[B, H, W, 3] in [0, 1], maps [B, g, g], share [B], answers)."""
+  """-> (images float[H, W, 3] in [0, 1], maps float[gh, gw] per image, share [B], answers)."""
   config, params, _ = checkpoint.read_model(workdir)
   if config["family"] not in ("early_fusion", "deep_fusion"):
     raise ValueError(f"{workdir} holds a {config['family']} model; attention maps need an "
@@ -55,8 +57,18 @@ def attention_maps(workdir: str, image_paths: list[str], prompts: list[str]):
   model = models.build(config["family"], config["model"])
   tokenizer = tokenizers.load(_TOKENIZER.value)
   size, image_ids = models.image_layout(config["family"], config["model"])
-  pixels = np.stack([image_codec.read(path, size) for path in image_paths])
-  normalised = image_codec.normalise(pixels, **config.get("pixels", {}))[:, None]
+  if "max_patches" in config:  # trained on images at their own sizes: each keeps its own
+    patch = models.patch_size(config["family"], config["model"])
+    packed = patches.read_rows([[path] for path in image_paths], patch, config["max_patches"],
+                               models.has_cls(config["family"], config["model"]),
+                               **config.get("pixels", {}))
+    std, mean = (np.asarray(config.get("pixels", {}).get(k, v)) for k, v in (("std", 1.0),
+                                                                            ("mean", 0.0)))
+    pixels = [patches.unpack(packed, b, 0) * std + mean for b in range(len(image_paths))]
+    normalised = steps.batch_images(packed)
+  else:
+    pixels = np.stack([image_codec.read(path, size) for path in image_paths])
+    normalised = image_codec.normalise(pixels, **config.get("pixels", {}))[:, None]
   prompt_ids = [tokenizers.encode_prompt(p, 1, _TEMPLATE.value, image_ids, tokenizer)
                 for p in prompts]
   tokens, lengths = generation.left_pad(prompt_ids, tokenizer.pad_id)
@@ -67,7 +79,7 @@ def attention_maps(workdir: str, image_paths: list[str], prompts: list[str]):
   answers = [list(out["tokens"][b][:out["lengths"][b]]) for b in range(len(prompts))]
   sequence, rows = plots.answer_rows(prompt_ids, answers, tokenizer.pad_id)
   maps, share = plots.image_attention(model, params, jnp.asarray(sequence),
-                                      jnp.asarray(normalised), jnp.asarray(rows))
+                                      jax.tree.map(jnp.asarray, normalised), jnp.asarray(rows))
   return pixels, maps, share, [tokenizer.decode(a) for a in answers], config["family"]
 
 

@@ -3,6 +3,7 @@
 Pillow is imported by the functions that decode or encode, so the in-memory
 sources, which only `normalise`, run where it is not installed (the GPU image).
 """
+from collections.abc import Callable
 import io
 
 import numpy as np
@@ -10,10 +11,10 @@ import numpy as np
 RESIZE = ("bilinear", "bicubic", "lanczos", "box", "nearest")  # Pillow's resampling filters
 
 
-def from_bytes(data: bytes | np.ndarray, size: int | None = None,
-           resize: str = "bilinear") -> np.ndarray:
+def from_bytes(data: bytes | np.ndarray, size: int | tuple[int, int] | None = None,
+               resize: str = "bilinear") -> np.ndarray:
   """Encoded image bytes, or uint8[H, W, C], -> float32[H, W, 3] in [0, 1], resized to
-  size x size (by a RESIZE method) if size is given.
+  size x size or size = (height, width) (by a RESIZE method) if size is given.
 
   Greyscale, palette and RGBA images become RGB. A truncated or unreadable file
   raises OSError or ValueError.
@@ -26,7 +27,8 @@ def from_bytes(data: bytes | np.ndarray, size: int | None = None,
   with image:
     image = image.convert("RGB")
     if size is not None:
-      image = image.resize((size, size), Image.Resampling[resize.upper()])
+      height, width = (size, size) if isinstance(size, int) else size
+      image = image.resize((width, height), Image.Resampling[resize.upper()])
     return np.asarray(image, np.float32) / 255.0
 
 
@@ -38,11 +40,17 @@ def to_png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def read(path: str, size: int) -> np.ndarray:
-  """An image file -> float32[size, size, 3] in [0, 1]; unreadable: one error naming the file."""
+def read(path: str, size: int | Callable[[int, int], tuple[int, int]]) -> np.ndarray:
+  """An image file -> float32[size, size, 3] in [0, 1], or at size(height, width) -> the
+  (height, width) to resize to; unreadable: one error naming the file."""
   try:
     with open(path, "rb") as f:
-      return from_bytes(f.read(), size)
+      data = f.read()
+    if callable(size):
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      with Image.open(io.BytesIO(data)) as image:
+        size = size(image.height, image.width)
+    return from_bytes(data, size)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
 

@@ -9,9 +9,12 @@ step serves every mix of sizes.
   grid = fit_grid(height, width, patch=16, max_patches=256)  # (rows, columns) of patches
   batch = pack([[image_a, image_b], [image_c]], patch=16, slots=512, max_images=2, cls=False)
 """
+import dataclasses
 import math
 
 import numpy as np
+
+from mmjax.data import images as image_codec
 
 KEYS = ("patches", "patch_images", "patch_coords", "image_grids")  # the batch's arrays
 
@@ -78,3 +81,52 @@ def pack(rows: list[list[np.ndarray]], patch: int, slots: int, max_images: int,
       out["image_grids"][b, i] = grid
       start = end
   return out
+
+
+def unpack(batch: dict[str, np.ndarray], row: int, image: int) -> np.ndarray:
+  """Image `image` of row `row` of a packed batch, back to float[gh * p, gw * p, 3]."""
+  gh, gw = batch["image_grids"][row, image]
+  where = (batch["patch_images"][row] == image + 1) & (batch["patch_coords"][row, :, 0] >= 0)
+  p = math.isqrt(batch["patches"].shape[-1] // 3)
+  grid = batch["patches"][row, where].reshape(gh, gw, p, p, 3).transpose(0, 2, 1, 3, 4)
+  return grid.reshape(gh * p, gw * p, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a source packs native-resolution images: the model's patch size and cls slot, the
+  batch's slots per row (config.data.max_patches) and images per row."""
+
+  patch: int
+  slots: int
+  max_images: int
+  cls: bool
+
+  def fit_grid(self, height: int, width: int, room: int | None = None) -> tuple[int, int]:
+    """The grid of an image of height x width pixels in a row with `room` free slots."""
+    return fit_grid(height, width, self.patch, (self.slots if room is None else room) - self.cls)
+
+  def pack(self, rows: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return pack(rows, self.patch, self.slots, self.max_images, self.cls)
+
+  def spec(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The packed arrays' shapes and dtypes for batch_size rows."""
+    B, P = batch_size, self.slots
+    return {"patches": ((B, P, self.patch * self.patch * 3), np.float32),
+            "patch_images": ((B, P), np.int32), "patch_coords": ((B, P, 2), np.int32),
+            "image_grids": ((B, self.max_images, 2), np.int32)}
+
+
+def read_rows(rows: list[list[str]], patch: int, max_patches: int, cls: bool,
+              mean=0.0, std=1.0) -> dict[str, np.ndarray]:
+  """Image files at their own sizes (each shrunk to max_patches), normalised and packed, a row
+  per list: what a model trained with config.data.max_patches reads (tools/generate.py)."""
+  def size(height: int, width: int) -> tuple[int, int]:
+    rows, columns = fit_grid(height, width, patch, max_patches)
+    return rows * patch, columns * patch
+
+  images = [[image_codec.normalise(image_codec.read(path, size), mean, std) for path in row]
+            for row in rows]
+  slots = max(sum(tokens_per_image((x.shape[0] // patch, x.shape[1] // patch), cls) for x in row)
+              for row in images)
+  return pack(images, patch, max(slots, 1), max(1, max(len(row) for row in images)), cls)

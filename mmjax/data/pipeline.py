@@ -257,8 +257,8 @@ class TfdsScenes(synthetic.ShapeScenes):
   def record_index(self, step: int, row: int) -> int:
     return int(self.order[step * self.batch_size + row])
 
-  def scene(self, step: int, row: int, rng) -> dict:
-    del rng  # the record is fixed; rng still picks the task of a "mixed" example
+  def scene(self, step: int, row: int, rng, room: int | None = None) -> dict:
+    del rng, room  # the record is fixed (and never packed); rng still picks a "mixed" task
     record = self.records[self.record_index(step, row)]
     text = {k: record[k].decode("utf-8") for k in ("question", "answer", "type", "caption")}
     return {"image": image_codec.from_bytes(record["images"][0]), **text}

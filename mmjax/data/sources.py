@@ -21,6 +21,7 @@ import numpy as np
 
 from mmjax import models
 from mmjax.data import base
+from mmjax.data import patches
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
 
@@ -48,6 +49,16 @@ def placeholders_per_image(config: Config) -> int:
   return models.placeholders_per_image(config.family, config.model, image_size(config))
 
 
+def layout(config: Config) -> patches.Layout | None:
+  """How images at their own size are packed (config.data.max_patches set), else None."""
+  data = config.data
+  if not data.get("max_patches"):
+    return None
+  return patches.Layout(patch=models.patch_size(config.family, config.model),
+                        slots=data.max_patches, max_images=data.get("pack", 1),
+                        cls=models.has_cls(config.family, config.model))
+
+
 def _tokens(data: Config) -> dict:
   return dict(tokenizer=data.get("tokenizer", "bytes"), pack=data.get("pack", 1))
 
@@ -59,7 +70,8 @@ def _scenes(config: Config, split: str, common: dict, *, in_memory: bool) -> bas
                 image_token_id=config.model.image_token_id, **common)
   if in_memory:
     return synthetic.ShapeScenes(config.batch_size, data.seq_len, image_size(config),
-                                 placeholders_per_image(config), **fields)
+                                 placeholders_per_image(config), layout=layout(config),
+                                 sizes=data.get("scene_sizes", "fixed"), **fields)
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.TfdsScenes(config.batch_size, data.seq_len, image_size(config),
                              placeholders_per_image(config), data_dir=data.data_dir,
@@ -152,7 +164,18 @@ def check(config: Config):
   for key in entry.required:
     if not data.get(key):
       raise ValueError(f"config.data.{key} must be set for config.data.name={data.name!r}")
-  if data.get("pack", 1) > 1 and not entry.packs:
+  if data.get("max_patches"):
+    if config.family != "deep_fusion" or data.name != "shapes":
+      raise ValueError("config.data.max_patches (images at their own size, packed) feeds deep "
+                       "fusion from data.name='shapes' for now, not "
+                       f"{config.family} from {data.name!r}")
+    smallest = patches.tokens_per_image((1, 1), models.has_cls(config.family, config.model))
+    if data.max_patches < smallest:
+      raise ValueError(f"config.data.max_patches={data.max_patches} holds no image")
+  elif data.get("scene_sizes", "fixed") != "fixed":
+    raise ValueError(f"config.data.scene_sizes={data.scene_sizes!r} needs config.data."
+                     "max_patches (images at their own size): a dense batch holds one size")
+  if data.get("pack", 1) > 1 and not (entry.packs or data.get("max_patches")):
     packing = [name for name, e in SOURCES.items() if e.packs]
     raise ValueError(f"config.data.pack={data.pack} packs only {packing}, not {data.name!r}")
   if config.family != "lm":
@@ -189,7 +212,8 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   Image classification: images float32[B, S, S, 3], labels int32[B]. Text:
   tokens, targets int32[B, T], loss_weights float32[B, T], plus segment_ids and
   positions int32[B, T] when packing, and images float32[B, I, S, S, 3] for
-  the image-text families.
+  the image-text families, or with config.data.max_patches the packed patches
+  of `patches.Layout.spec` (and segment ids and positions).
   """
   check(config)
   data, B = config.data, config.batch_size
@@ -201,14 +225,19 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   if data.name in ("shapes", "tfds_scenes") and seq_len is None:  # the task's longest example
     seq_len = synthetic.ShapeScenes(B, None, image_size(config), placeholders_per_image(config),
                                     task=data.task, max_shapes=data.max_shapes,
-                                    tokenizer=data.get("tokenizer", "bytes")).seq_len
+                                    tokenizer=data.get("tokenizer", "bytes"),
+                                    layout=layout(config),
+                                    sizes=data.get("scene_sizes", "fixed")).seq_len
   text = jax.ShapeDtypeStruct((B, seq_len), np.int32)
   spec = {"tokens": text, "targets": text,
           "loss_weights": jax.ShapeDtypeStruct((B, seq_len), np.float32)}
   pack = data.get("pack", 1)
-  if pack > 1:
+  if pack > 1 or layout(config):
     spec.update(segment_ids=text, positions=text)
-  if config.family in IMAGE_TEXT:
+  if layout(config):
+    spec.update({k: jax.ShapeDtypeStruct(shape, dtype)
+                 for k, (shape, dtype) in layout(config).spec(B).items()})
+  elif config.family in IMAGE_TEXT:
     size = image_size(config)
     slots = pack * (data.max_images if data.name == "llava" else 1)
     spec["images"] = jax.ShapeDtypeStruct((B, slots, size, size, 3), np.float32)

@@ -7,13 +7,16 @@ the global batch, so any process count sees the same global batch.
 
 Every source yields the trainer's batch layout:
   tokens int32[B, T], targets int32[B, T], loss_weights float32[B, T],
-  and for image-text sources images float32[B, I, H, W, 3].
+  and for image-text sources images float32[B, I, H, W, 3], or the packed
+  patches of `mmjax.data.patches` (with segment_ids and positions) when the
+  scenes keep each image's own size.
 """
 import dataclasses
 
 import numpy as np
 
 from mmjax.data import base
+from mmjax.data import patches
 from mmjax.data import tokenizers
 
 
@@ -57,6 +60,7 @@ PLACES = ("top left", "top right", "bottom left", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = ("colour", "count", "position")
 TASKS = ("vqa", "caption", "mixed")
+SCENE_SIZES = ("fixed", "varied")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,25 +84,40 @@ class ShapeScenes(base.Source):
 
   Each sample is [BOS] + image_tokens placeholders + question bytes + " ", then
   the answer (or caption) + [EOS], with the loss on the answer and EOS only.
+
+  With a `layout` (config.data.max_patches: deep fusion at native resolution),
+  images keep their own size and each row packs examples, with segment ids,
+  until its patch slots, its tokens or layout.max_images run out; sizes
+  "varied" draws each image's height and width from image_size / 2 to
+  2 x image_size (aspect ratios up to 4:1), the last image of a row shrunk to
+  the room left when that keeps at least half its patches.
   """
 
   def __init__(self, batch_size: int, seq_len: int | None, image_size: int, image_tokens: int,
                task: str = "vqa", max_shapes: int = 3, image_token_id: int | None = None,
-               tokenizer: str = "bytes", **kwargs):
+               tokenizer: str = "bytes", layout: patches.Layout | None = None,
+               sizes: str = "fixed", **kwargs):
     super().__init__(batch_size, **kwargs)
     self.tokenizer = tokenizers.load(tokenizer)
     if task not in TASKS:
       raise ValueError(f"config.data.task must be one of {TASKS}, got {task!r}")
     if not 1 <= max_shapes <= len(PLACES):
       raise ValueError(f"config.data.max_shapes must be in 1..{len(PLACES)}, got {max_shapes}")
+    if sizes not in SCENE_SIZES:
+      raise ValueError(f"config.data.scene_sizes must be one of {SCENE_SIZES}, got {sizes!r}")
+    if sizes == "varied" and layout is None:
+      raise ValueError("config.data.scene_sizes='varied' needs config.data.max_patches (images "
+                       "at their own size): a dense batch holds one image size")
     self.max_shapes = max_shapes
     self.task = task
     self.image_size = image_size
     self.image_tokens = image_tokens  # P per image for early fusion, 1 for deep fusion
     self.image_token_id = self.tokenizer.image_id if image_token_id is None else image_token_id
+    self.layout = layout
+    self.sizes = sizes
     # Inputs exclude the final EOS.
     needed = max(prompt + answer for prompt, answer in self._longest_texts())
-    self.seq_len = seq_len or needed
+    self.seq_len = seq_len or needed * (layout.max_images if layout else 1)
     if self.seq_len < needed:
       raise ValueError(f"config.data.seq_len={seq_len} is too short for {image_tokens} image "
                        f"tokens and a {task} example ({needed} needed)")
@@ -106,7 +125,8 @@ class ShapeScenes(base.Source):
   def __repr__(self):
     return (f"ShapeScenes(batch_size={self.batch_size}, seq_len={self.seq_len}, "
             f"image_size={self.image_size}, image_tokens={self.image_tokens}, "
-            f"task={self.task!r}, max_shapes={self.max_shapes}, seed={self.seed}, "
+            f"task={self.task!r}, max_shapes={self.max_shapes}, layout={self.layout}, "
+            f"sizes={self.sizes!r}, seed={self.seed}, "
             f"split={self.split!r}, "
             f"rows from {self.first_row})")
 
@@ -135,37 +155,95 @@ class ShapeScenes(base.Source):
     """Tokens of the longest answer or caption, EOS not counted."""
     return max(answer for _, answer in self._longest_texts())
 
-  def scene(self, step: int, row: int, rng: np.random.Generator) -> dict:
-    """Row `row` of batch `step`: image float32[H, W, 3], question, answer, type, caption."""
+  def scene(self, step: int, row: int, rng: np.random.Generator,
+            room: int | None = None) -> dict | None:
+    """Row `row` of batch `step`: image float32[H, W, 3], question, answer, type, caption.
+
+    room: patch slots left in a packed row; None when the image cannot fit them.
+    """
     del step, row  # drawn from rng, which they seed
-    image, shapes = draw_scene(rng, self.image_size, int(rng.integers(1, self.max_shapes + 1)))
+    shape = self.image_shape(rng, room)
+    if shape is None:
+      return None
+    image, shapes = draw_scene(rng, shape, int(rng.integers(1, self.max_shapes + 1)))
     kind, question, answer = ask(rng, shapes)
     return {"image": image, "question": question, "answer": answer, "type": kind,
             "caption": caption(shapes)}
 
+  def image_shape(self, rng: np.random.Generator, room: int | None) -> tuple[int, int] | None:
+    """(height, width) of the next image: image_size square, or drawn ("varied"); with a
+    layout, fitted to whole patches and to `room`, or None if that halves it."""
+    S = self.image_size
+    height, width = (S, S) if self.sizes == "fixed" else rng.integers(S // 2, 2 * S + 1, size=2)
+    if self.layout is None:
+      return height, width
+    grid = self.layout.fit_grid(height, width)
+    if room is not None:
+      fitted = self.layout.fit_grid(height, width, room) if room > self.layout.cls else (0, 0)
+      if 2 * fitted[0] * fitted[1] < grid[0] * grid[1]:
+        return None
+      grid = fitted
+    return grid[0] * self.layout.patch, grid[1] * self.layout.patch
+
+  def example(self, step: int, row: int, rng: np.random.Generator,
+              room: int | None = None) -> dict | None:
+    """One example: image float32[1, H, W, 3], prompt ids, question, answer, type."""
+    scene = self.scene(step, row, rng, room)
+    if scene is None:
+      return None
+    task = self.task if self.task != "mixed" else ("vqa", "caption")[rng.integers(2)]
+    if task == "caption":
+      kind, question, answer = "caption", "", scene["caption"]
+    else:
+      kind, question, answer = scene["type"], scene["question"], scene["answer"]
+    prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
+              + self.tokenizer.encode(question + " " if question else ""))
+    return {"image": self.normalise(scene["image"])[None], "prompt": prompt,
+            "question": question, "answer": answer, "type": kind}
+
   def examples(self, step: int) -> list[dict]:
-    """This process's rows of batch `step`: image float32[1, H, W, 3], prompt ids, answer."""
-    rows = []
-    for row, rng in self.rows(step):
-      scene = self.scene(step, row, rng)
-      task = self.task if self.task != "mixed" else ("vqa", "caption")[rng.integers(2)]
-      if task == "caption":
-        kind, question, answer = "caption", "", scene["caption"]
-      else:
-        kind, question, answer = scene["type"], scene["question"], scene["answer"]
-      prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
-                + self.tokenizer.encode(question + " " if question else ""))
-      rows.append({"image": self.normalise(scene["image"])[None], "prompt": prompt,
-                   "question": question, "answer": answer, "type": kind})
-    return rows
+    """This process's rows of batch `step`, one example each."""
+    return [self.example(step, row, rng) for row, rng in self.rows(step)]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
+    if self.layout is not None:
+      return self.packed_batch(step)
     examples = self.examples(step)
     rows = [e["prompt"] + self.tokenizer.encode(e["answer"]) + [self.tokenizer.eos_id]
             for e in examples]
     loss_from = [len(e["prompt"]) - 1 for e in examples]  # the first target is the answer's
     return {"images": np.stack([e["image"] for e in examples]),
             **_shift(rows, self.seq_len, self.tokenizer.pad_id, loss_from)}
+
+  def packed_batch(self, step: int) -> dict[str, np.ndarray]:
+    """Rows of whole examples with their images at their own sizes (see the class doc)."""
+    layout, pad = self.layout, self.tokenizer.pad_id
+    shape = (self.local_batch_size, self.seq_len + 1)
+    tokens, weights = np.full(shape, pad, np.int32), np.zeros(shape, np.float32)
+    segment_ids, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    images = []
+    for b, (row, rng) in enumerate(self.rows(step)):
+      room, start, kept = layout.slots, 0, []
+      while len(kept) < layout.max_images:
+        e = self.example(step, row, rng, room)
+        if e is None:
+          break
+        ids = e["prompt"] + self.tokenizer.encode(e["answer"]) + [self.tokenizer.eos_id]
+        if start + len(ids) > shape[1]:
+          break
+        span = slice(start, start + len(ids))
+        tokens[b, span], positions[b, span] = ids, np.arange(len(ids))
+        segment_ids[b, span] = len(kept) + 1
+        weights[b, start + len(e["prompt"]):start + len(ids)] = 1.0  # answer and EOS
+        kept.append(e["image"][0])
+        start += len(ids)
+        room -= patches.tokens_per_image((e["image"].shape[1] // layout.patch,
+                                          e["image"].shape[2] // layout.patch), layout.cls)
+      images.append(kept)
+    # Weight t belongs to target t, token t + 1: an example's first token has no loss.
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": weights[:, 1:],
+            "segment_ids": segment_ids[:, :-1], "positions": positions[:, :-1],
+            **layout.pack(images)}
 
 
 class ShapeClasses(base.Source):
@@ -191,20 +269,24 @@ class ShapeClasses(base.Source):
     return {"images": self.normalise(np.stack(images)), "labels": np.array(labels, np.int32)}
 
 
-def draw_scene(rng: np.random.Generator, size: int,
+def draw_scene(rng: np.random.Generator, size: int | tuple[int, int],
                num_shapes: int) -> tuple[np.ndarray, list[Shape]]:
-  """Shapes of distinct colours in distinct quadrants -> (float32[S, S, 3], shapes by quadrant)."""
-  half = size // 2
+  """Shapes of distinct colours in distinct quadrants -> (float32[H, W, 3], shapes by
+  quadrant), for size S (square) or (H, W)."""
+  height, width = (size, size) if isinstance(size, int) else size
+  half_height, half_width = height // 2, width // 2
+  side = min(height, width)
   places = np.sort(rng.permutation(len(PLACES))[:num_shapes])
   colours = rng.permutation(len(COLOURS))[:num_shapes]
-  image = (0.1 * rng.random((size, size, 3))).astype(np.float32)
-  y, x = np.mgrid[:size, :size] + 0.5  # pixel centres
+  image = (0.1 * rng.random((height, width, 3))).astype(np.float32)
+  y, x = np.mgrid[:height, :width] + 0.5  # pixel centres
   shapes = []
   for place, colour in zip(places, colours):
     kind = KINDS[rng.integers(len(KINDS))]
-    radius = rng.integers(max(2, size // 10), size // 4)  # fits inside its quadrant
-    cy = (place // 2) * half + rng.integers(radius, half - radius + 1)
-    cx = (place % 2) * half + rng.integers(radius, half - radius + 1)
+    smallest = max(2, side // 10)
+    radius = rng.integers(smallest, max(side // 4, smallest + 1))  # fits inside its quadrant
+    cy = (place // 2) * half_height + rng.integers(radius, half_height - radius + 1)
+    cx = (place % 2) * half_width + rng.integers(radius, half_width - radius + 1)
     if kind == "square":
       inside = np.maximum(np.abs(y - cy), np.abs(x - cx)) < radius
     else:

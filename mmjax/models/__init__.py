@@ -95,6 +95,11 @@ def patch_size(family: str, fields: Mapping) -> int:
   return _vision(family, fields).patch_size
 
 
+def has_cls(family: str, fields: Mapping) -> bool:
+  """Whether the ViT prepends a cls token to each image's patches (and so needs its slot)."""
+  return _vision(family, fields).pool == "cls"
+
+
 def placeholders_per_image(family: str, fields: Mapping, image_size: int) -> int:
   """Tokens the text holds for one image: P placeholders (early fusion) or one marker (deep)."""
   if family not in IMAGE_TEXT:

@@ -63,6 +63,10 @@ class Model(nn.Module):
 
   def embed_images(self, images: jax.Array) -> jax.Array:
     """images: float[B, I, H, W, 3] -> float[B, I, P, D] in the LM width."""
+    if isinstance(images, vit_lib.Patches):
+      raise ValueError("early fusion reads images of one size (float[B, I, H, W, 3]): its text "
+                       "holds P placeholders per image; images at their own sizes (vit.Patches) "
+                       "feed deep fusion")
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
     if self.vision_layer is None:

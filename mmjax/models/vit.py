@@ -143,6 +143,9 @@ class _Model(nn.Module):
   pool: str = "cls"  # or "gap", "map", "none"
   posemb: str = "learn"  # or "sincos2d": fixed, for any grid (big_vision's)
   posemb_resize: str = "bilinear"  # or "bicubic" (HF, timm): learned positions on another grid
+  # sincos2d at "absolute" patch coordinates, or "fractional": scaled to the image_size grid (as
+  # learned positions are resized), so a position names the same place in any size (NaViT's).
+  posemb_coords: str = "absolute"
   pre_norm: bool = False  # a norm before the blocks, as in CLIP
   patch_bias: bool = True  # CLIP's patch embedding has no bias
   mlp_activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP
@@ -159,6 +162,9 @@ class _Model(nn.Module):
       raise ValueError(f"ViT pool must be one of {POOLS}, got {self.pool!r}")
     if self.posemb not in ("learn", "sincos2d"):
       raise ValueError(f"ViT posemb must be 'learn' or 'sincos2d', got {self.posemb!r}")
+    if self.posemb_coords not in ("absolute", "fractional"):
+      raise ValueError("ViT posemb_coords must be 'absolute' or 'fractional', got "
+                       f"{self.posemb_coords!r}")
     p = self.patch_size
     packed = isinstance(images, Patches)
     if packed:
@@ -225,7 +231,8 @@ class _Model(nn.Module):
     B, gh, gw, D = x.shape
     x = x.reshape(B, gh * gw, D)
     if self.posemb == "sincos2d":  # patches only: the cls token, if any, has no position
-      x = x + posemb_sincos_2d(gh, gw, D).astype(x.dtype)
+      rows, columns = jnp.mgrid[:gh, :gw]
+      x = x + self._sincos(rows.reshape(-1), columns.reshape(-1), gh, gw, D).astype(x.dtype)
     if cls is not None:
       x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, D)).astype(x.dtype), x], axis=1)
     if pos is not None:
@@ -240,15 +247,16 @@ class _Model(nn.Module):
     D = x.shape[-1]
     is_cls = images.is_cls[..., None]
     rows, columns = images.coords[..., 0], images.coords[..., 1]
+    index = jnp.clip(images.image_ids - 1, 0)[..., None]  # [B, P, 1]
+    image_grid = jnp.take_along_axis(images.grids, index, axis=1)  # [B, P, 2]: (gh, gw)
     if self.posemb == "sincos2d":
-      x = x + jnp.where(is_cls, 0.0, sincos_2d(rows, columns, D)).astype(x.dtype)
+      embedding = self._sincos(rows, columns, image_grid[..., 0], image_grid[..., 1], D)
+      x = x + jnp.where(is_cls, 0.0, embedding).astype(x.dtype)
     if cls is not None:
       x = jnp.where(is_cls, cls.astype(x.dtype), x)
     if pos is not None:
       has_cls = cls is not None
       grid = self.image_size // self.patch_size
-      index = jnp.clip(images.image_ids - 1, 0)[..., None]  # [B, P, 1]
-      image_grid = jnp.take_along_axis(images.grids, index, axis=1)  # [B, P, 2]: (gh, gw)
       row_weights = resize_weights_at(rows, image_grid[..., 0], grid, self.posemb_resize)
       column_weights = resize_weights_at(columns, image_grid[..., 1], grid, self.posemb_resize)
       table = pos[0, int(has_cls):].reshape(grid, grid, D)
@@ -259,14 +267,17 @@ class _Model(nn.Module):
     return x
 
 
-def posemb_sincos_2d(h: int, w: int, width: int) -> jax.Array:
-  """Fixed 2-d sine-cosine position embeddings float32[1, h * w, width] (big_vision's)."""
-  y, x = jnp.mgrid[:h, :w]
-  return sincos_2d(y.reshape(-1), x.reshape(-1), width)[None]
+  def _sincos(self, rows: jax.Array, columns: jax.Array, gh, gw, width: int) -> jax.Array:
+    """sincos2d at patch (row, column) of a gh x gw grid, by posemb_coords -> float32[..., D]."""
+    if self.posemb_coords == "fractional":  # half-pixel centres, as resize_weights
+      grid = self.image_size // self.patch_size
+      rows = (rows + 0.5) * grid / jnp.maximum(gh, 1) - 0.5
+      columns = (columns + 0.5) * grid / jnp.maximum(gw, 1) - 0.5
+    return sincos_2d(rows, columns, width)
 
 
 def sincos_2d(y: jax.Array, x: jax.Array, width: int, temperature: float = 10_000.0) -> jax.Array:
-  """The sine-cosine embedding of patch coordinates: y, x int[...] -> float32[..., width]."""
+  """The sine-cosine embedding of patch coordinates: y, x [...] -> float32[..., width]."""
   if width % 4:
     raise ValueError(f"sincos2d position embeddings need a width divisible by 4, got {width}")
   omega = 1.0 / temperature ** (jnp.arange(width // 4) / max(width // 4 - 1, 1))

@@ -1,0 +1,87 @@
+"""Images at their own resolution on the host: grids, packing, the varied-size scenes."""
+import numpy as np
+import pytest
+
+from configs import common
+from mmjax.data import patches
+from mmjax.data import sources
+from mmjax.data import synthetic
+
+
+@pytest.mark.parametrize("size,budget,grid", [
+    ((32, 32), 64, (4, 4)),  # fits: its own size
+    ((30, 35), 64, (4, 4)),  # rounded to whole patches
+    ((16, 64), 64, (2, 8)),  # a 1:4 panorama keeps its aspect ratio
+    ((64, 64), 16, (4, 4)),  # shrunk to the budget
+    ((8, 256), 16, (1, 16)),  # shrunk, its short side already 1 patch
+    ((512, 8), 16, (16, 1)),
+])
+def test_fit_grid_keeps_aspect_ratio_within_the_budget(size, budget, grid):
+  assert patches.fit_grid(*size, patch=8, max_patches=budget) == grid
+
+
+def test_pack_cuts_places_and_unpacks_every_image():
+  rng = np.random.default_rng(0)
+  a, b, c = (rng.random((h, w, 3)).astype(np.float32) for h, w in [(8, 12), (4, 4), (12, 8)])
+  batch = patches.pack([[a, b], [c]], 4, slots=12, max_images=2, cls=True)
+  # Row 0: a's cls slot, its 2 x 3 patches, b's cls slot, its patch, then padding.
+  np.testing.assert_array_equal(batch["patch_images"][0], [1] * 7 + [2] * 2 + [0] * 3)
+  np.testing.assert_array_equal(batch["patch_coords"][0, :7],
+                                [[-1, -1], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]])
+  np.testing.assert_array_equal(batch["image_grids"], [[[2, 3], [1, 1]], [[3, 2], [0, 0]]])
+  # Patch (1, 2) of a is its pixels [4:8, 8:12], in (y, x, channel) order.
+  np.testing.assert_array_equal(batch["patches"][0, 6], a[4:8, 8:12].reshape(-1))
+  assert not batch["patches"][0, 0].any() and not batch["patches"][0, 9:].any()
+  for row, index, image in [(0, 0, a), (0, 1, b), (1, 0, c)]:
+    np.testing.assert_array_equal(patches.unpack(batch, row, index), image)
+
+
+def test_pack_refuses_what_does_not_fit():
+  image = np.zeros((8, 8, 3), np.float32)
+  with pytest.raises(ValueError, match="in a row of 4 slots"):
+    patches.pack([[image, image]], 4, slots=4, max_images=2, cls=True)  # 2 x (1 + 4)
+  with pytest.raises(ValueError, match="a row of 3 images; the batch holds 2"):
+    patches.pack([[image] * 3], 4, slots=64, max_images=2, cls=False)
+  with pytest.raises(ValueError, match="not whole 4-pixel patches"):
+    patches.pack([[np.zeros((6, 8, 3))]], 4, slots=64, max_images=1, cls=False)
+
+
+def test_varied_scenes_pack_whole_examples_with_their_own_images():
+  layout = patches.Layout(patch=8, slots=128, max_images=8, cls=False)
+  source = synthetic.ShapeScenes(4, 256, 32, 1, layout=layout, sizes="varied", max_shapes=2,
+                                 image_token_id=3)
+  batch = source.batch(0)
+  assert source.batch(0)["patches"].tobytes() == batch["patches"].tobytes()  # a function of step
+  shapes = set()
+  for row in range(4):
+    segments = batch["segment_ids"][row]
+    count = int(segments.max())
+    assert count == int(np.sum(batch["image_grids"][row, :, 0] > 0)) >= 2
+    for k in range(1, count + 1):
+      where = np.flatnonzero(segments == k)
+      np.testing.assert_array_equal(np.diff(where), 1)  # one contiguous span
+      np.testing.assert_array_equal(batch["positions"][row, where], np.arange(len(where)))
+      ids = batch["tokens"][row, where]
+      assert ids[1] == 3 and np.sum(ids == 3) == 1  # BOS, then one image marker
+      assert batch["loss_weights"][row, where[0]] == 0  # never a target from the last example
+      shapes.add(tuple(batch["image_grids"][row, k - 1]))
+  assert len(shapes) >= 6  # sizes and aspect ratios vary
+  assert np.mean(batch["patch_images"] > 0) >= 0.85
+
+
+def test_native_resolution_config_errors():
+  config = common.load("deep_fusion.py:tiny-native")
+  spec = sources.batch_spec(config)
+  assert spec["patches"].shape == (3, 128, 192) and spec["image_grids"].shape == (3, 8, 2)
+  assert spec["segment_ids"].shape == spec["tokens"].shape == (3, 256)
+  config.data.name = "tfds_scenes"
+  with pytest.raises(ValueError, match=r"config.data.max_patches .* from data.name='shapes'"):
+    sources.check(config)
+  config = common.load("early_fusion.py:tiny")
+  config.data.max_patches = 64
+  with pytest.raises(ValueError, match="feeds deep fusion"):
+    sources.check(config)
+  config = common.load("deep_fusion.py:tiny")
+  config.data.scene_sizes = "varied"
+  with pytest.raises(ValueError, match="scene_sizes='varied' needs config.data.max_patches"):
+    sources.check(config)
