@@ -175,7 +175,9 @@ def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
       # packed into this many slots per row, with up to `pack` examples a row (mmjax/data/
       # patches.py); None: every image resized to image_size. Scenes only, for now.
       max_patches=ml_collections.config_dict.placeholder(int),
-      scene_sizes="fixed",  # scenes: or "varied", sizes image_size/2..2*image_size (max_patches)
+      # scenes: or "varied", sides image_size/2..2*image_size: kept with max_patches, else
+      # squashed to image_size
+      scene_sizes="fixed",
       resize="bilinear",  # user images to image_size: or "bicubic", "lanczos", "box", "nearest"
       **pixels(),
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from mmjax.data import images
 from mmjax.data import patches
 from mmjax.data import sources
 from mmjax.data import synthetic
@@ -81,7 +82,23 @@ def test_native_resolution_config_errors():
   config.data.max_patches = 64
   with pytest.raises(ValueError, match="feeds deep fusion"):
     sources.check(config)
-  config = common.load("deep_fusion.py:tiny")
-  config.data.scene_sizes = "varied"
-  with pytest.raises(ValueError, match="scene_sizes='varied' needs config.data.max_patches"):
+  config.data.update(max_patches=None, scene_sizes="varied")
+  with pytest.raises(ValueError, match=r"scene_sizes='varied' draws data.name='shapes' scenes"):
     sources.check(config)
+  config.data.update(name="shapes", scene_sizes="sizes")
+  with pytest.raises(ValueError, match=r"config.data.scene_sizes must be one of"):
+    sources.build(config)
+
+
+def test_varied_scenes_in_a_dense_batch_are_squashed_to_one_size():
+  config = common.load("deep_fusion.py:tiny")
+  config.data.update(name="shapes", scene_sizes="varied")
+  batch = sources.build(config).batch(0)
+  assert batch["images"].shape == (16, 1, 32, 32, 3)
+  # Row 0 of step 0, drawn by hand: its size, the scene at that size, squashed through PNG.
+  rng = np.random.default_rng((config.seed, 0, 0, 0))
+  height, width = rng.integers(16, 65, size=2)
+  scene, _ = synthetic.draw_scene(rng, (height, width), int(rng.integers(1, 3)))
+  assert (height, width) != (32, 32)
+  np.testing.assert_array_equal(batch["images"][0, 0],
+                                images.from_bytes(images.to_png(scene), 32))

@@ -172,9 +172,9 @@ def check(config: Config):
     smallest = patches.tokens_per_image((1, 1), models.has_cls(config.family, config.model))
     if data.max_patches < smallest:
       raise ValueError(f"config.data.max_patches={data.max_patches} holds no image")
-  elif data.get("scene_sizes", "fixed") != "fixed":
-    raise ValueError(f"config.data.scene_sizes={data.scene_sizes!r} needs config.data."
-                     "max_patches (images at their own size): a dense batch holds one size")
+  if data.get("scene_sizes", "fixed") != "fixed" and data.name != "shapes":
+    raise ValueError(f"config.data.scene_sizes={data.scene_sizes!r} draws data.name='shapes' "
+                     f"scenes, not {data.name!r}")
   if data.get("pack", 1) > 1 and not (entry.packs or data.get("max_patches")):
     packing = [name for name, e in SOURCES.items() if e.packs]
     raise ValueError(f"config.data.pack={data.pack} packs only {packing}, not {data.name!r}")

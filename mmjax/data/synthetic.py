@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from mmjax.data import base
+from mmjax.data import images as image_codec
 from mmjax.data import patches
 from mmjax.data import tokenizers
 
@@ -85,12 +86,13 @@ class ShapeScenes(base.Source):
   Each sample is [BOS] + image_tokens placeholders + question bytes + " ", then
   the answer (or caption) + [EOS], with the loss on the answer and EOS only.
 
-  With a `layout` (config.data.max_patches: deep fusion at native resolution),
-  images keep their own size and each row packs examples, with segment ids,
-  until its patch slots, its tokens or layout.max_images run out; sizes
-  "varied" draws each image's height and width from image_size / 2 to
-  2 x image_size (aspect ratios up to 4:1), the last image of a row shrunk to
-  the room left when that keeps at least half its patches.
+  sizes "varied" draws each image's height and width from image_size / 2 to
+  2 x image_size (aspect ratios up to 4:1); in a dense batch it is then
+  squashed to image_size. With a `layout` (config.data.max_patches: deep
+  fusion at native resolution), images keep their own size and each row packs
+  examples, with segment ids, until its patch slots, its tokens or
+  layout.max_images run out, the last image of a row shrunk to the room left
+  when that keeps at least half its patches.
   """
 
   def __init__(self, batch_size: int, seq_len: int | None, image_size: int, image_tokens: int,
@@ -105,9 +107,6 @@ class ShapeScenes(base.Source):
       raise ValueError(f"config.data.max_shapes must be in 1..{len(PLACES)}, got {max_shapes}")
     if sizes not in SCENE_SIZES:
       raise ValueError(f"config.data.scene_sizes must be one of {SCENE_SIZES}, got {sizes!r}")
-    if sizes == "varied" and layout is None:
-      raise ValueError("config.data.scene_sizes='varied' needs config.data.max_patches (images "
-                       "at their own size): a dense batch holds one image size")
     self.max_shapes = max_shapes
     self.task = task
     self.image_size = image_size
@@ -166,6 +165,10 @@ class ShapeScenes(base.Source):
     if shape is None:
       return None
     image, shapes = draw_scene(rng, shape, int(rng.integers(1, self.max_shapes + 1)))
+    if self.layout is None and shape != (self.image_size, self.image_size):
+      # One size per dense batch: squashed to image_size, as a fixed-size pipeline would
+      # (through 8-bit PNG, as the tfds scenes store theirs).
+      image = image_codec.from_bytes(image_codec.to_png(image), self.image_size)
     kind, question, answer = ask(rng, shapes)
     return {"image": image, "question": question, "answer": answer, "type": kind,
             "caption": caption(shapes)}
