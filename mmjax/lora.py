@@ -19,7 +19,12 @@ so a stage that freezes "^(vit|lm)/" and puts LoRA on the LM trains the
 projector in full and the LM through its adapters (LLaVA's LoRA recipe). The
 factors carry their kernel's logical axes on its input and output sides, so they
 shard as the kernel does. `base_dtype="bfloat16"` stores the frozen targets in
-bfloat16, halving the base model's memory (QLoRA-style, without the int8).
+bfloat16, halving the base model's memory; `"int8"` quarters it (QLoRA-style):
+each target becomes int8 values ("kernel") and a float32 scale per output
+channel ("kernel_scale", size 1 along the input axes), quantized by qwix
+(absmax, symmetric). The projection multiplies the int8 kernel cast to the
+compute dtype, so the cast fuses into the matmul, and scales its output per
+channel: x (q s) = (x q) s.
 
 Einsum letters: L stacked layers (scanned LMs), I the kernel's input size
 (its leading axes flattened), O its output size, R the rank.
@@ -37,6 +42,8 @@ import ml_collections
 from mmjax.models import layers
 
 FACTORS = ("lora_a", "lora_b")
+SCALE = "kernel_scale"  # beside an int8 base kernel
+BASE_DTYPES = (None, "float32", "bfloat16", "int8")
 STACKED = "layers"  # the logical axis of a scanned LM's stacked blocks
 
 
@@ -52,9 +59,9 @@ def check(optimizer: ml_collections.ConfigDict):
     return
   if int(lora.rank) < 1:
     raise ValueError(f"config.optimizer.lora.rank must be >= 1, got {lora.rank}")
-  if lora.get("base_dtype") not in (None, "float32", "bfloat16"):
-    raise ValueError(f"config.optimizer.lora.base_dtype must be unset, 'float32' or 'bfloat16', "
-                     f"got {lora.base_dtype!r}")
+  if lora.get("base_dtype") not in BASE_DTYPES:
+    raise ValueError(f"config.optimizer.lora.base_dtype must be unset or one of "
+                     f"{BASE_DTYPES[1:]}, got {lora.base_dtype!r}")
   try:
     re.compile(lora.targets)
   except re.error as e:
@@ -66,8 +73,10 @@ def is_factor(path: str) -> bool:
 
 
 def is_target(lora, path: str) -> bool:
-  return (lora is not None and path.rsplit("/", 1)[-1] == "kernel"
-          and re.search(lora.targets, path) is not None)
+  """Whether path is a kernel LoRA adapts (frozen), or the int8 scale of one."""
+  name = path.rsplit("/", 1)[-1]
+  return (lora is not None and name in ("kernel", SCALE)
+          and re.search(lora.targets, path.removesuffix("_scale")) is not None)
 
 
 def sides(names: tuple) -> tuple[int, int]:
@@ -108,6 +117,10 @@ def add(boxed: dict, optimizer: ml_collections.ConfigDict) -> dict:
         out["lora_b"] = nn.LogicallyPartitioned(
             jax.ShapeDtypeStruct((*lead, r, *shape[split:]), jnp.float32),
             (*names[:stacked], None, *names[split:]))
+        if lora.get("base_dtype") == "int8":  # one scale per output channel
+          out[SCALE] = nn.LogicallyPartitioned(
+              jax.ShapeDtypeStruct((*lead, *[1] * inputs, *shape[split:]), jnp.float32),
+              (*names[:stacked], *[None] * inputs, *names[split:]))
     return out
 
   boxed = visit(boxed, "")
@@ -121,6 +134,16 @@ def _stacked(kernel_ndim: int, a_ndim: int, b_ndim: int) -> int:
   return a_ndim + b_ndim - 2 - kernel_ndim
 
 
+def quantize(kernel: jax.Array, a_ndim: int, b_ndim: int):
+  """An adapted kernel -> qwix.QArray: int8 values and a float32 scale per output channel
+  (and stacked layer); its input axes, known from the factors' ranks, share one scale."""
+  import qwix  # pylint: disable=g-import-not-at-top  # only int8 bases need it
+  stacked = _stacked(kernel.ndim, a_ndim, b_ndim)
+  inputs = a_ndim - 1 - stacked
+  channels = [*range(stacked), *range(stacked + inputs, kernel.ndim)]
+  return qwix.quantize(kernel.astype(jnp.float32), jnp.int8, channelwise_axes=channels)
+
+
 def init(params: dict, rng: jax.Array, *, optimizer: ml_collections.ConfigDict,
          abstract: dict) -> dict:
   """params with the factors of `abstract` (from `add`, unboxed): a uniform in
@@ -128,7 +151,8 @@ def init(params: dict, rng: jax.Array, *, optimizer: ml_collections.ConfigDict,
   lora = settings(optimizer)
   if lora is None:
     return params
-  base_dtype = jnp.dtype(lora.get("base_dtype") or "float32")
+  int8 = lora.get("base_dtype") == "int8"
+  base_dtype = jnp.dtype("float32" if int8 else lora.get("base_dtype") or "float32")
 
   def visit(tree, shapes, prefix):
     out = {}
@@ -143,6 +167,10 @@ def init(params: dict, rng: jax.Array, *, optimizer: ml_collections.ConfigDict,
                                       shape.shape, jnp.float32, -bound, bound)
       elif key == "lora_b":
         out[key] = jnp.zeros(shape.shape, jnp.float32)
+      elif is_target(lora, path) and int8:
+        quantized = quantize(tree["kernel"], len(shapes["lora_a"].shape),
+                             len(shapes["lora_b"].shape))
+        out[key] = quantized.scale if key == SCALE else quantized.qvalue
       elif is_target(lora, path):
         out[key] = tree[key].astype(base_dtype)
       else:
@@ -171,9 +199,10 @@ def merge(params: dict, *, optimizer: ml_collections.ConfigDict) -> dict:
     a2 = a.reshape(*lead, -1, r)
     b2 = b.reshape(*lead, r, -1)
     delta = jnp.einsum("...IR,...RO->...IO", a2, b2).reshape(kernel.shape)
-    merged = {k: v for k, v in tree.items() if k not in FACTORS}
-    merged["kernel"] = (kernel.astype(jnp.float32) + scale * delta).astype(
-        jnp.promote_types(kernel.dtype, jnp.float32))
+    merged = {k: v for k, v in tree.items() if k not in (*FACTORS, SCALE)}
+    base_kernel = dequantized(tree)
+    merged["kernel"] = (base_kernel + scale * delta).astype(
+        jnp.promote_types(base_kernel.dtype, jnp.float32))
     return merged
 
   return visit(params)
@@ -205,6 +234,12 @@ def adapted(optimizer: ml_collections.ConfigDict):
     y = next_fun(*args, **kwargs)
     a = module.get_variable("params", "lora_a").astype(y.dtype)  # [*in, R]
     b = module.get_variable("params", "lora_b").astype(y.dtype)  # [R, *out]
+    if module.has_variable("params", SCALE):  # y = x q (+ bias): x (q s) = (x q) s
+      channel_scale = module.get_variable("params", SCALE)  # [1 per input axis, *out]
+      channel_scale = channel_scale.reshape(channel_scale.shape[a.ndim - 1:]).astype(y.dtype)
+      bias = (module.get_variable("params", "bias").astype(y.dtype)
+              if module.has_variable("params", "bias") else 0.0)
+      y = (y - bias) * channel_scale + bias
     h = jnp.tensordot(args[0].astype(y.dtype), a, axes=a.ndim - 1)  # [..., R]
     return y + scale * jnp.tensordot(h, b, axes=1)
 
@@ -212,20 +247,41 @@ def adapted(optimizer: ml_collections.ConfigDict):
     yield
 
 
+def dequantized(module_params: dict) -> jax.Array:
+  """A module's kernel in float32: an int8 one times its scale, any other as it is."""
+  kernel = module_params["kernel"]
+  if SCALE not in module_params:
+    return kernel.astype(jnp.promote_types(kernel.dtype, jnp.float32))
+  return kernel.astype(jnp.float32) * module_params[SCALE]
+
+
 def base(params: dict) -> dict:
-  """params without the factors: the tree a pretrained checkpoint or tower holds."""
-  return {k: base(v) if isinstance(v, dict) else v for k, v in params.items()
-          if k not in FACTORS}
+  """params without the factors: the tree a pretrained checkpoint or tower holds (an int8
+  kernel as the float32 one it stands for; params may be arrays or ShapeDtypeStructs)."""
+  out = {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      out[key] = base(value)
+    elif key == "kernel" and SCALE in params:
+      out[key] = (jax.ShapeDtypeStruct(value.shape, jnp.float32, sharding=value.sharding)
+                  if isinstance(value, jax.ShapeDtypeStruct) else dequantized(params))
+    elif key not in (*FACTORS, SCALE):
+      out[key] = value
+  return out
 
 
 def overlay(params: dict, loaded: dict) -> dict:
   """params with the leaves of `loaded` put in, subtree by subtree: pretrained base weights
-  (each in the dtype of the leaf it replaces, bfloat16 for base_dtype targets; the factors
-  kept) or factors read back (new leaves beside their kernels, as they are)."""
+  (each in the dtype of the leaf it replaces, bfloat16 for base_dtype targets, quantized
+  afresh for int8 ones; the factors kept) or factors read back (new leaves beside their
+  kernels, as they are)."""
   out = dict(params)
   for key, value in loaded.items():
     if isinstance(value, dict):
       out[key] = overlay(params.get(key, {}), value)
+    elif key == "kernel" and SCALE in params:
+      quantized = quantize(value, params["lora_a"].ndim, params["lora_b"].ndim)
+      out["kernel"], out[SCALE] = quantized.qvalue, quantized.scale
     else:
       out[key] = value.astype(params[key].dtype) if key in params else value
   return out

@@ -118,6 +118,86 @@ def test_bfloat16_base_halves_the_frozen_kernels():
   assert np.abs(ours - theirs).max() < 2e-2 * np.abs(theirs).max()
 
 
+def with_base(config, base_dtype):
+  config = config.copy_and_resolve_references()
+  config.optimizer.lora.base_dtype = base_dtype
+  return config
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["blocks", "scanned"])
+def test_int8_base_keeps_a_scale_per_channel_and_trains_only_the_adapters(scan):
+  config = tiny_lora(base_dtype="int8")
+  config.model.scan_layers = scan
+  run = steps.setup(config, jax.devices()[:1])
+  prefix = "blocks" if scan else "block_0"
+  lead = (2,) if scan else ()
+  params = flat(run.abstract_state["params"])
+  assert params[f"{prefix}/attn/query/kernel"].dtype == jnp.int8
+  assert params[f"{prefix}/attn/query/kernel_scale"].shape == (*lead, 1, 4, 16)  # [D, N, H]
+  assert params[f"{prefix}/attn/out/kernel_scale"].shape == (*lead, 1, 1, 64)  # [N, H, D]
+  assert params[f"{prefix}/attn_norm/scale"].dtype == jnp.float32
+  axes = flat(run.param_axes, is_leaf=lambda x: isinstance(x, P))
+  assert tuple(axes[f"{prefix}/attn/query/kernel_scale"])[-2:] == ("heads", "kv")
+
+  # Each int8 kernel times its scale is the float kernel within half a step of its channel.
+  state = run.init(jax.random.key(0))
+  full = steps.setup(with_base(config, None), jax.devices()[:1]).init(jax.random.key(0))["params"]
+  query = state["params"][prefix]["attn"]["query"]
+  weights = np.asarray(full[prefix]["attn"]["query"]["kernel"])
+  dequantized = np.asarray(query["kernel"], np.float32) * np.asarray(query["kernel_scale"])
+  assert np.all(np.abs(dequantized - weights) <= np.asarray(query["kernel_scale"]) / 2 + 1e-7)
+  steps_per_channel = np.abs(weights).max(axis=-3) / np.asarray(query["kernel_scale"])[..., 0, :, :]
+  assert np.all((steps_per_channel >= 127) & (steps_per_channel <= 128))  # absmax: int8's range
+  np.testing.assert_allclose(lora.base(state["params"])[prefix]["attn"]["query"]["kernel"],
+                             dequantized, rtol=1e-6)
+  # Pretrained float weights put into the int8 state (towers, init_from) are quantized afresh:
+  # the same int8 values (a tie at the range's edge may round either way under jit) and scales.
+  reloaded = lora.overlay(state["params"], lora.base(full))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32),
+                                                       np.asarray(b, np.float32), rtol=1e-6,
+                                                       atol=1 if a.dtype == jnp.int8 else 0),
+               reloaded, state["params"])
+
+  # With b set: the step's way, (x q) s + (x a) b, is the merged model; int8 is within 2% of
+  # the logits' scale of the float32 base and of the bfloat16 one (weight rounding).
+  def logits(params, base_dtype):
+    b = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda k, v: 0.1 * b.normal(size=v.shape).astype(np.float32)
+        if k[-1].key == "lora_b" else v, params)
+    merged = lora.merge(params, optimizer=with_base(config, base_dtype).optimizer)
+    return params, run.model.apply({"params": merged}, tokens)[0]
+
+  tokens = jnp.arange(16)[None] % 200
+  params, merged = logits(state["params"], "int8")
+  with lora.adapted(config.optimizer):
+    adapted, _ = run.model.apply({"params": params}, tokens)
+  scale = np.abs(merged).max()
+  assert np.abs(adapted - merged).max() < 1e-5 * scale
+  bf16 = steps.setup(with_base(config, "bfloat16"), jax.devices()[:1]).init(jax.random.key(0))
+  for reference, base_dtype in ((full, None), (bf16["params"], "bfloat16")):
+    _, theirs = logits(reference, base_dtype)
+    assert 0 < np.abs(merged - theirs).max() < 2e-2 * scale, base_dtype
+
+  # Training moves the factors only: the int8 kernels and their scales stay bit for bit and
+  # hold no optimizer state.
+  train_step, _ = run.compile()
+  data = sources.build(run.config, "train")
+  before = flat(jax.tree.map(np.asarray, state["params"]))  # the step donates the state
+  for step in range(2):
+    state, metrics = train_step(state, sharding.global_batch(data.batch(step), run.mesh))
+  assert np.isfinite(float(metrics["loss"]))
+  trained, after = state, flat(state["params"])
+  for path in before:
+    if not lora.is_factor(path):
+      np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+  assert all(np.any(v) for p, v in after.items() if p.endswith("lora_b"))
+  factor_sizes = sum(v.size for p, v in after.items() if lora.is_factor(p))
+  moments = sum(x.size for x in jax.tree.leaves(trained["opt_state"])
+                if jnp.issubdtype(x.dtype, jnp.floating))
+  assert moments == 2 * factor_sizes
+
+
 def test_bad_lora_settings_name_the_key():
   with pytest.raises(ValueError, match=r"config.optimizer.lora.targets='nothing' matches no"):
     steps.setup(tiny_lora(targets="nothing"), jax.devices()[:1])
