@@ -299,10 +299,10 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir, overrides):
+def run_two_processes(workdir, overrides, config="lm.py:tiny"):
   port = free_port()
   processes = [subprocess.Popen(
-      train_cli.command(workdir, "lm.py:tiny", {
+      train_cli.command(workdir, config, {
           **overrides, "distributed.coordinator_address": f"127.0.0.1:{port}",
           "distributed.num_processes": 2, "distributed.process_id": i}),
       env=train_cli.env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -324,6 +324,17 @@ def test_two_processes_match_one_and_resume(tmp_path, run_train):
   # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into ~1e-6 moves.
   assert_trees_close(final_params(tmp_path / "two"), final_params(tmp_path / "single"),
                      rtol=1e-4, atol=2e-5)
+
+
+def test_two_processes_train_lora_over_an_int8_base_as_one(tmp_path, run_train):
+  overrides = {"total_steps": 10, "log_every": 5, "eval_every": 0, "checkpoint_every": 10,
+               "optimizer.lora.base_dtype": "int8"}
+  single = run_train(tmp_path / "single", "lm.py:tiny,lora", overrides)
+  two = run_two_processes(tmp_path / "two", overrides, "lm.py:tiny,lora")
+  np.testing.assert_allclose(losses(two), losses(single), rtol=2e-5)
+  one_params, two_params = final_params(tmp_path / "single"), final_params(tmp_path / "two")
+  assert one_params["block_0"]["attn"]["query"]["kernel"].dtype == np.int8
+  assert_trees_close(two_params, one_params, rtol=1e-4, atol=2e-5)
 
 
 def test_frozen_parameters_get_no_gradient_and_no_say_in_grad_norm():
