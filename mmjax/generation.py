@@ -127,7 +127,8 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
     def run(m):
       x = m.language.embed_tokens(tokens)
       if isinstance(m, early_fusion.Model) and images is not None:
-        x = early_fusion.splice(x, m.embed_images(images), tokens == m.image_token_id)
+        x = early_fusion.splice(x, m.embed_images(images), tokens == m.image_token_id,
+                                early_fusion.present(images))
       return m.language.from_embeddings(x, mask=mask, positions=positions,
                                         caches=lm_lib.empty_caches(m.language, B, cache_len))
     logits, aux = model.apply({"params": params}, method=run)

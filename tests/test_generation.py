@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mmjax import generation
+from mmjax.data import anyres
 from mmjax.data import patches
 from mmjax.models import deep_fusion
 from mmjax.models import early_fusion
@@ -124,6 +125,24 @@ def test_early_fusion_cached_logits_equal_full_pass():
   # The images matter: other images give other logits.
   other = cached_logits(model, params, prompts, -images, out["tokens"])
   assert np.abs(other - cached).max() > 1e-3
+
+
+def test_anyres_early_fusion_decodes_images_of_two_sizes():
+  # LLaVA-NeXT's AnyRes: a 16 x 40 and a 36 x 12 px image, 2 x 2 patches a 16 px tile.
+  pinpoints = ((16, 32), (32, 16), (16, 48))
+  model = early_fusion.Model(vit=VIT, lm=dict(variant="gpt2-tiny"), image_token_id=IMG,
+                             grid_pinpoints=pinpoints)
+  sizes = [(16, 40), (36, 12)]
+  counts = [anyres.num_tokens(size, pinpoints, 16, 8) for size in sizes]
+  prompts = [[256] + [IMG] * counts[0] + [70, 71], [256] + [IMG] * counts[1] + [80]]
+  sources = anyres.batch_sources([[s] for s in sizes], pinpoints, 16, 8, 1, max(counts))
+  pixels = jax.random.normal(jax.random.key(1), (2, 1, 4, 16, 16, 3))
+  images = early_fusion.Tiles(pixels, jnp.asarray(sources))
+  params = init(model, jnp.array(prompts[:1]), jax.tree.map(lambda x: x[:1], images))
+  out = greedy(model, params, prompts, images, 4)
+  cached = check_consistency(model, params, prompts, images, out["tokens"])
+  np.testing.assert_array_equal(out["tokens"], np.argmax(cached, axis=-1))
+  assert counts[0] != counts[1]
 
 
 @pytest.mark.parametrize("rule", ["previous", "latest"])

@@ -19,7 +19,9 @@ import transformers
 
 from mmjax import models
 from mmjax import sharding
+from mmjax.data import anyres
 from mmjax.interop import hf
+from mmjax.models import early_fusion
 
 RTOL = 1e-4  # max |mmjax - transformers| / max |transformers|
 
@@ -206,6 +208,75 @@ def test_llava_export_round_trip(llava, tmp_path):
     a = reloaded(input_ids=torch.tensor(tokens), pixel_values=torch_images(images)).logits
     b = model(input_ids=torch.tensor(tokens), pixel_values=torch_images(images)).logits
   assert_parity(a.numpy(), b.numpy())
+
+
+PINPOINTS = [[24, 48], [48, 24], [48, 48], [24, 72]]
+
+
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+  torch.manual_seed(0)
+  config = transformers.LlavaNextConfig(
+      vision_config=transformers.CLIPVisionConfig(**VISION_CONFIG),
+      text_config=transformers.LlamaConfig(hidden_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           intermediate_size=80, vocab_size=104),
+      image_token_index=IMAGE_TOKEN, image_grid_pinpoints=PINPOINTS)
+  model = transformers.LlavaNextForConditionalGeneration(config).eval()
+  return model, saved(tmp_path_factory.mktemp("llava_next"), model)
+
+
+def llava_next_inputs():
+  """One prompt, a 30 x 70 px and a 60 x 14 px image: 1 x 3 and 2 x 1 grids of 24 px tiles
+  after a base tile each; unpadded, 33 and 21 tokens."""
+  sizes = [(30, 70), (60, 14)]
+  counts = [anyres.num_tokens(size, PINPOINTS, 24, 8) for size in sizes]
+  tokens = np.array([[1, 5] + [IMAGE_TOKEN] * counts[0] + [7, 8] + [IMAGE_TOKEN] * counts[1]
+                     + [9, 10, 11]])
+  tiles = [1 + np.prod(anyres.tile_grid(size, PINPOINTS, 24)) for size in sizes]
+  pixels = np.random.RandomState(1).randn(2, max(tiles), 24, 24, 3).astype(np.float32)
+  return tokens, sizes, counts, tiles, pixels
+
+
+def test_anyres_token_counts_by_hand():
+  # 30 x 70 px: the 24 x 72 pinpoint keeps the most pixels (56 x 24 of them; 1 x 3 tiles, a
+  # 3 x 9 grid of patches). The image is less wide (70 / 30) than the grid (9 / 3): resized to
+  # the grid's 3 rows it is 70 * 3 / 30 = 7 patches wide, so 1 padding column goes each side.
+  sources = anyres.token_sources((30, 70), PINPOINTS, 24, 8)
+  assert anyres.tile_grid((30, 70), PINPOINTS, 24) == (1, 3)
+  assert len(sources) == 9 + 3 * (7 + 1)
+  np.testing.assert_array_equal(sources[:9], np.arange(9))  # the base tile's patches
+  # Row 0 of the grid: columns 1..7 of the 9, i.e. tile 1's patches 1, 2, tile 2's 0-2,
+  # tile 3's 0, 1; then the newline.
+  np.testing.assert_array_equal(sources[9:17], [10, 11, 18, 19, 20, 27, 28, anyres.NEWLINE])
+
+
+def test_llava_next_parity_with_two_image_sizes(llava_next):
+  model, path = llava_next
+  config, params = hf.load(path)
+  assert config["model"]["grid_pinpoints"] == tuple(map(tuple, PINPOINTS))
+  tokens, sizes, counts, tiles, pixels = llava_next_inputs()
+  sources = anyres.batch_sources([sizes], PINPOINTS, 24, 8, 2, max(counts))
+  images = early_fusion.Tiles(jnp.asarray(pixels[None]), jnp.asarray(sources))
+  logits, aux = build(config).apply({"params": params}, jnp.asarray(tokens), images)
+  with torch.no_grad():
+    expected = model(input_ids=torch.tensor(tokens),
+                     pixel_values=torch.tensor(pixels.transpose(0, 1, 4, 2, 3)),
+                     image_sizes=torch.tensor(sizes)).logits
+  assert_parity(logits, expected.numpy())
+  assert aux["img/features"].shape == (1, 2, max(counts), 48)
+  assert tiles == [4, 3] and counts == [33, 21]
+
+
+def test_llava_next_export_round_trip(llava_next, tmp_path):
+  model, path = llava_next
+  reloaded = export_and_reload(model, path, tmp_path / "out")
+  assert reloaded.config.image_grid_pinpoints == PINPOINTS
+  tokens, sizes, _, _, pixels = llava_next_inputs()
+  inputs = dict(input_ids=torch.tensor(tokens), image_sizes=torch.tensor(sizes),
+                pixel_values=torch.tensor(pixels.transpose(0, 1, 4, 2, 3)))
+  with torch.no_grad():
+    assert_parity(reloaded(**inputs).logits.numpy(), model(**inputs).logits.numpy())
 
 
 def test_import_streams_into_shardings(language_model):

@@ -75,6 +75,9 @@ def main(argv):
   tokenizer = tokenizers.load(_TOKENIZER.value or run_tokenizer)
   images = None
   image_ids = []
+  if config["model"].get("grid_pinpoints"):
+    raise ValueError(f"{_WORKDIR.value} is an AnyRes (LLaVA-NeXT) model: generate.py does not "
+                     "cut images into its tiles yet (early_fusion.Tiles, mmjax.data.anyres)")
   if config["family"] in ("early_fusion", "deep_fusion"):
     size, image_ids = models.image_layout(config["family"], config["model"])
     most = max(len(r.get("images", [])) for r in requests)

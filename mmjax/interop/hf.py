@@ -208,8 +208,9 @@ def mmjax_config(cfg: dict) -> dict:
     return {"family": "vit", "model": fields}
   if kind in ("gpt2", "llama"):
     return {"family": "lm", "model": lm_fields(cfg)}
-  if kind == "llava":
-    strategy = _require(cfg, "vision_feature_select_strategy", ("default", "full"), "LLaVA")
+  if kind in ("llava", "llava_next"):
+    strategy = _require(cfg, "vision_feature_select_strategy",
+                        ("default", "full") if kind == "llava" else ("default",), "LLaVA")
     layer = cfg.get("vision_feature_layer", -2)
     if not isinstance(layer, int) or layer == 0:
       raise ValueError(f"LLaVA: config.json field 'vision_feature_layer'={layer!r} is not "
@@ -224,12 +225,14 @@ def mmjax_config(cfg: dict) -> dict:
     vision = vit_fields(cfg["vision_config"])
     if vision["pool"] != "cls":
       raise ValueError("LLaVA: only a ViT or CLIP vision_config (with a cls token) is supported")
-    return {"family": "early_fusion", "model": dict(
-        vit=vision, lm=lm_fields(cfg["text_config"]),
-        image_token_id=cfg.get("image_token_index", cfg.get("image_token_id")),
-        projector="mlp2x_gelu", vision_layer=layer, drop_cls=strategy == "default")}
+    fields = dict(vit=vision, lm=lm_fields(cfg["text_config"]),
+                  image_token_id=cfg.get("image_token_index", cfg.get("image_token_id")),
+                  projector="mlp2x_gelu", vision_layer=layer, drop_cls=strategy == "default")
+    if kind == "llava_next":  # AnyRes: tiles on a grid of pinpoints, a newline per grid row
+      fields["grid_pinpoints"] = tuple(tuple(p) for p in cfg["image_grid_pinpoints"])
+    return {"family": "early_fusion", "model": fields}
   raise ValueError(f"config.json field 'model_type'={kind!r} is not supported; mmjax imports "
-                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava']}")
+                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava', 'llava_next']}")
 
 
 # ----------------------------------------------------------------------------
@@ -340,12 +343,14 @@ def table(hf_config: dict, mm_config: dict) -> list[Entry]:
     return vit_table(fields, kind)
   if kind in ("gpt2", "llama"):
     return lm_table(fields, hf="" if kind == "gpt2" else "model.")
-  # LLaVA as written by transformers' save_pretrained.
+  # LLaVA (and LLaVA-NeXT) as written by transformers' save_pretrained.
+  newline = [same("image_newline", "image_newline")] if kind == "llava_next" else []
   return [*vit_table(fields["vit"], hf_config["vision_config"]["model_type"], "vision_tower.",
                      "vit/"),
           *dense("multi_modal_projector.linear_1", "projector/dense_0"),
           *dense("multi_modal_projector.linear_2", "projector/dense_1"),
-          *lm_table(fields["lm"], "language_model.model.", "lm/", "language_model.lm_head")]
+          *lm_table(fields["lm"], "language_model.model.", "lm/", "language_model.lm_head"),
+          *newline]
 
 
 # ----------------------------------------------------------------------------
@@ -357,6 +362,7 @@ ALIASES = (("vision_tower.vision_model.", "vision_tower."),
            ("model.vision_tower.", "vision_tower."),
            ("model.multi_modal_projector.", "multi_modal_projector."),
            ("model.language_model.", "language_model.model."),
+           ("model.image_newline", "image_newline"),
            ("lm_head.", "language_model.lm_head."),
            ("vision_model.", ""))
 
@@ -449,8 +455,11 @@ def hf_config(config: dict) -> dict:
       raise ValueError(f"LLaVA export needs model.projector='mlp2x_gelu', got "
                        f"{fields['projector']!r}")
     text = _lm_config(fields["lm"])
-    return dict(architectures=["LlavaForConditionalGeneration"], model_type="llava",
-                vision_config=vision, text_config=text,
+    anyres = dict(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                  image_grid_pinpoints=[list(p) for p in fields["grid_pinpoints"]]
+                  ) if fields.get("grid_pinpoints") else dict(
+                      architectures=["LlavaForConditionalGeneration"], model_type="llava")
+    return dict(**anyres, vision_config=vision, text_config=text,
                 image_token_index=fields["image_token_id"], projector_hidden_act="gelu",
                 vision_feature_layer=(fields["vision_layer"] + 1 if fields["vision_layer"] >= 0
                                       else fields["vision_layer"]),

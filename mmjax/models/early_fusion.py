@@ -13,8 +13,16 @@ prefix-LM mask (PaliGemma) when `prefix_len` covers image + prompt.
 
 Parameters: "vit" and "lm" are exactly `vit.Model`'s and `lm.Model`'s, so
 pretrained towers load unchanged; "projector" is new.
+
+LLaVA-NeXT's AnyRes (`grid_pinpoints` set): images come as `Tiles`, each a base
+tile and the tiles of a grid chosen by its aspect ratio
+(`mmjax.data.anyres`), with the source of each of its tokens: the base tile's
+patches, then the grid's patches row by row with its padding dropped, each row
+ended by the learned "image_newline". An image's token count depends on its
+size; the text reserves that many placeholders.
 """
 from flax import linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +31,15 @@ from mmjax.models import lm as lm_lib
 from mmjax.models import vit as vit_lib
 
 PROJECTORS = {"linear": 1, "mlp2x_gelu": 2}  # LLaVA's names -> number of Dense layers
+NEWLINE, PAD = -1, -2  # Tiles.sources: the newline embedding; no token (mmjax.data.anyres)
+
+
+@struct.dataclass
+class Tiles:
+  """Images as LLaVA-NeXT's AnyRes reads them (built by `mmjax.data.anyres`)."""
+
+  pixels: jax.Array  # float[B, I, N, S, S, 3]: tile 0 the whole image, then its grid row-major
+  sources: jax.Array  # int32[B, I, L]: per token, tile * P + patch, NEWLINE or PAD
 
 
 class Model(nn.Module):
@@ -34,6 +51,9 @@ class Model(nn.Module):
   projector: str = "mlp2x_gelu"  # or "linear"
   vision_layer: int | None = None  # None: final normed ViT tokens; i: block i's output (-2: LLaVA)
   drop_cls: bool = True  # drop the cls token (when the ViT has one) before projecting
+  # AnyRes (LLaVA-NeXT): the (height, width) grids an image's tiles may cover; () = off. It
+  # adds "image_newline" float[D], the embedding that ends each row of an image's grid.
+  grid_pinpoints: tuple[tuple[int, int], ...] = ()
   dtype: jnp.dtype = jnp.float32  # compute dtype of both towers and the projector
 
   def setup(self):
@@ -43,6 +63,10 @@ class Model(nn.Module):
     self.language = lm_lib.Model(**{"dtype": self.dtype, **self.lm}, name="lm")
     self.project = layers.Projector(self.language.width, PROJECTORS[self.projector],
                                     dtype=self.dtype, name="projector")
+    if self.grid_pinpoints:
+      self.image_newline = self.param("image_newline", layers.partitioned(
+          nn.initializers.normal(self.language.width ** -0.5), ("embed",)),
+          (self.language.width,))
 
   def __call__(self, tokens: jax.Array, images: jax.Array | None, *,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
@@ -56,17 +80,28 @@ class Model(nn.Module):
     if images is not None:
       image_embeddings = self.embed_images(images)
       aux["img/features"] = image_embeddings
-      x = splice(x, image_embeddings, tokens == self.image_token_id)
+      x = splice(x, image_embeddings, tokens == self.image_token_id, present(images))
     mask = layers.Mask(causal=True, prefix_len=prefix_len, segment_ids=segment_ids)
     logits, lm_aux = self.language.from_embeddings(x, mask=mask, positions=positions)
     return logits, {**aux, **lm_aux}
 
-  def embed_images(self, images: jax.Array) -> jax.Array:
-    """images: float[B, I, H, W, 3] -> float[B, I, P, D] in the LM width."""
+  def embed_images(self, images: jax.Array | Tiles) -> jax.Array:
+    """images: float[B, I, H, W, 3] -> float[B, I, P, D] in the LM width; Tiles -> float[B,
+    I, L, D], a token per source (PAD ones zero)."""
     if isinstance(images, vit_lib.Patches):
-      raise ValueError("early fusion reads images of one size (float[B, I, H, W, 3]): its text "
-                       "holds P placeholders per image; images at their own sizes (vit.Patches) "
-                       "feed deep fusion")
+      raise ValueError("early fusion reads images of one size (float[B, I, H, W, 3]) or AnyRes "
+                       "tiles: images packed at their own sizes (vit.Patches) feed deep fusion")
+    if isinstance(images, Tiles):
+      if not self.grid_pinpoints:
+        raise ValueError("AnyRes tiles need a model with grid_pinpoints (LLaVA-NeXT)")
+      B, I, N = images.pixels.shape[:3]
+      tiles = self.embed_images(images.pixels.reshape(B, I * N, *images.pixels.shape[3:]))
+      P, D = tiles.shape[2:]
+      tokens = jnp.take_along_axis(tiles.reshape(B, I, N * P, D),
+                                   jnp.maximum(images.sources, 0)[..., None], axis=2)
+      newline = self.image_newline.astype(tokens.dtype)
+      sources = images.sources[..., None]
+      return jnp.where(sources == NEWLINE, newline, jnp.where(sources == PAD, 0, tokens))
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
     if self.vision_layer is None:
@@ -79,14 +114,25 @@ class Model(nn.Module):
     return embeddings.reshape(B, I, *embeddings.shape[1:]).astype(self.dtype)
 
 
-def splice(text: jax.Array, images: jax.Array, is_placeholder: jax.Array) -> jax.Array:
+def present(images: jax.Array | Tiles) -> jax.Array | None:
+  """bool[B, I, L]: which of embed_images' tokens exist (AnyRes), or None: all of them."""
+  return images.sources != PAD if isinstance(images, Tiles) else None
+
+
+def splice(text: jax.Array, images: jax.Array, is_placeholder: jax.Array,
+           present: jax.Array | None = None) -> jax.Array:
   """Writes image tokens into the placeholder positions, in order, per sample.
 
   text: float[B, T, D]; images: float[B, I, P, D]; is_placeholder: bool[B, T] -> float[B, T, D].
-  The n-th placeholder of a sample (counting from 0) takes token n % P of image n // P.
+  The n-th placeholder of a sample (counting from 0) takes token n % P of image n // P;
+  with present bool[B, I, P] (AnyRes images of different token counts), the n-th of the
+  sample's present tokens, in order.
   """
   B, I, P, D = images.shape
   flat = images.reshape(B, I * P, D)
+  if present is not None:  # present tokens first, in order: a stable sort of "absent"
+    order = jnp.argsort(~present.reshape(B, I * P), axis=1, stable=True)
+    flat = jnp.take_along_axis(flat, order[..., None], axis=1)
   index = jnp.cumsum(is_placeholder, axis=1) - 1  # [B, T]
   index = jnp.clip(index, 0, I * P - 1)  # non-placeholders read any row; it is discarded below
   gathered = jnp.take_along_axis(flat, index[..., None], axis=1)
