@@ -16,3 +16,5 @@ def test_readme_python_examples_run():
   assert namespace["logits"].shape == (1, 29, 512)  # the tiny early-fusion model's last call
   assert namespace["native_logits"].shape == (1, 22, 512)  # deep fusion, images at their sizes
   assert namespace["native_aux"]["img/features"].shape == (1, 40, 64)
+  assert namespace["counts"] == [18, 16]  # AnyRes: placeholders by image size
+  assert namespace["next_logits"].shape == (1, 1 + 18 + 3 + 16, 512)
