@@ -251,6 +251,21 @@ def test_anyres_token_counts_by_hand():
   np.testing.assert_array_equal(sources[9:17], [10, 11, 18, 19, 20, 27, 28, anyres.NEWLINE])
 
 
+def test_anyres_tiles_are_the_hf_processors():
+  from transformers.models.llava_next import image_processing_pil_llava_next  # pylint: disable=g-import-not-at-top
+  processor = image_processing_pil_llava_next.LlavaNextImageProcessorPil(
+      size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24},
+      image_grid_pinpoints=PINPOINTS, do_normalize=False)
+  rng = np.random.RandomState(2)
+  for size in [(30, 70), (60, 14), (47, 47)]:
+    image = rng.randint(0, 256, (*size, 3)).astype(np.uint8)
+    theirs = processor(images=[image], return_tensors="np")
+    ours = anyres.tiles(image, PINPOINTS, 24)
+    assert ours.shape[0] == 1 + np.prod(anyres.tile_grid(size, PINPOINTS, 24))
+    np.testing.assert_allclose(ours, theirs["pixel_values"][0].transpose(0, 2, 3, 1), atol=1e-6)
+    assert list(theirs["image_sizes"][0]) == list(size)
+
+
 def test_llava_next_parity_with_two_image_sizes(llava_next):
   model, path = llava_next
   config, params = hf.load(path)

@@ -16,6 +16,7 @@ import transformers
 from mmjax import checkpoint
 from mmjax import generation
 from mmjax import models
+from mmjax.data import anyres
 from mmjax.data import images as image_codec
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
@@ -29,16 +30,21 @@ from configs import lm as lm_config  # pylint: disable=g-import-not-at-top,wrong
 run_tool = train_cli.run_tool
 
 
+def tiny_towers(image_size: int) -> dict:
+  """A tiny CLIP tower (8 px patches) and a tiny Llama over the byte tokenizer's ids."""
+  return dict(
+      vision_config=transformers.CLIPVisionConfig(
+          hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+          image_size=image_size, patch_size=8),
+      text_config=transformers.LlamaConfig(
+          hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          intermediate_size=64, vocab_size=320))
+
+
 def test_import_finetune_export(tmp_path, run_train):
   torch.manual_seed(0)
   llava = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
-      vision_config=transformers.CLIPVisionConfig(
-          hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-          image_size=32, patch_size=8),
-      text_config=transformers.LlamaConfig(
-          hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-          intermediate_size=64, vocab_size=320),
-      image_token_index=258)).eval()
+      **tiny_towers(image_size=32), image_token_index=258)).eval()
   llava.save_pretrained(tmp_path / "hf")
   run_tool("import_hf.py", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'import'}")
   imported = json.loads((tmp_path / "import" / "mmjax_config.json").read_text())
@@ -110,6 +116,40 @@ def test_show_params_lists_axes_and_shardings():
   model = models.build(config.family, config.model)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   assert sum(r[1] for r in table.values()) == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_generate_answers_an_anyres_import_as_transformers_does(tmp_path):
+  # A tiny LLaVA-NeXT: its processor's tiles and HF's greedy tokens against tools/generate.py on
+  # the same two image files (a 30 x 70 and a 60 x 14 px image, different token counts).
+  from transformers.models.llava_next import image_processing_pil_llava_next  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  pinpoints = [[24, 48], [48, 24], [48, 48], [24, 72]]
+  model = transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(
+      **tiny_towers(image_size=24), image_token_index=258, image_grid_pinpoints=pinpoints)).eval()
+  model.save_pretrained(tmp_path / "hf")
+  run_tool("import_hf.py", f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'import'}")
+  rng = np.random.RandomState(0)
+  paths = []
+  for i, size in enumerate([(30, 70), (60, 14)]):
+    paths.append(tmp_path / f"image_{i}.png")
+    Image.fromarray(rng.randint(0, 256, (*size, 3)).astype(np.uint8)).save(paths[-1])
+  out = run_tool("generate.py", f"--workdir={tmp_path / 'import'}", "--tokenizer=bytes",
+                 "--template={prompt}", "--prompt=<image> or <image>?", f"--image={paths[0]}",
+                 f"--image={paths[1]}", "--max_new_tokens=5")
+  processor = image_processing_pil_llava_next.LlavaNextImageProcessorPil(
+      size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24},
+      image_grid_pinpoints=pinpoints, do_normalize=False)
+  inputs = processor(images=[np.asarray(Image.open(p)) for p in paths], return_tensors="pt")
+  counts = [anyres.num_tokens(s, pinpoints, 24, 8) for s in [(30, 70), (60, 14)]]
+  tokenizer = tokenizers.ByteTokenizer()
+  ids = ([tokenizer.bos_id] + [258] * counts[0] + tokenizer.encode(" or ") + [258] * counts[1]
+         + tokenizer.encode("?"))
+  with torch.no_grad():
+    theirs = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                            eos_token_id=None, pad_token_id=0, **inputs)
+  new = theirs[0, len(ids):].tolist()
+  new = new[:new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+  assert len(new) >= 3 and out.rstrip("\n") == tokenizer.decode(new)
 
 
 def test_generate_answers_like_decode(tmp_path, run_train):

@@ -16,9 +16,10 @@ itself. Text is tokenized as the model was trained (the run's
 config.data.tokenizer, a pretrained language tower's, an import's) unless
 --tokenizer says otherwise; images are read with Pillow, made RGB, resized
 to the model's resolution (or, for a run trained with config.data.max_patches,
-kept at their own size and aspect ratio within that many patches) and
-normalised as in training (config.data.image_mean/std, or an import's
-preprocessor values).
+kept at their own size and aspect ratio within that many patches, or for a
+LLaVA-NeXT import cut into AnyRes tiles as its processor does) and normalised
+as in training (config.data.image_mean/std, or an import's preprocessor
+values).
 """
 import json
 
@@ -32,9 +33,12 @@ from mmjax import console
 from mmjax import generation
 from mmjax import models
 from mmjax import steps
+from mmjax.data import anyres
 from mmjax.data import images as image_codec
 from mmjax.data import patches
 from mmjax.data import tokenizers
+from mmjax.models import early_fusion
+from mmjax.models import vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or params-only export.")
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
@@ -67,6 +71,31 @@ def read_requests() -> list[dict]:
   return requests
 
 
+def anyres_images(config: dict, requests: list[dict]) -> tuple[early_fusion.Tiles, list]:
+  """Each request's images cut as LLaVA-NeXT's processor cuts them -> (Tiles, per request the
+  placeholder ids of each of its images)."""
+  fields = config["model"]
+  vision = vit.Model(**fields["vit"])
+  tile, pinpoints = vision.image_size, fields["grid_pinpoints"]
+  rows = [[np.round(image_codec.read(path, None) * 255).astype(np.uint8)
+           for path in r.get("images", [])] for r in requests]
+  sizes = [[image.shape[:2] for image in row] for row in rows]
+  counts = [[anyres.num_tokens(size, pinpoints, tile, vision.patch_size) for size in row]
+            for row in sizes]
+  cut = [[anyres.tiles(image, pinpoints, tile) for image in row] for row in rows]
+  most_images = max(1, max(len(row) for row in rows))
+  most_tiles = max([len(t) for row in cut for t in row] or [1])
+  pixels = np.zeros((len(rows), most_images, most_tiles, tile, tile, 3), np.float32)
+  for b, row in enumerate(cut):
+    for i, t in enumerate(row):
+      pixels[b, i, :len(t)] = t
+  pixels = image_codec.normalise(pixels, **config.get("pixels", {}))
+  sources = anyres.batch_sources(sizes, pinpoints, tile, vision.patch_size, most_images,
+                                 max([n for row in counts for n in row] or [1]))
+  ids = [[[fields["image_token_id"]] * n for n in row] for row in counts]
+  return early_fusion.Tiles(pixels, sources), ids
+
+
 def main(argv):
   del argv
   requests = read_requests()
@@ -75,10 +104,9 @@ def main(argv):
   tokenizer = tokenizers.load(_TOKENIZER.value or run_tokenizer)
   images = None
   image_ids = []
-  if config["model"].get("grid_pinpoints"):
-    raise ValueError(f"{_WORKDIR.value} is an AnyRes (LLaVA-NeXT) model: generate.py does not "
-                     "cut images into its tiles yet (early_fusion.Tiles, mmjax.data.anyres)")
-  if config["family"] in ("early_fusion", "deep_fusion"):
+  if config["model"].get("grid_pinpoints"):  # AnyRes (LLaVA-NeXT): tiles, tokens by image size
+    images, image_ids = anyres_images(config, requests)
+  elif config["family"] in ("early_fusion", "deep_fusion"):
     size, image_ids = models.image_layout(config["family"], config["model"])
     most = max(len(r.get("images", [])) for r in requests)
     if most and "max_patches" in config:  # trained at native resolution: images keep theirs
@@ -97,7 +125,9 @@ def main(argv):
     raise ValueError(f"a {config['family']} model takes no images")
   template = _TEMPLATE.value or config.get("template", "{prompt}")
   prompts = [tokenizers.encode_prompt(r["prompt"], len(r.get("images", [])), template,
-                                      image_ids, tokenizer) for r in requests]
+                                      image_ids[b] if config["model"].get("grid_pinpoints")
+                                      else image_ids, tokenizer)
+             for b, r in enumerate(requests)]
   tokens, lengths = generation.left_pad(prompts, tokenizer.pad_id)
   sampling = generation.Sampling(
       method=_METHOD.value, max_new_tokens=_MAX_NEW_TOKENS.value, eos_id=tokenizer.eos_id,

@@ -10,7 +10,10 @@ on its size: `num_tokens` is what the text reserves, and `token_sources` tells
 the model (`early_fusion.Tiles`) which tile patch fills each of them.
 
   sources = token_sources((480, 640), [(336, 672), (672, 336), (672, 672)], tile=336, patch=14)
+  pixels = tiles(image, [(336, 672), (672, 336), (672, 672)], tile=336)  # the same image's tiles
 """
+import math
+
 import numpy as np
 
 NEWLINE = -1  # the token is the learned row-end embedding
@@ -82,3 +85,28 @@ def batch_sources(sizes: list[list[tuple[int, int]]], pinpoints, tile: int, patc
                          f"the batch holds {length} an image")
       out[b, i, :len(sources)] = sources
   return out
+
+
+def tiles(image: np.ndarray, pinpoints, tile: int) -> np.ndarray:
+  """uint8[H, W, 3] -> float32[1 + rows * columns, S, S, 3] in [0, 1]: the whole image resized
+  to S x S, then the tiles of its grid, row-major. As HF's LLaVA-NeXT processor: resized
+  (bicubic, with Pillow) to fit the best pinpoint keeping its aspect ratio, centred on zero
+  padding, cut into S x S tiles."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  height, width = image.shape[:2]
+  target_height, target_width = best_resolution((height, width), pinpoints)
+  if target_width / width < target_height / height:
+    new_height, new_width = min(math.ceil(height * target_width / width), target_height), \
+        target_width
+  else:
+    new_height, new_width = target_height, min(math.ceil(width * target_height / height),
+                                               target_width)
+  with Image.fromarray(image) as picture:
+    resized = np.asarray(picture.resize((new_width, new_height), Image.Resampling.BICUBIC))
+    base = np.asarray(picture.resize((tile, tile), Image.Resampling.BICUBIC))
+  padded = np.zeros((target_height, target_width, 3), np.uint8)
+  top, left = (target_height - new_height) // 2, (target_width - new_width) // 2
+  padded[top:top + new_height, left:left + new_width] = resized
+  grid = [padded[r:r + tile, c:c + tile] for r in range(0, target_height, tile)
+          for c in range(0, target_width, tile)]
+  return np.stack([base, *grid]).astype(np.float32) / 255.0

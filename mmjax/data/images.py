@@ -40,9 +40,10 @@ def to_png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def read(path: str, size: int | Callable[[int, int], tuple[int, int]]) -> np.ndarray:
+def read(path: str, size: int | Callable[[int, int], tuple[int, int]] | None) -> np.ndarray:
   """An image file -> float32[size, size, 3] in [0, 1], or at size(height, width) -> the
-  (height, width) to resize to; unreadable: one error naming the file."""
+  (height, width) to resize to, or at its own size (None); unreadable: one error naming the
+  file."""
   try:
     with open(path, "rb") as f:
       data = f.read()

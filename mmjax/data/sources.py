@@ -165,9 +165,9 @@ def check(config: Config):
     if not data.get(key):
       raise ValueError(f"config.data.{key} must be set for config.data.name={data.name!r}")
   if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
-    raise ValueError("config.model.grid_pinpoints (AnyRes, LLaVA-NeXT): no data source cuts "
-                     "images into AnyRes tiles yet; such a model imports, exports and runs "
-                     "on early_fusion.Tiles built with mmjax.data.anyres")
+    raise ValueError("config.model.grid_pinpoints (AnyRes, LLaVA-NeXT): no training data "
+                     "source cuts images into AnyRes tiles yet; such a model imports, exports "
+                     "and answers (tools/generate.py, early_fusion.Tiles from mmjax.data.anyres)")
   if data.get("max_patches"):
     if config.family != "deep_fusion" or data.name != "shapes":
       raise ValueError("config.data.max_patches (images at their own size, packed) feeds deep "

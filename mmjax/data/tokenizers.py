@@ -186,14 +186,17 @@ def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int]) -> t
 
 
 
-def encode_prompt(prompt: str, num_images: int, template: str, image_ids: list[int],
-                  tokenizer) -> list[int]:
-  """BOS + the template with "{prompt}" filled in, each "<image>" replaced by image_ids.
+def encode_prompt(prompt: str, num_images: int, template: str,
+                  image_ids: list[int] | list[list[int]], tokenizer) -> list[int]:
+  """BOS + the template with "{prompt}" filled in, each "<image>" replaced by image_ids (the
+  same for every image, or a list per image: AnyRes images take as many as their size needs).
 
   A prompt that places its images itself ("<image>" inside it) overrides the
   template's image positions. Where neither places them the images go first;
   otherwise the markers must be as many as the images (an error names both).
   """
+  per_image = (image_ids if image_ids and isinstance(image_ids[0], list)
+               else [image_ids] * num_images)
   if IMAGE in prompt:
     template = template.replace(IMAGE, "")
   text = template.replace("{prompt}", prompt)
@@ -204,5 +207,5 @@ def encode_prompt(prompt: str, num_images: int, template: str, image_ids: list[i
                      f"{num_images} were given")
   ids = [tokenizer.bos_id]
   for i, part in enumerate(text.split(IMAGE)):
-    ids += (image_ids if i else []) + tokenizer.encode(part)
+    ids += (per_image[i - 1] if i else []) + tokenizer.encode(part)
   return ids
