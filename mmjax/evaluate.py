@@ -139,7 +139,6 @@ class Generative:
                                    [r["references"] for r in captions]))
     return scores, rows[:self.num_samples]
 
-
   def _images(self, examples: list[dict]) -> dict[str, np.ndarray]:
     """The examples' images (each "image" float32[I, H, W, 3]) as the model takes them: dense,
     or packed one example a row when the source keeps each image's size."""

@@ -248,7 +248,7 @@ def test_anyres_token_counts_by_hand():
   np.testing.assert_array_equal(sources[:9], np.arange(9))  # the base tile's patches
   # Row 0 of the grid: columns 1..7 of the 9, i.e. tile 1's patches 1, 2, tile 2's 0-2,
   # tile 3's 0, 1; then the newline.
-  np.testing.assert_array_equal(sources[9:17], [10, 11, 18, 19, 20, 27, 28, anyres.NEWLINE])
+  np.testing.assert_array_equal(sources[9:17], [10, 11, 18, 19, 20, 27, 28, early_fusion.NEWLINE])
 
 
 def test_anyres_tiles_are_the_hf_processors():

@@ -16,8 +16,7 @@ import math
 
 import numpy as np
 
-NEWLINE = -1  # the token is the learned row-end embedding
-PAD = -2  # no token: the image has fewer than the batch's longest
+from mmjax.models import early_fusion
 
 
 def best_resolution(size: tuple[int, int], pinpoints) -> tuple[int, int]:
@@ -42,7 +41,8 @@ def tile_grid(size: tuple[int, int], pinpoints, tile: int) -> tuple[int, int]:
 
 def token_sources(size: tuple[int, int], pinpoints, tile: int, patch: int) -> np.ndarray:
   """int32[L]: for each of an image's tokens, tile * P + patch (tile 0: the base image, then
-  the grid's tiles row-major; P = (tile / patch)^2 patches a tile, row-major), or NEWLINE."""
+  the grid's tiles row-major; P = (tile / patch)^2 patches a tile, row-major), or
+  early_fusion.NEWLINE."""
   side = tile // patch  # patches along a tile's side
   per_tile = side * side
   rows, columns = tile_grid(size, pinpoints, tile)
@@ -64,7 +64,7 @@ def token_sources(size: tuple[int, int], pinpoints, tile: int, patch: int) -> np
     for c in range(first_column, last_column):
       tile_index = 1 + (r // side) * columns + c // side
       grid.append(tile_index * per_tile + (r % side) * side + c % side)
-    grid.append(NEWLINE)
+    grid.append(early_fusion.NEWLINE)
   return np.array([*range(per_tile), *grid], np.int32)
 
 
@@ -75,8 +75,9 @@ def num_tokens(size: tuple[int, int], pinpoints, tile: int, patch: int) -> int:
 
 def batch_sources(sizes: list[list[tuple[int, int]]], pinpoints, tile: int, patch: int,
                   max_images: int, length: int) -> np.ndarray:
-  """int32[B, max_images, length]: each row's images' token_sources, PAD after them."""
-  out = np.full((len(sizes), max_images, length), PAD, np.int32)
+  """int32[B, max_images, length]: each row's images' token_sources, early_fusion.PAD after
+  them."""
+  out = np.full((len(sizes), max_images, length), early_fusion.PAD, np.int32)
   for b, row in enumerate(sizes):
     for i, size in enumerate(row):
       sources = token_sources(size, pinpoints, tile, patch)

@@ -221,6 +221,7 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   """
   check(config)
   data, B = config.data, config.batch_size
+  native = layout(config)
   if config.family == "vit":
     size = image_size(config)
     return {"images": jax.ShapeDtypeStruct((B, size, size, 3), np.float32),
@@ -230,17 +231,17 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
     seq_len = synthetic.ShapeScenes(B, None, image_size(config), placeholders_per_image(config),
                                     task=data.task, max_shapes=data.max_shapes,
                                     tokenizer=data.get("tokenizer", "bytes"),
-                                    layout=layout(config),
+                                    layout=native,
                                     sizes=data.get("scene_sizes", "fixed")).seq_len
   text = jax.ShapeDtypeStruct((B, seq_len), np.int32)
   spec = {"tokens": text, "targets": text,
           "loss_weights": jax.ShapeDtypeStruct((B, seq_len), np.float32)}
   pack = data.get("pack", 1)
-  if pack > 1 or layout(config):
+  if pack > 1 or native:
     spec.update(segment_ids=text, positions=text)
-  if layout(config):
+  if native:
     spec.update({k: jax.ShapeDtypeStruct(shape, dtype)
-                 for k, (shape, dtype) in layout(config).spec(B).items()})
+                 for k, (shape, dtype) in native.spec(B).items()})
   elif config.family in IMAGE_TEXT:
     size = image_size(config)
     slots = pack * (data.max_images if data.name == "llava" else 1)

@@ -31,7 +31,9 @@ from mmjax.models import lm as lm_lib
 from mmjax.models import vit as vit_lib
 
 PROJECTORS = {"linear": 1, "mlp2x_gelu": 2}  # LLaVA's names -> number of Dense layers
-NEWLINE, PAD = -1, -2  # Tiles.sources: the newline embedding; no token (mmjax.data.anyres)
+# Tiles.sources beyond the tile patches: the learned row-end embedding; no token (an image with
+# fewer tokens than the batch's longest).
+NEWLINE, PAD = -1, -2
 
 
 @struct.dataclass

@@ -266,7 +266,6 @@ class _Model(nn.Module):
       x = x + patch_pos.astype(x.dtype)
     return x
 
-
   def _sincos(self, rows: jax.Array, columns: jax.Array, gh, gw, width: int) -> jax.Array:
     """sincos2d at patch (row, column) of a gh x gw grid, by posemb_coords -> float32[..., D]."""
     if self.posemb_coords == "fractional":  # half-pixel centres, as resize_weights
