@@ -37,6 +37,17 @@ def test_pack_cuts_places_and_unpacks_every_image():
     np.testing.assert_array_equal(patches.unpack(batch, row, index), image)
 
 
+def test_image_files_fit_the_budget_as_training_fits_them(tmp_path):
+  # A 64 x 64 px file at 8 px patches is 64 patches: with 16 slots and a cls slot it is shrunk
+  # to 3 x 3 (+ cls = 10 slots), as a training row of 16 slots would take it, not to 4 x 4.
+  path = tmp_path / "square.png"
+  path.write_bytes(images.to_png(np.random.default_rng(0).random((64, 64, 3))))
+  layout = patches.Layout(patch=8, slots=16, max_images=1, cls=True)
+  batch = patches.read_rows([[str(path)]], 8, max_patches=16, cls=True)
+  assert tuple(batch["image_grids"][0, 0]) == layout.fit_grid(64, 64) == (3, 3)
+  assert patches.unpack(batch, 0, 0).shape == (24, 24, 3)
+
+
 def test_pack_refuses_what_does_not_fit():
   image = np.zeros((8, 8, 3), np.float32)
   with pytest.raises(ValueError, match="in a row of 4 slots"):

@@ -119,10 +119,13 @@ class Layout:
 
 def read_rows(rows: list[list[str]], patch: int, max_patches: int, cls: bool,
               mean=0.0, std=1.0) -> dict[str, np.ndarray]:
-  """Image files at their own sizes (each shrunk to max_patches), normalised and packed, a row
-  per list: what a model trained with config.data.max_patches reads (tools/generate.py)."""
+  """Image files at their own sizes (each shrunk to fit max_patches slots, its cls slot
+  included, as training fits them), normalised and packed, a row per list: what a model
+  trained with config.data.max_patches reads (tools/generate.py)."""
+  layout = Layout(patch, max_patches, max_images=1, cls=cls)
+
   def size(height: int, width: int) -> tuple[int, int]:
-    rows, columns = fit_grid(height, width, patch, max_patches)
+    rows, columns = layout.fit_grid(height, width)
     return rows * patch, columns * patch
 
   images = [[image_codec.normalise(image_codec.read(path, size), mean, std) for path in row]
