@@ -125,9 +125,8 @@ class Generative:
                      "truth": references[0], "references": references,
                      "type": self.source.example_types[kinds[b]],
                      # Back to [0, 1] pixels for pictures of the samples.
-                     "image": (patches.unpack(images, b, 0) if "patches" in images
-                               else images["images"][b, 0])
-                              * self.source.image_std + self.source.image_mean})
+                     "image": picture(images, b) * self.source.image_std
+                              + self.source.image_mean})
     scores = {}
     questions = [r for r in rows if r["type"] != "caption"]
     if questions:
@@ -140,12 +139,24 @@ class Generative:
     return scores, rows[:self.num_samples]
 
   def _images(self, examples: list[dict]) -> dict[str, np.ndarray]:
-    """The examples' images (each "image" float32[I, H, W, 3]) as the model takes them: dense,
-    or packed one example a row when the source keeps each image's size."""
+    """The examples' images (each "image" float32[I, H, W, 3], or AnyRes tiles) as the model
+    takes them: dense, or laid out one example a row when the source keeps each image's size."""
     layout = getattr(self.source, "layout", None)
     if layout is None:
       return {"images": np.stack([e["image"] for e in examples])}
-    return dataclasses.replace(layout, max_images=1).pack([list(e["image"]) for e in examples])
+    # One example a row: its own images (a LLaVA conversation's max_images slots, else one).
+    return dataclasses.replace(layout, max_images=getattr(self.source, "max_images", 1)).pack(
+        [list(e["image"]) for e in examples])
+
+
+def picture(images: dict[str, np.ndarray], row: int) -> np.ndarray:
+  """The first image of a row of the model's image inputs, float[H, W, 3] (AnyRes: its base
+  tile, the whole image at the ViT's resolution)."""
+  if "patches" in images:
+    return patches.unpack(images, row, 0)
+  if "image_sources" in images:
+    return images["images"][row, 0, 0]
+  return images["images"][row, 0]
 
 
 def _until_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:

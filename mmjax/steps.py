@@ -31,17 +31,20 @@ from mmjax import sharding
 from mmjax import towers
 from mmjax.data import patches
 from mmjax.data import sources
+from mmjax.models import early_fusion
 from mmjax.models import vit
 
 # Batch keys passed to the model as keyword arguments when present.
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
 
 
-def batch_images(batch: dict) -> jax.Array | vit.Patches | None:
-  """A batch's images: dense float[B, (I,) H, W, 3], packed patches at their own sizes, or
-  None."""
+def batch_images(batch: dict) -> jax.Array | vit.Patches | early_fusion.Tiles | None:
+  """A batch's images: dense float[B, (I,) H, W, 3], packed patches at their own sizes, AnyRes
+  tiles, or None."""
   if "patches" in batch:
     return vit.Patches(*(batch[k] for k in patches.KEYS))
+  if "image_sources" in batch:
+    return early_fusion.Tiles(batch["images"], batch["image_sources"])
   return batch.get("images")
 
 

@@ -135,9 +135,10 @@ def test_anyres_early_fusion_decodes_images_of_two_sizes():
   sizes = [(16, 40), (36, 12)]
   counts = [anyres.num_tokens(size, pinpoints, 16, 8) for size in sizes]
   prompts = [[256] + [IMG] * counts[0] + [70, 71], [256] + [IMG] * counts[1] + [80]]
-  sources = anyres.batch_sources([[s] for s in sizes], pinpoints, 16, 8, 1, max(counts))
-  pixels = jax.random.normal(jax.random.key(1), (2, 1, 4, 16, 16, 3))
-  images = early_fusion.Tiles(pixels, jnp.asarray(sources))
+  pixels = np.asarray(jax.random.normal(jax.random.key(1), (2, 4, 16, 16, 3)))
+  packed = anyres.Layout(pinpoints, 16, 8).pack(
+      [[(pixels[b], anyres.token_sources(size, pinpoints, 16, 8))] for b, size in enumerate(sizes)])
+  images = early_fusion.Tiles(jnp.asarray(packed["images"]), jnp.asarray(packed["image_sources"]))
   params = init(model, jnp.array(prompts[:1]), jax.tree.map(lambda x: x[:1], images))
   out = greedy(model, params, prompts, images, 4)
   cached = check_consistency(model, params, prompts, images, out["tokens"])

@@ -271,15 +271,20 @@ def test_llava_next_parity_with_two_image_sizes(llava_next):
   config, params = hf.load(path)
   assert config["model"]["grid_pinpoints"] == tuple(map(tuple, PINPOINTS))
   tokens, sizes, counts, tiles, pixels = llava_next_inputs()
-  sources = anyres.batch_sources([sizes], PINPOINTS, 24, 8, 2, max(counts))
-  images = early_fusion.Tiles(jnp.asarray(pixels[None]), jnp.asarray(sources))
+  # Each image's tiles and tokens, padded to what the pinpoints allow (PAD tokens, blank tiles).
+  packed = anyres.Layout(tuple(map(tuple, PINPOINTS)), 24, 8, max_images=2).pack(
+      [[(pixels[i, :n], anyres.token_sources(size, PINPOINTS, 24, 8))
+        for i, (size, n) in enumerate(zip(sizes, tiles))]])
+  images = early_fusion.Tiles(jnp.asarray(packed["images"]), jnp.asarray(packed["image_sources"]))
   logits, aux = build(config).apply({"params": params}, jnp.asarray(tokens), images)
   with torch.no_grad():
     expected = model(input_ids=torch.tensor(tokens),
                      pixel_values=torch.tensor(pixels.transpose(0, 1, 4, 2, 3)),
                      image_sizes=torch.tensor(sizes)).logits
   assert_parity(logits, expected.numpy())
-  assert aux["img/features"].shape == (1, 2, max(counts), 48)
+  # Padded to the most tokens an image can take: the base tile's 9 and the 48 x 48 grid's 6
+  # rows of 6 patches and a newline.
+  assert aux["img/features"].shape == (1, 2, 9 + 6 * (6 + 1), 48)
   assert tiles == [4, 3] and counts == [33, 21]
 
 

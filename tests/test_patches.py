@@ -1,12 +1,15 @@
-"""Images at their own resolution on the host: grids, packing, the varied-size scenes."""
+"""Images at their own resolution on the host: grids, packing, the varied-size scenes, AnyRes
+tiles of them."""
 import numpy as np
 import pytest
 
 from configs import common
+from mmjax.data import anyres
 from mmjax.data import images
 from mmjax.data import patches
 from mmjax.data import sources
 from mmjax.data import synthetic
+from mmjax.models import early_fusion
 
 
 @pytest.mark.parametrize("size,budget,grid", [
@@ -113,3 +116,51 @@ def test_varied_scenes_in_a_dense_batch_are_squashed_to_one_size():
   assert (height, width) != (32, 32)
   np.testing.assert_array_equal(batch["images"][0, 0],
                                 images.from_bytes(images.to_png(scene), 32))
+
+
+TINY_PINPOINTS = ((32, 64), (64, 32), (64, 64), (32, 96), (96, 32))
+
+
+def test_anyres_scenes_cut_each_image_at_its_own_size():
+  config = common.load("early_fusion.py:tiny-anyres")
+  config.batch_size = 4
+  assert config.model.grid_pinpoints == TINY_PINPOINTS
+  layout = sources.layout(config)
+  # At most 1 + 2 x 2 tiles; tokens: the base tile's 4 x 4 patches, then the 2 x 2 grid's 8
+  # rows of 8 patches and a newline.
+  assert (layout.max_tiles, layout.max_tokens) == (5, 16 + 8 * (8 + 1))
+  batch = sources.build(config).batch(0)
+  assert batch["images"].shape == (4, 1, 5, 32, 32, 3)
+  assert batch["image_sources"].shape == (4, 1, 88)
+  # Row 0 of step 0, drawn by hand at its own size, then cut as LLaVA-NeXT's processor cuts.
+  rng = np.random.default_rng((config.seed, 0, 0, 0))
+  height, width = rng.integers(16, 65, size=2)
+  scene, _ = synthetic.draw_scene(rng, (height, width), int(rng.integers(1, 3)))
+  tiles = anyres.tiles(np.round(scene * 255).astype(np.uint8), TINY_PINPOINTS, 32)
+  tokens = anyres.token_sources((height, width), TINY_PINPOINTS, 32, 8)
+  np.testing.assert_array_equal(batch["images"][0, 0, :len(tiles)], tiles)
+  assert not batch["images"][0, 0, len(tiles):].any()
+  np.testing.assert_array_equal(batch["image_sources"][0, 0, :len(tokens)], tokens)
+  assert (batch["image_sources"][0, 0, len(tokens):] == early_fusion.PAD).all()
+  # Every row's text holds exactly as many placeholders as its image has tokens, and the
+  # sizes differ (16 to 88 tokens an image).
+  placeholders = (batch["tokens"] == config.model.image_token_id).sum(axis=1)
+  present = (batch["image_sources"][:, 0] != early_fusion.PAD).sum(axis=1)
+  np.testing.assert_array_equal(placeholders, present)
+  assert present[0] == len(tokens) and len(set(present)) > 1
+
+
+def test_anyres_config_errors():
+  config = common.load("early_fusion.py:tiny-anyres")
+  config.data.name = "tfds_scenes"
+  with pytest.raises(ValueError, match=r"grid_pinpoints .* 'coco_captions', not 'tfds_scenes'"):
+    sources.check(config)
+  config = common.load("early_fusion.py:tiny-anyres")
+  config.model.grid_pinpoints = ((32, 64), (48, 32))
+  with pytest.raises(ValueError, match=r"grid_pinpoints: \(48, 32\) is not .* whole 32 px"):
+    sources.check(config)
+  config = common.load("early_fusion.py:tiny-anyres")
+  config.model.update(dict(drop_cls=False))
+  config.model.vit.pool = "cls"
+  with pytest.raises(ValueError, match="config.model.drop_cls=False"):
+    sources.check(config)

@@ -7,11 +7,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import builders
 from mmjax.data import images
 from mmjax.data import pipeline
 from mmjax.data import synthetic
+from mmjax.models import early_fusion
 
 SIZE = 96  # training scenes in these tests
 
@@ -259,6 +261,55 @@ def test_llava_batch_layout(tmp_path):
   assert source.counts["truncated to data.seq_len"] >= 1  # "long", counted
 
 
+def test_llava_anyres_cuts_each_image_at_its_own_size(tmp_path):
+  # LLaVA-NeXT training data: 8 px tiles of 2 x 2 patches. The 20 x 10 px "rgb" image fits the
+  # 16 x 8 pinpoint best (a 2 x 1 grid: 4 x 2 patches, nothing to unpad): 4 base-tile tokens,
+  # then 4 rows of 2 patches and a newline: 16 placeholders. The 8 x 8 images fit 8 x 16 and
+  # 16 x 8 equally, keep the first (1 x 2 tiles: 2 x 4 patches), and are unpadded to 2 x 2:
+  # 4 + 2 * 3 = 10.
+  json_path, image_dir = write_llava(tmp_path / "llava")
+  entries = json.loads(pathlib.Path(json_path).read_text())
+  entries.append({"id": "two", "image": ["rgb.png", "grey.png"], "conversations": [
+      {"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "No."}]})
+  pathlib.Path(json_path).write_text(json.dumps(entries))
+  layout = anyres.Layout(((8, 16), (16, 8), (16, 16)), tile=8, patch=4, max_images=2)
+  source = pipeline.LlavaConversations(
+      4, 64, json_path=json_path, image_dir=image_dir, image_size=8,
+      image_tokens=layout.max_tokens, image_token_id=258, max_images=2, layout=layout,
+      data_dir=str(tmp_path / "tfds"))
+  assert layout.max_tokens == 4 + 4 * (4 + 1)  # the 16 x 16 grid's 4 rows of 4 and a newline
+  text = lambda s: list(s.encode())
+  counts = {"rgb": [16], "grey": [10], "rgba": [10], "text": [], "two": [16, 10]}
+  seen = set()
+  for position in range(6):  # the first epoch
+    batch, row = source.batch(position // 4), position % 4
+    record = source.records[int(source.order[position])]
+    name = record["id"].decode()
+    if name == "long":
+      continue
+    seen.add(name)
+    placeholders = (batch["tokens"][row] == 258).sum()
+    present = (batch["image_sources"][row] != early_fusion.PAD).sum(axis=1)
+    assert placeholders == sum(counts[name]) and list(present[:len(counts[name])]) == counts[name]
+    assert not present[len(counts[name]):].any()
+    for i, data in enumerate(record["images"]):  # tiles as LLaVA-NeXT's processor cuts them
+      pixels = np.round(images.from_bytes(data) * 255).astype(np.uint8)
+      tiles = anyres.tiles(pixels, layout.pinpoints, 8)
+      np.testing.assert_allclose(batch["images"][row, i, :len(tiles)], tiles, atol=1e-6)
+      assert not batch["images"][row, i, len(tiles):].any()
+    if name == "rgb":
+      expected = ([256] + text("USER: ") + [258] * 16 + text("\nWhat colour? ASSISTANT:")
+                  + text(" Orange.") + [257])
+      np.testing.assert_array_equal(batch["tokens"][row, :len(expected)], expected)
+  assert seen == set(counts)
+  # Held out: the evaluator's prompts carry the same per-image placeholders.
+  validation = pipeline.LlavaConversations(
+      4, 64, json_path=json_path, image_dir=image_dir, image_size=8,
+      image_tokens=layout.max_tokens, image_token_id=258, max_images=2, layout=layout,
+      data_dir=str(tmp_path / "tfds"), split="validation")
+  assert validation.examples(0)[0]["image"] == []  # "held-0" has no image
+
+
 def test_llava_errors_name_the_thing(tmp_path):
   with pytest.raises(FileNotFoundError, match="LLaVA JSON .*absent.json does not exist"):
     pipeline.LlavaConversations(4, 32, json_path=str(tmp_path / "absent.json"),
@@ -266,12 +317,16 @@ def test_llava_errors_name_the_thing(tmp_path):
                                 image_token_id=258, data_dir=str(tmp_path / "tfds"))
 
 
-def test_trainer_reads_a_llava_folder(tmp_path, run_train):
+@pytest.mark.parametrize("variant,overrides", [
+    ("tiny", {"data.seq_len": 96}),
+    # LLaVA-NeXT: each image cut into AnyRes tiles at its own size (up to 88 placeholders).
+    ("tiny-anyres", {"data.seq_len": 150, "data.scene_sizes": "fixed"})])
+def test_trainer_reads_a_llava_folder(tmp_path, run_train, variant, overrides):
   json_path, image_dir = write_llava(tmp_path / "llava")
-  rows = run_train(tmp_path / "run", "early_fusion.py:tiny", {
+  rows = run_train(tmp_path / "run", f"early_fusion.py:{variant}", {
       "data.name": "llava", "data.json": json_path, "data.image_dir": image_dir,
-      "data.data_dir": str(tmp_path / "tfds"), "data.seq_len": 96, "batch_size": 4,
-      "total_steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1})
+      "data.data_dir": str(tmp_path / "tfds"), "batch_size": 4,
+      "total_steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1, **overrides})
   assert [r["step"] for r in rows] == [2, 4] and np.isfinite(rows[-1]["loss"])
   # Held-out conversations are answered and scored, not only given a loss: the one held-out
   # example ("held-0"), four times over a batch of 4, each against its own first answer.

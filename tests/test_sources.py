@@ -14,6 +14,8 @@ import tensorflow_datasets as tfds
 from configs import lm as lm_config
 from configs import vit as vit_config
 from mmjax import trainer
+from mmjax.data import anyres
+from mmjax.data import images
 from mmjax.data import pipeline
 from mmjax.data import sources
 from mmjax.data import synthetic
@@ -95,6 +97,31 @@ def test_coco_captions_convert_skip_and_lay_out(tmp_path, caplog):
   example = validation.examples(0)[0]
   assert example["prompt"] == [BOS, IMAGE, IMAGE] and example["type"] == "caption"
   assert example["references"] == [c.decode() for c in validation.records[0]["captions"]]
+
+
+def test_coco_anyres_prompts_hold_each_images_tokens(tmp_path):
+  # LLaVA-NeXT captioning: 4 px tiles of 2 x 2 patches. A 6 x 6 px image keeps the most pixels
+  # in the 8 x 8 pinpoint (2 x 2 tiles, 4 x 4 patches, nothing to unpad): the base tile's 4
+  # tokens, then 4 rows of 4 patches and a newline: 24 placeholders.
+  layout = anyres.Layout(((4, 8), (8, 4), (8, 8)), tile=4, patch=2)
+  json_path, image_dir = write_coco(tmp_path / "coco")
+  train, validation = (pipeline.CocoCaptions(
+      2, 40, json_path=json_path, image_dir=image_dir, image_size=4,
+      image_tokens=layout.max_tokens, image_token_id=IMAGE, split=split, layout=layout,
+      data_dir=str(tmp_path / "tfds")) for split in ("train", "validation"))
+  assert validation.longest_prompt() == 1 + 4 + 4 * (4 + 1)  # the largest grid's, 8 x 8 px
+  batch = train.batch(0)
+  for row in range(2):
+    ids = [int(t) for t in batch["tokens"][row]]
+    assert ids[:25] == [BOS] + [IMAGE] * 24 and IMAGE not in ids[25:]
+    record = train.record(row)
+    pixels = np.round(images.from_bytes(record["images"][0]) * 255).astype(np.uint8)
+    np.testing.assert_allclose(batch["images"][row, 0], anyres.tiles(pixels, layout.pinpoints, 4),
+                               atol=1e-6)
+    np.testing.assert_array_equal(batch["image_sources"][row, 0],
+                                  anyres.token_sources((6, 6), layout.pinpoints, 4, 2))
+  example = validation.examples(0)[0]
+  assert example["prompt"] == [BOS] + [IMAGE] * 24 and len(example["image"]) == 1
 
 
 def test_coco_with_its_own_validation_file(tmp_path):

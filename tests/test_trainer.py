@@ -166,13 +166,17 @@ def test_generated_answers_are_the_same_on_a_sharded_mesh(tmp_path, run_train):
   assert eight["vqa/accuracy"] == one[-1]["vqa/accuracy"]
 
 
-def test_native_resolution_trains_and_answers_alike_on_one_and_eight_devices(tmp_path, run_train):
-  # Varied-size scenes packed at their own resolution, through train.py on one device, then
-  # sharded over 8 (fsdp_tp): the same losses and the same greedy answers.
+@pytest.mark.parametrize("name,arg", [("deep_fusion", "tiny-native"),
+                                      ("early_fusion", "tiny-anyres")])
+def test_native_resolution_trains_and_answers_alike_on_one_and_eight_devices(tmp_path, run_train,
+                                                                             name, arg):
+  # Varied-size scenes at their own resolution (packed patches for deep fusion, AnyRes tiles
+  # for early fusion), through train.py on one device, then sharded over 8 (fsdp_tp): the same
+  # losses and the same greedy answers.
   overrides = {"total_steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1,
                "batch_size": 4}
-  one = run_train(tmp_path / "one", "deep_fusion.py:tiny-native", overrides, devices=1)
-  config = config_for("deep_fusion", "tiny-native", **{
+  one = run_train(tmp_path / "one", f"{name}.py:{arg}", overrides, devices=1)
+  config = config_for(name, arg, **{
       "mesh.rules": "fsdp_tp", "mesh.shape.data": 2, "mesh.shape.fsdp": -1,
       "mesh.shape.tensor": 2, **overrides})
   eight = trainer.train_and_evaluate(config, str(tmp_path / "eight"))

@@ -76,24 +76,15 @@ def anyres_images(config: dict, requests: list[dict]) -> tuple[early_fusion.Tile
   placeholder ids of each of its images)."""
   fields = config["model"]
   vision = vit.Model(**fields["vit"])
-  tile, pinpoints = vision.image_size, fields["grid_pinpoints"]
-  rows = [[np.round(image_codec.read(path, None) * 255).astype(np.uint8)
-           for path in r.get("images", [])] for r in requests]
-  sizes = [[image.shape[:2] for image in row] for row in rows]
-  counts = [[anyres.num_tokens(size, pinpoints, tile, vision.patch_size) for size in row]
-            for row in sizes]
-  cut = [[anyres.tiles(image, pinpoints, tile) for image in row] for row in rows]
-  most_images = max(1, max(len(row) for row in rows))
-  most_tiles = max([len(t) for row in cut for t in row] or [1])
-  pixels = np.zeros((len(rows), most_images, most_tiles, tile, tile, 3), np.float32)
-  for b, row in enumerate(cut):
-    for i, t in enumerate(row):
-      pixels[b, i, :len(t)] = t
-  pixels = image_codec.normalise(pixels, **config.get("pixels", {}))
-  sources = anyres.batch_sources(sizes, pinpoints, tile, vision.patch_size, most_images,
-                                 max([n for row in counts for n in row] or [1]))
-  ids = [[[fields["image_token_id"]] * n for n in row] for row in counts]
-  return early_fusion.Tiles(pixels, sources), ids
+  layout = anyres.Layout(tuple(map(tuple, fields["grid_pinpoints"])), vision.image_size,
+                         vision.patch_size,
+                         max_images=max(1, max(len(r.get("images", [])) for r in requests)))
+  rows = [[layout.cut(image_codec.read(path, None)) for path in r.get("images", [])]
+          for r in requests]
+  rows = [[(image_codec.normalise(tiles, **config.get("pixels", {})), sources)
+           for tiles, sources in row] for row in rows]
+  ids = [[[fields["image_token_id"]] * len(sources) for _, sources in row] for row in rows]
+  return steps.batch_images(layout.pack(rows)), ids
 
 
 def main(argv):

@@ -11,7 +11,11 @@ the model (`early_fusion.Tiles`) which tile patch fills each of them.
 
   sources = token_sources((480, 640), [(336, 672), (672, 336), (672, 672)], tile=336, patch=14)
   pixels = tiles(image, [(336, 672), (672, 336), (672, 672)], tile=336)  # the same image's tiles
+
+A batch (`Layout`) pads every image to the most tiles and tokens any pinpoint
+can need, so one compiled step serves every mix of sizes.
 """
+import dataclasses
 import math
 
 import numpy as np
@@ -73,21 +77,6 @@ def num_tokens(size: tuple[int, int], pinpoints, tile: int, patch: int) -> int:
   return len(token_sources(size, pinpoints, tile, patch))
 
 
-def batch_sources(sizes: list[list[tuple[int, int]]], pinpoints, tile: int, patch: int,
-                  max_images: int, length: int) -> np.ndarray:
-  """int32[B, max_images, length]: each row's images' token_sources, early_fusion.PAD after
-  them."""
-  out = np.full((len(sizes), max_images, length), early_fusion.PAD, np.int32)
-  for b, row in enumerate(sizes):
-    for i, size in enumerate(row):
-      sources = token_sources(size, pinpoints, tile, patch)
-      if len(sources) > length:
-        raise ValueError(f"an image of {size[0]} x {size[1]} px takes {len(sources)} tokens; "
-                         f"the batch holds {length} an image")
-      out[b, i, :len(sources)] = sources
-  return out
-
-
 def tiles(image: np.ndarray, pinpoints, tile: int) -> np.ndarray:
   """uint8[H, W, 3] -> float32[1 + rows * columns, S, S, 3] in [0, 1]: the whole image resized
   to S x S, then the tiles of its grid, row-major. As HF's LLaVA-NeXT processor: resized
@@ -111,3 +100,53 @@ def tiles(image: np.ndarray, pinpoints, tile: int) -> np.ndarray:
   grid = [padded[r:r + tile, c:c + tile] for r in range(0, target_height, tile)
           for c in range(0, target_width, tile)]
   return np.stack([base, *grid]).astype(np.float32) / 255.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How a batch holds AnyRes images: per image slot its tiles and token sources, padded to the
+  most that any of the pinpoints needs (fixed shapes: one compile for every mix of sizes)."""
+
+  pinpoints: tuple[tuple[int, int], ...]
+  tile: int  # S, the ViT's resolution
+  patch: int
+  max_images: int = 1  # image slots per row
+
+  @property
+  def max_tiles(self) -> int:
+    return 1 + max((h // self.tile) * (w // self.tile) for h, w in self.pinpoints)
+
+  @property
+  def max_tokens(self) -> int:
+    """The most placeholders an image can need: the base tile's patches and a whole grid's,
+    a newline a row (unpadding only removes)."""
+    side = self.tile // self.patch
+    return side * side + max((h // self.tile * side) * (w // self.tile * side + 1)
+                             for h, w in self.pinpoints)
+
+  def cut(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float[H, W, 3] in [0, 1] -> (its tiles float32[n, S, S, 3], its token_sources int32[L])."""
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    return (tiles(pixels, self.pinpoints, self.tile),
+            token_sources(image.shape[:2], self.pinpoints, self.tile, self.patch))
+
+  def pack(self, rows: list[list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, np.ndarray]:
+    """Each row's images as (tiles, sources), from `cut` -> {"images": float32[B, I, N, S, S, 3],
+    "image_sources": int32[B, I, L]} (early_fusion.Tiles' fields; unused slots PAD)."""
+    B, S = len(rows), self.tile
+    out = {"images": np.zeros((B, self.max_images, self.max_tiles, S, S, 3), np.float32),
+           "image_sources": np.full((B, self.max_images, self.max_tokens), early_fusion.PAD,
+                                    np.int32)}
+    for b, images in enumerate(rows):
+      if len(images) > self.max_images:
+        raise ValueError(f"a row of {len(images)} images; the batch holds {self.max_images}")
+      for i, (pixels, sources) in enumerate(images):
+        out["images"][b, i, :len(pixels)] = pixels
+        out["image_sources"][b, i, :len(sources)] = sources
+    return out
+
+  def spec(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The packed arrays' shapes and dtypes for batch_size rows."""
+    B, I, S = batch_size, self.max_images, self.tile
+    return {"images": ((B, I, self.max_tiles, S, S, 3), np.float32),
+            "image_sources": ((B, I, self.max_tokens), np.int32)}

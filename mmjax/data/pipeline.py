@@ -30,6 +30,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import builders
 from mmjax.data import images as image_codec
@@ -115,8 +116,8 @@ class Example:
   id: str
   ids: list[int]  # the whole sequence, BOS to EOS
   loss: list[int]
-  # float32[S, S, 3] each, in the order of their placeholders
-  images: list[np.ndarray] = dataclasses.field(default_factory=list)
+  # In the order of their placeholders: float32[S, S, 3] each, or AnyRes (tiles, sources).
+  images: list = dataclasses.field(default_factory=list)
 
 
 class RecordSource(base.Source):
@@ -126,11 +127,15 @@ class RecordSource(base.Source):
   Batches: tokens, targets int32[b, T], loss_weights float32[b, T], and
   images float32[b, pack * max_images, S, S, 3] when max_images > 0 (slots in
   the order their placeholders appear; unused slots are never read);
-  segment_ids and positions int32[b, T] when packing.
+  segment_ids and positions int32[b, T] when packing. With an `anyres.Layout`
+  (LLaVA-NeXT), each image keeps its size, cut into AnyRes tiles: images
+  float32[b, max_images, N, S, S, 3] and image_sources int32[b, max_images, L],
+  and the text holds as many placeholders as each image's size needs.
   """
 
   def __init__(self, batch_size: int, seq_len: int, *, tokenizer: str = "bytes", pack: int = 1,
-               max_images: int = 0, image_size: int = 0, resize: str = "bilinear", **kwargs):
+               max_images: int = 0, image_size: int = 0, resize: str = "bilinear",
+               layout: anyres.Layout | None = None, **kwargs):
     super().__init__(batch_size, **kwargs)
     if pack < 1:
       raise ValueError(f"config.data.pack must be >= 1, got {pack}")
@@ -140,6 +145,7 @@ class RecordSource(base.Source):
     self.pack = pack
     self.max_images = max_images
     self.image_size = image_size
+    self.layout = layout
     self.tokenizer = tokenizers.load(tokenizer)
     self.counts = collections.Counter()
     self.image_ids: list[int] = []  # the ids that stand for one image (sources with images)
@@ -155,6 +161,18 @@ class RecordSource(base.Source):
 
   def record(self, position: int) -> dict:
     return self.records[int(self.order[position])]
+
+  def image(self, data: bytes):
+    """An encoded image as a batch holds it: float32[S, S, 3] (normalised in the batch), or
+    AnyRes (normalised tiles, token sources)."""
+    if self.layout is None:
+      return image_codec.from_bytes(data, self.image_size, self.resize)
+    tiles, sources = self.layout.cut(image_codec.from_bytes(data))
+    return self.normalise(tiles), sources
+
+  def placeholders(self, image) -> list[int]:
+    """The ids that stand for one image in the text."""
+    return self.image_ids if self.layout is None else self.image_ids[:1] * len(image[1])
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     rows = []
@@ -190,9 +208,13 @@ class RecordSource(base.Source):
     ids = e.ids[:length]
     if self.image_ids:
       places = [i for i, t in enumerate(ids) if t == self.image_ids[0]]
-      whole = len(places) // len(self.image_ids)
-      if len(places) % len(self.image_ids):
-        ids = ids[:places[whole * len(self.image_ids)]]
+      whole, used = 0, 0  # images whose placeholders all fit, and their placeholders
+      for image in e.images:
+        if used + len(self.placeholders(image)) > len(places):
+          break
+        whole, used = whole + 1, used + len(self.placeholders(image))
+      if len(places) > used:
+        ids = ids[:places[used]]
       e = dataclasses.replace(e, images=e.images[:whole])
     return dataclasses.replace(e, ids=ids, loss=e.loss[:len(ids)])
 
@@ -220,7 +242,10 @@ class RecordSource(base.Source):
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": weights[:, 1:]}
     if self.pack > 1:
       batch.update(segment_ids=segment_ids[:, :-1], positions=positions[:, :-1])
-    if self.max_images:
+    if self.max_images and self.layout is not None:
+      batch.update(self.layout.pack([[image for e in examples for image in e.images]
+                                     for examples in rows]))
+    elif self.max_images:
       images = np.zeros((len(rows), self.pack * self.max_images, self.image_size,
                          self.image_size, 3), np.float32)
       for b, examples in enumerate(rows):
@@ -268,7 +293,8 @@ class LlavaConversations(RecordSource):
   """LLaVA conversations from their tfds build, laid out by `tokenizers.encode_conversation`.
 
   Each "<image>" becomes image_tokens placeholders (or one marker); an example
-  keeps its first max_images images, resized to image_size.
+  keeps its first max_images images, resized to image_size (AnyRes: at their
+  own size, cut into tiles, each taking the placeholders its size needs).
   """
 
   def __init__(self, batch_size: int, seq_len: int, *, json_path: str, image_dir: str,
@@ -287,13 +313,17 @@ class LlavaConversations(RecordSource):
     if len(record["images"]) > self.max_images:  # the placeholders of the rest would read
       self._count("more images than data.max_images", record["id"].decode())  # nothing real
       return None
+    images = self._images(record)
     ids, loss = tokenizers.encode_conversation(json.loads(record["conversation"]),
-                                               self.tokenizer, self.image_ids)
-    return Example(record["id"].decode(), ids, loss, self._images(record))
+                                               self.tokenizer, self._image_ids(images))
+    return Example(record["id"].decode(), ids, loss, images)
 
-  def _images(self, record: dict) -> list[np.ndarray]:
-    return [image_codec.from_bytes(data, self.image_size, self.resize)
-            for data in record["images"][:self.max_images]]
+  def _images(self, record: dict) -> list:
+    return [self.image(data) for data in record["images"][:self.max_images]]
+
+  def _image_ids(self, images: list) -> list[int] | list[list[int]]:
+    """The placeholders of every "<image>": the same for each, or AnyRes' per image."""
+    return self.image_ids if self.layout is None else [self.placeholders(i) for i in images]
 
   # The generative evaluator's interface (see evaluate.Generative): each held-out
   # conversation's first question, answered and scored against its first answer.
@@ -313,21 +343,24 @@ class LlavaConversations(RecordSource):
     for row, _ in self.rows(step):
       record = self.record(step * self.batch_size + row)
       question, answer = json.loads(record["conversation"])[:2]
+      images = self._images(record)
       ids, loss = tokenizers.encode_conversation([question, answer], self.tokenizer,
-                                                 self.image_ids)
-      images = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
-      for i, image in enumerate(self._images(record)):
-        images[i] = image
+                                                 self._image_ids(images))
+      if self.layout is None:  # dense slots, the unused ones blank
+        dense = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
+        for i, image in enumerate(images):
+          dense[i] = image
+        images = self.normalise(dense)
       prompt = ids[:loss.index(1)][:self.longest_prompt()]  # a longer question is cut short
-      rows.append({"image": self.normalise(images), "prompt": prompt,
+      rows.append({"image": images, "prompt": prompt,
                    "question": question["value"], "answer": answer["value"],
                    "type": "conversation"})
     return rows
 
 
 class CocoCaptions(RecordSource):
-  """Captioned images: BOS, the image's placeholders (or marker), a caption, EOS; loss on the
-  caption.
+  """Captioned images: BOS, the image's placeholders (or marker; AnyRes: as many as its size
+  needs), a caption, EOS; loss on the caption.
 
   Each epoch draws one of the image's captions (seeded by the record's global
   position). Held-out examples carry every caption as references for BLEU/CIDEr.
@@ -358,9 +391,10 @@ class CocoCaptions(RecordSource):
 
   def example(self, record: dict, position: int) -> Example:
     caption = self.tokenizer.encode(self._caption(record, position)) + [self.tokenizer.eos_id]
-    return Example(record["id"].decode(), self.prompt + caption,
-                   [0] * len(self.prompt) + [1] * len(caption),
-                   [image_codec.from_bytes(record["images"][0], self.image_size, self.resize)])
+    image = self.image(record["images"][0])
+    prompt = [self.tokenizer.bos_id] + self.placeholders(image)
+    return Example(record["id"].decode(), prompt + caption,
+                   [0] * len(prompt) + [1] * len(caption), [image])
 
   # The generative evaluator's interface (see evaluate.Generative).
 
@@ -375,8 +409,9 @@ class CocoCaptions(RecordSource):
     for row, _ in self.rows(step):
       record = self.record(step * self.batch_size + row)
       captions = [c.decode() for c in record["captions"]]
-      image = image_codec.from_bytes(record["images"][0], self.image_size, self.resize)
-      rows.append({"image": self.normalise(image)[None], "prompt": self.prompt, "question": "",
+      image = self.image(record["images"][0])
+      rows.append({"image": [image] if self.layout else self.normalise(image)[None],
+                   "prompt": [self.tokenizer.bos_id] + self.placeholders(image), "question": "",
                    "answer": captions[0], "references": captions[:self.max_references],
                    "type": "caption"})
     return rows

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import models
+from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import patches
 from mmjax.data import synthetic
@@ -45,13 +46,22 @@ def image_size(config: Config) -> int:
 
 
 def placeholders_per_image(config: Config) -> int:
-  """Tokens the text holds for one image at the data's image size."""
+  """Tokens the text holds for one image at the data's image size (AnyRes: the most any
+  image can need; each image takes what its size needs)."""
+  native = layout(config)
+  if isinstance(native, anyres.Layout):
+    return native.max_tokens
   return models.placeholders_per_image(config.family, config.model, image_size(config))
 
 
-def layout(config: Config) -> patches.Layout | None:
-  """How images at their own size are packed (config.data.max_patches set), else None."""
+def layout(config: Config) -> patches.Layout | anyres.Layout | None:
+  """How images at their own size are laid out: packed patches (config.data.max_patches set),
+  AnyRes tiles (an early-fusion model with grid_pinpoints), else None."""
   data = config.data
+  if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
+    return anyres.Layout(tuple(map(tuple, config.model.grid_pinpoints)), image_size(config),
+                         models.patch_size(config.family, config.model),
+                         max_images=data.max_images if data.name == "llava" else 1)
   if not data.get("max_patches"):
     return None
   return patches.Layout(patch=models.patch_size(config.family, config.model),
@@ -91,7 +101,8 @@ def _annotated(config: Config, split: str, common: dict) -> base.Source:
       config.batch_size, data.seq_len, json_path=data.json, image_dir=data.image_dir,
       image_size=image_size(config), image_tokens=placeholders_per_image(config),
       image_token_id=config.model.image_token_id, data_dir=data.data_dir,
-      resize=data.get("resize", "bilinear"), **images, **_tokens(data), **common)
+      resize=data.get("resize", "bilinear"), layout=layout(config), **images, **_tokens(data),
+      **common)
 
 
 def _image_folder(config: Config, split: str, common: dict) -> base.Source:
@@ -165,9 +176,7 @@ def check(config: Config):
     if not data.get(key):
       raise ValueError(f"config.data.{key} must be set for config.data.name={data.name!r}")
   if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
-    raise ValueError("config.model.grid_pinpoints (AnyRes, LLaVA-NeXT): no training data "
-                     "source cuts images into AnyRes tiles yet; such a model imports, exports "
-                     "and answers (tools/generate.py, early_fusion.Tiles from mmjax.data.anyres)")
+    _check_anyres(config)
   if data.get("max_patches"):
     if config.family != "deep_fusion" or data.name != "shapes":
       raise ValueError("config.data.max_patches (images at their own size, packed) feeds deep "
@@ -197,6 +206,25 @@ def check(config: Config):
       key = "config.model.vocab_size" if config.family == "lm" else "config.model.lm.vocab_size"
       raise ValueError(f"{key}={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} "
                        f"ids ({tokenizer!r}, config.data.name={data.name!r})")
+
+
+def _check_anyres(config: Config):
+  model, data = config.model, config.data
+  if data.name not in ("shapes", "llava", "coco_captions"):
+    raise ValueError("config.model.grid_pinpoints (AnyRes, LLaVA-NeXT) reads images at their "
+                     "own size from data.name 'shapes', 'llava' or 'coco_captions', not "
+                     f"{data.name!r}")
+  if data.get("max_patches") or data.get("pack", 1) > 1:
+    raise ValueError("config.data.max_patches and config.data.pack pack deep fusion's rows; "
+                     "AnyRes (config.model.grid_pinpoints) takes one example a row")
+  tile = image_size(config)
+  for pinpoint in model.grid_pinpoints:
+    if len(pinpoint) != 2 or any(side <= 0 or side % tile for side in pinpoint):
+      raise ValueError(f"config.model.grid_pinpoints: {tuple(pinpoint)} is not a (height, "
+                       f"width) of whole {tile} px tiles (the ViT's image size)")
+  if models.has_cls(config.family, model) and not model.get("drop_cls", True):
+    raise ValueError("config.model.drop_cls=False: AnyRes tiles give the LM their patches "
+                     "only, as LLaVA-NeXT does; set it True")
 
 
 def build(config: Config, split: str = "train") -> base.Source:
@@ -237,7 +265,7 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   spec = {"tokens": text, "targets": text,
           "loss_weights": jax.ShapeDtypeStruct((B, seq_len), np.float32)}
   pack = data.get("pack", 1)
-  if pack > 1 or native:
+  if pack > 1 or isinstance(native, patches.Layout):
     spec.update(segment_ids=text, positions=text)
   if native:
     spec.update({k: jax.ShapeDtypeStruct(shape, dtype)

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import images as image_codec
 from mmjax.data import patches
@@ -92,12 +93,14 @@ class ShapeScenes(base.Source):
   fusion at native resolution), images keep their own size and each row packs
   examples, with segment ids, until its patch slots, its tokens or
   layout.max_images run out, the last image of a row shrunk to the room left
-  when that keeps at least half its patches.
+  when that keeps at least half its patches. With an `anyres.Layout` (early
+  fusion with grid_pinpoints: LLaVA-NeXT), each image keeps its size and is cut
+  into AnyRes tiles, its prompt holding as many placeholders as its size needs.
   """
 
   def __init__(self, batch_size: int, seq_len: int | None, image_size: int, image_tokens: int,
                task: str = "vqa", max_shapes: int = 3, image_token_id: int | None = None,
-               tokenizer: str = "bytes", layout: patches.Layout | None = None,
+               tokenizer: str = "bytes", layout: patches.Layout | anyres.Layout | None = None,
                sizes: str = "fixed", **kwargs):
     super().__init__(batch_size, **kwargs)
     self.tokenizer = tokenizers.load(tokenizer)
@@ -110,7 +113,8 @@ class ShapeScenes(base.Source):
     self.max_shapes = max_shapes
     self.task = task
     self.image_size = image_size
-    self.image_tokens = image_tokens  # P per image for early fusion, 1 for deep fusion
+    # P per image for early fusion (AnyRes: the most an image can take), 1 for deep fusion
+    self.image_tokens = image_tokens
     self.image_token_id = self.tokenizer.image_id if image_token_id is None else image_token_id
     self.layout = layout
     self.sizes = sizes
@@ -178,7 +182,7 @@ class ShapeScenes(base.Source):
     layout, fitted to whole patches and to `room`, or None if that halves it."""
     S = self.image_size
     height, width = (S, S) if self.sizes == "fixed" else rng.integers(S // 2, 2 * S + 1, size=2)
-    if self.layout is None:
+    if not isinstance(self.layout, patches.Layout):
       return height, width
     grid = self.layout.fit_grid(height, width)
     if room is not None:
@@ -190,7 +194,8 @@ class ShapeScenes(base.Source):
 
   def example(self, step: int, row: int, rng: np.random.Generator,
               room: int | None = None) -> dict | None:
-    """One example: image float32[1, H, W, 3], prompt ids, question, answer, type."""
+    """One example: image float32[1, H, W, 3] (AnyRes: [(tiles, token sources)]), prompt ids,
+    question, answer, type."""
     scene = self.scene(step, row, rng, room)
     if scene is None:
       return None
@@ -199,9 +204,13 @@ class ShapeScenes(base.Source):
       kind, question, answer = "caption", "", scene["caption"]
     else:
       kind, question, answer = scene["type"], scene["question"], scene["answer"]
-    prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * self.image_tokens
+    image, placeholders = self.normalise(scene["image"])[None], self.image_tokens
+    if isinstance(self.layout, anyres.Layout):
+      tiles, sources = self.layout.cut(scene["image"])
+      image, placeholders = [(self.normalise(tiles), sources)], len(sources)
+    prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * placeholders
               + self.tokenizer.encode(question + " " if question else ""))
-    return {"image": self.normalise(scene["image"])[None], "prompt": prompt,
+    return {"image": image, "prompt": prompt,
             "question": question, "answer": answer, "type": kind}
 
   def examples(self, step: int) -> list[dict]:
@@ -209,14 +218,15 @@ class ShapeScenes(base.Source):
     return [self.example(step, row, rng) for row, rng in self.rows(step)]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    if self.layout is not None:
+    if isinstance(self.layout, patches.Layout):
       return self.packed_batch(step)
     examples = self.examples(step)
     rows = [e["prompt"] + self.tokenizer.encode(e["answer"]) + [self.tokenizer.eos_id]
             for e in examples]
     loss_from = [len(e["prompt"]) - 1 for e in examples]  # the first target is the answer's
-    return {"images": np.stack([e["image"] for e in examples]),
-            **_shift(rows, self.seq_len, self.tokenizer.pad_id, loss_from)}
+    images = ({"images": np.stack([e["image"] for e in examples])} if self.layout is None
+              else self.layout.pack([e["image"] for e in examples]))
+    return {**images, **_shift(rows, self.seq_len, self.tokenizer.pad_id, loss_from)}
 
   def packed_batch(self, step: int) -> dict[str, np.ndarray]:
     """Rows of whole examples with their images at their own sizes (see the class doc)."""

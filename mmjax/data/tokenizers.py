@@ -150,8 +150,8 @@ def load(spec: str):
 LLAVA_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 
 
-def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int]) -> tuple[list[int],
-                                                                                     list[int]]:
+def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int] | list[list[int]]
+                        ) -> tuple[list[int], list[int]]:
   """A LLaVA conversation -> (token ids, loss mask), the loss on the assistant's turns only.
 
   turns: [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."},
@@ -160,10 +160,12 @@ def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int]) -> t
     BOS "USER: " human " ASSISTANT: " gpt EOS "USER: " human " ASSISTANT: " gpt EOS ...
 
   with each "<image>" in a human turn replaced by image_ids (P placeholders, or
-  one marker). The mask is 1 on the tokens of every gpt turn and its EOS.
+  one marker; or a list per image, in order: AnyRes images take as many as
+  their size needs). The mask is 1 on the tokens of every gpt turn and its EOS.
   """
   if not turns:
     raise ValueError("empty conversation")
+  per_image = iter(image_ids) if image_ids and isinstance(image_ids[0], list) else None
   ids, mask = [tokenizer.bos_id], [0]
   for n, turn in enumerate(turns):
     role, text = turn.get("from"), turn.get("value", "")
@@ -175,7 +177,8 @@ def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int]) -> t
       pieces = ("USER: " + text + " ASSISTANT:").split("<image>")
       prompt = tokenizer.encode(pieces[0])
       for piece in pieces[1:]:
-        prompt += list(image_ids) + tokenizer.encode(piece)
+        prompt += list(image_ids if per_image is None else next(per_image, [])) + \
+            tokenizer.encode(piece)
       ids += prompt
       mask += [0] * len(prompt)
     else:
