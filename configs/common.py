@@ -173,7 +173,7 @@ def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
       image_size=model_image_size(),
       # Deep fusion at native resolution: each image keeps its aspect ratio, cut into patches
       # packed into this many slots per row, with up to `pack` examples a row (mmjax/data/
-      # patches.py); None: every image resized to image_size. Scenes only, for now.
+      # patches.py); None: every image resized to image_size. Scenes, llava, coco_captions.
       max_patches=ml_collections.config_dict.placeholder(int),
       # scenes: or "varied", sides image_size/2..2*image_size: kept with max_patches, else
       # squashed to image_size

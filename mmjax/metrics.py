@@ -108,15 +108,17 @@ class Writer:
   def write_samples(self, step: int, samples: list[dict]):
     """Generated answers next to the truth: DIR/samples.jsonl, and images + text in TensorBoard.
 
-    samples: dicts with "image" float[H, W, 3] in [0, 1] and text fields.
+    samples: dicts with "image" float[H, W, 3] in [0, 1] (0 x 0: the example has none, at its
+    own size) and text fields.
     """
     if not self.enabled:
       return
     for i, sample in enumerate(samples):
       text = {k: v for k, v in sample.items() if k != "image"}
       self.samples.write(json.dumps({"step": step, **text}) + "\n")
-      self.tensorboard.add_image(f"samples/{i}", np.clip(sample["image"], 0, 1), step,
-                                 dataformats="HWC")
+      if sample["image"].size:
+        self.tensorboard.add_image(f"samples/{i}", np.clip(sample["image"], 0, 1), step,
+                                   dataformats="HWC")
       self.tensorboard.add_text(f"samples/{i}", " | ".join(f"{k}: {v}" for k, v in text.items()),
                                 step)
     self.samples.flush()

@@ -90,7 +90,8 @@ def test_native_resolution_config_errors():
   assert spec["patches"].shape == (3, 128, 192) and spec["image_grids"].shape == (3, 8, 2)
   assert spec["segment_ids"].shape == spec["tokens"].shape == (3, 256)
   config.data.name = "tfds_scenes"
-  with pytest.raises(ValueError, match=r"config.data.max_patches .* from data.name='shapes'"):
+  with pytest.raises(ValueError, match=r"config.data.max_patches .* 'coco_captions', not "
+                     r"deep_fusion from 'tfds_scenes'"):
     sources.check(config)
   config = common.load("early_fusion.py:tiny")
   config.data.max_patches = 64

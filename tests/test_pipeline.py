@@ -1,4 +1,5 @@
 """tfds-backed sources: built without TensorFlow, read by index, resumable, split by process."""
+import itertools
 import json
 import logging
 import pathlib
@@ -11,6 +12,7 @@ from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import builders
 from mmjax.data import images
+from mmjax.data import patches
 from mmjax.data import pipeline
 from mmjax.data import synthetic
 from mmjax.models import early_fusion
@@ -117,8 +119,9 @@ def test_trainer_reads_tfds_scenes(tmp_path, data_dir, run_train):
 # ----------------------------------------------------------------------------
 
 
-def write_llava(root, long_answer_bytes=200):
-  """A LLaVA folder with good, greyscale, RGBA, missing, corrupt and malformed examples."""
+def write_llava(root, long_answer_bytes=200, two_images=False):
+  """A LLaVA folder with good, greyscale, RGBA, missing, corrupt and malformed examples (and
+  with two_images, "two": the RGB and the greyscale image in one question)."""
   (root / "img").mkdir(parents=True, exist_ok=True)
   Image.fromarray(np.full((20, 10, 3), [200, 100, 50], np.uint8)).save(root / "img" / "rgb.png")
   Image.fromarray(np.full((8, 8), 90, np.uint8), "L").save(root / "img" / "grey.png")
@@ -143,6 +146,9 @@ def write_llava(root, long_answer_bytes=200):
       # Its id hashes lowest: the one example held out for validation.
       {"id": "held-0", "conversations": conv("Held out?", "Yes.")},
   ]
+  if two_images:
+    entries.append({"id": "two", "image": ["rgb.png", "grey.png"],
+                    "conversations": conv("<image><image>Same?", "No.")})
   (root / "llava.json").write_text(json.dumps(entries))
   return str(root / "llava.json"), str(root / "img")
 
@@ -209,11 +215,7 @@ def test_an_edited_source_is_converted_again(tmp_path):
 
 
 def test_llava_examples_with_more_images_than_slots_are_skipped(tmp_path, caplog):
-  json_path, image_dir = write_llava(tmp_path / "llava")
-  entries = json.loads(pathlib.Path(json_path).read_text())
-  entries.append({"id": "two", "image": ["rgb.png", "grey.png"], "conversations": [
-      {"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "No."}]})
-  pathlib.Path(json_path).write_text(json.dumps(entries))
+  json_path, image_dir = write_llava(tmp_path / "llava", two_images=True)
   kwargs = dict(json_path=json_path, image_dir=image_dir, image_size=4, image_tokens=2,
                 image_token_id=258, data_dir=str(tmp_path / "tfds"))
   one = pipeline.LlavaConversations(4, 64, max_images=1, **kwargs)
@@ -267,11 +269,7 @@ def test_llava_anyres_cuts_each_image_at_its_own_size(tmp_path):
   # then 4 rows of 2 patches and a newline: 16 placeholders. The 8 x 8 images fit 8 x 16 and
   # 16 x 8 equally, keep the first (1 x 2 tiles: 2 x 4 patches), and are unpadded to 2 x 2:
   # 4 + 2 * 3 = 10.
-  json_path, image_dir = write_llava(tmp_path / "llava")
-  entries = json.loads(pathlib.Path(json_path).read_text())
-  entries.append({"id": "two", "image": ["rgb.png", "grey.png"], "conversations": [
-      {"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "No."}]})
-  pathlib.Path(json_path).write_text(json.dumps(entries))
+  json_path, image_dir = write_llava(tmp_path / "llava", two_images=True)
   layout = anyres.Layout(((8, 16), (16, 8), (16, 16)), tile=8, patch=4, max_images=2)
   source = pipeline.LlavaConversations(
       4, 64, json_path=json_path, image_dir=image_dir, image_size=8,
@@ -310,6 +308,44 @@ def test_llava_anyres_cuts_each_image_at_its_own_size(tmp_path):
   assert validation.examples(0)[0]["image"] == []  # "held-0" has no image
 
 
+def test_llava_at_native_resolution_packs_rows_by_tokens_and_patch_slots(tmp_path, caplog):
+  # Deep fusion at native resolution (data.max_patches=8, pack=2, max_images=2): each image
+  # keeps its aspect ratio within its share of a row, 8 / 2 = 4 patches of 2 px. The 20 x 10
+  # px "rgb" (10 x 5 patches) shrinks to 2 x 1; the 8 x 8 px images (4 x 4) to 2 x 2. A row
+  # packs two examples unless the second's tokens or patches no longer fit.
+  json_path, image_dir = write_llava(tmp_path / "llava", two_images=True)
+  layout = patches.Layout(patch=2, slots=8, max_images=2 * 2, cls=False)
+  source = pipeline.LlavaConversations(
+      4, 128, json_path=json_path, image_dir=image_dir, image_size=4, image_tokens=1,
+      image_token_id=258, max_images=2, pack=2, layout=layout, data_dir=str(tmp_path / "tfds"))
+  colours = {"rgb": [200, 100, 50], "grey": [90] * 3, "rgba": [10, 20, 30]}
+  grids = {"rgb": (2, 1), "grey": (2, 2), "rgba": (2, 2)}
+  files = {"rgb": ["rgb"], "long": ["rgb"], "grey": ["grey"], "rgba": ["rgba"], "text": [],
+           "two": ["rgb", "grey"]}  # each example's images, in order
+  kept = 0
+  with caplog.at_level(logging.WARNING):
+    batches = [source.batch(step) for step in range(3)]
+  for step, row in itertools.product(range(3), range(4)):
+    batch = batches[step]
+    assert batch["patches"].shape == (4, 8, 12) and batch["image_grids"].shape == (4, 4, 2)
+    names = [source.record((step * 4 + row) * 2 + k)["id"].decode() for k in range(2)]
+    segments = sorted(set(batch["segment_ids"][row]) - {0})
+    kept += len(segments)
+    # The row's examples in order (the second only if it fit), each image with its own grid
+    # and colour, one marker each.
+    expected = [image for name in names[:len(segments)] for image in files[name]]
+    assert (batch["tokens"][row] == 258).sum() == len(expected)
+    for i, name in enumerate(expected):
+      assert tuple(batch["image_grids"][row, i]) == grids[name]
+      pixels = patches.unpack(batch, row, i)
+      np.testing.assert_allclose(pixels, np.broadcast_to(np.array(colours[name]) / 255,
+                                                         pixels.shape), atol=1e-6)
+    assert (batch["patch_images"][row] > 0).sum() <= 8
+  dropped = sum(n for why, n in source.counts.items() if why.startswith("dropped"))
+  assert kept + dropped == 3 * 8  # every record trains or is counted
+  assert "patch slots are full" in caplog.text  # e.g. "two" (6 patches) before a 2 x 2 image
+
+
 def test_llava_errors_name_the_thing(tmp_path):
   with pytest.raises(FileNotFoundError, match="LLaVA JSON .*absent.json does not exist"):
     pipeline.LlavaConversations(4, 32, json_path=str(tmp_path / "absent.json"),
@@ -317,13 +353,15 @@ def test_llava_errors_name_the_thing(tmp_path):
                                 image_token_id=258, data_dir=str(tmp_path / "tfds"))
 
 
-@pytest.mark.parametrize("variant,overrides", [
-    ("tiny", {"data.seq_len": 96}),
+@pytest.mark.parametrize("config,overrides", [
+    ("early_fusion.py:tiny", {"data.seq_len": 96}),
     # LLaVA-NeXT: each image cut into AnyRes tiles at its own size (up to 88 placeholders).
-    ("tiny-anyres", {"data.seq_len": 150, "data.scene_sizes": "fixed"})])
-def test_trainer_reads_a_llava_folder(tmp_path, run_train, variant, overrides):
+    ("early_fusion.py:tiny-anyres", {"data.seq_len": 150, "data.scene_sizes": "fixed"}),
+    # Deep fusion at native resolution: two examples a row, their images in 32 patch slots.
+    ("deep_fusion.py:tiny", {"data.seq_len": 96, "data.max_patches": 32, "data.pack": 2})])
+def test_trainer_reads_a_llava_folder(tmp_path, run_train, config, overrides):
   json_path, image_dir = write_llava(tmp_path / "llava")
-  rows = run_train(tmp_path / "run", f"early_fusion.py:{variant}", {
+  rows = run_train(tmp_path / "run", config, {
       "data.name": "llava", "data.json": json_path, "data.image_dir": image_dir,
       "data.data_dir": str(tmp_path / "tfds"), "batch_size": 4,
       "total_steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1, **overrides})

@@ -16,6 +16,7 @@ from configs import vit as vit_config
 from mmjax import trainer
 from mmjax.data import anyres
 from mmjax.data import images
+from mmjax.data import patches
 from mmjax.data import pipeline
 from mmjax.data import sources
 from mmjax.data import synthetic
@@ -58,10 +59,10 @@ def write_coco(root):
   return str(root / "captions.json"), str(root / "img")
 
 
-def coco(tmp_path, split="train", **kwargs):
+def coco(tmp_path, split="train", image_tokens=2, **kwargs):
   json_path, image_dir = write_coco(tmp_path / "coco")
   return pipeline.CocoCaptions(2, 24, json_path=json_path, image_dir=image_dir, image_size=4,
-                               image_tokens=2, image_token_id=IMAGE, split=split,
+                               image_tokens=image_tokens, image_token_id=IMAGE, split=split,
                                data_dir=str(tmp_path / "tfds"), **kwargs)
 
 
@@ -122,6 +123,23 @@ def test_coco_anyres_prompts_hold_each_images_tokens(tmp_path):
                                   anyres.token_sources((6, 6), layout.pinpoints, 4, 2))
   example = validation.examples(0)[0]
   assert example["prompt"] == [BOS] + [IMAGE] * 24 and len(example["image"]) == 1
+
+
+def test_coco_at_native_resolution_for_deep_fusion(tmp_path):
+  # data.max_patches=4 with 2 px patches: a 6 x 6 px image (3 x 3 patches) shrinks to 2 x 2,
+  # one marker in the text; its colour survives the resize.
+  layout = patches.Layout(patch=2, slots=4, max_images=1, cls=False)
+  train = coco(tmp_path, layout=layout, image_tokens=1)
+  batch = train.batch(0)
+  assert batch["patches"].shape == (2, 4, 12) and batch["segment_ids"].shape == (2, 24)
+  for row in range(2):
+    record = train.record(row)
+    assert list(batch["tokens"][row, :2]) == [BOS, IMAGE] and (batch["tokens"][row] == IMAGE
+                                                               ).sum() == 1
+    assert tuple(batch["image_grids"][row, 0]) == (2, 2)
+    colour = {"1": [1, 0, 0], "4": [128 / 255] * 3, "3": [0, 0, 1]}[record["id"].decode()]
+    np.testing.assert_allclose(patches.unpack(batch, row, 0),
+                               np.broadcast_to(colour, (4, 4, 3)), atol=1e-6)
 
 
 def test_coco_with_its_own_validation_file(tmp_path):

@@ -11,10 +11,12 @@ import numpy as np
 RESIZE = ("bilinear", "bicubic", "lanczos", "box", "nearest")  # Pillow's resampling filters
 
 
-def from_bytes(data: bytes | np.ndarray, size: int | tuple[int, int] | None = None,
+def from_bytes(data: bytes | np.ndarray,
+               size: int | tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
                resize: str = "bilinear") -> np.ndarray:
   """Encoded image bytes, or uint8[H, W, C], -> float32[H, W, 3] in [0, 1], resized to
-  size x size or size = (height, width) (by a RESIZE method) if size is given.
+  size x size, size = (height, width), or size(height, width) -> (height, width) (by a RESIZE
+  method) if size is given.
 
   Greyscale, palette and RGBA images become RGB. A truncated or unreadable file
   raises OSError or ValueError.
@@ -26,6 +28,8 @@ def from_bytes(data: bytes | np.ndarray, size: int | tuple[int, int] | None = No
     image = Image.open(io.BytesIO(data))
   with image:
     image = image.convert("RGB")
+    if callable(size):
+      size = size(image.height, image.width)
     if size is not None:
       height, width = (size, size) if isinstance(size, int) else size
       image = image.resize((width, height), Image.Resampling[resize.upper()])
@@ -46,12 +50,7 @@ def read(path: str, size: int | Callable[[int, int], tuple[int, int]] | None) ->
   file."""
   try:
     with open(path, "rb") as f:
-      data = f.read()
-    if callable(size):
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      with Image.open(io.BytesIO(data)) as image:
-        size = size(image.height, image.width)
-    return from_bytes(data, size)
+      return from_bytes(f.read(), size)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot read image {path}: {e}") from e
 

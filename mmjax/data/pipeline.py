@@ -34,6 +34,7 @@ from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import builders
 from mmjax.data import images as image_codec
+from mmjax.data import patches
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
 
@@ -127,15 +128,20 @@ class RecordSource(base.Source):
   Batches: tokens, targets int32[b, T], loss_weights float32[b, T], and
   images float32[b, pack * max_images, S, S, 3] when max_images > 0 (slots in
   the order their placeholders appear; unused slots are never read);
-  segment_ids and positions int32[b, T] when packing. With an `anyres.Layout`
-  (LLaVA-NeXT), each image keeps its size, cut into AnyRes tiles: images
-  float32[b, max_images, N, S, S, 3] and image_sources int32[b, max_images, L],
-  and the text holds as many placeholders as each image's size needs.
+  segment_ids and positions int32[b, T] when packing. With a `patches.Layout`
+  (deep fusion, config.data.max_patches), each image keeps its aspect ratio,
+  shrunk to whole patches within its share of a row's slots (max_patches /
+  max_images), and rows pack whole examples until their tokens or slots run
+  out: the packed patches, with segment_ids and positions. With an
+  `anyres.Layout` (LLaVA-NeXT), each image keeps its size, cut into AnyRes
+  tiles: images float32[b, max_images, N, S, S, 3] and image_sources
+  int32[b, max_images, L], and the text holds as many placeholders as each
+  image's size needs.
   """
 
   def __init__(self, batch_size: int, seq_len: int, *, tokenizer: str = "bytes", pack: int = 1,
                max_images: int = 0, image_size: int = 0, resize: str = "bilinear",
-               layout: anyres.Layout | None = None, **kwargs):
+               layout: patches.Layout | anyres.Layout | None = None, **kwargs):
     super().__init__(batch_size, **kwargs)
     if pack < 1:
       raise ValueError(f"config.data.pack must be >= 1, got {pack}")
@@ -163,16 +169,34 @@ class RecordSource(base.Source):
     return self.records[int(self.order[position])]
 
   def image(self, data: bytes):
-    """An encoded image as a batch holds it: float32[S, S, 3] (normalised in the batch), or
-    AnyRes (normalised tiles, token sources)."""
+    """An encoded image as a batch holds it: float32[S, S, 3] (normalised in the batch), at its
+    own size in whole patches (normalised), or AnyRes (normalised tiles, token sources)."""
     if self.layout is None:
       return image_codec.from_bytes(data, self.image_size, self.resize)
+    if isinstance(self.layout, patches.Layout):
+      return self.normalise(image_codec.from_bytes(data, self._patch_size, self.resize))
     tiles, sources = self.layout.cut(image_codec.from_bytes(data))
     return self.normalise(tiles), sources
 
+  def _patch_size(self, height: int, width: int) -> tuple[int, int]:
+    """An image's size in whole patches within its share of a row, so an example always fits
+    an empty row."""
+    rows, columns = self.layout.fit_grid(height, width, self.layout.slots // self.max_images)
+    return rows * self.layout.patch, columns * self.layout.patch
+
   def placeholders(self, image) -> list[int]:
     """The ids that stand for one image in the text."""
-    return self.image_ids if self.layout is None else self.image_ids[:1] * len(image[1])
+    if isinstance(self.layout, anyres.Layout):
+      return self.image_ids[:1] * len(image[1])
+    return self.image_ids
+
+  def _slots(self, e: Example) -> int:
+    """The patch slots an example's images take in a packed row (none without patches)."""
+    if not isinstance(self.layout, patches.Layout):
+      return 0
+    p = self.layout.patch
+    return sum(patches.tokens_per_image((x.shape[0] // p, x.shape[1] // p), self.layout.cls)
+               for x in e.images)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     rows = []
@@ -187,6 +211,7 @@ class RecordSource(base.Source):
 
     None stands for an example the source skipped (and counted): the row goes without it.
     """
+    slots = self.layout.slots if isinstance(self.layout, patches.Layout) else 0
     room, kept = self.seq_len + 1, []
     for e in examples:
       if e is None:
@@ -194,11 +219,16 @@ class RecordSource(base.Source):
       if len(e.ids) > room and kept:
         self._count("dropped from a full packed row (lower data.pack or raise data.seq_len)", e.id)
         continue
+      if self._slots(e) > slots and kept:
+        self._count("dropped from a row whose patch slots are full (lower data.pack or raise "
+                    "data.max_patches)", e.id)
+        continue
       if len(e.ids) > room:
         self._count("truncated to data.seq_len", e.id)
         e = self._truncate(e, room)
       kept.append(e)
       room -= len(e.ids)
+      slots -= self._slots(e)
     return kept
 
   def _truncate(self, e: Example, length: int) -> Example:
@@ -240,7 +270,7 @@ class RecordSource(base.Source):
     # The loss is on targets: weight t belongs to token t + 1. An example's first
     # token has no loss, so no target crosses from one packed example to the next.
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": weights[:, 1:]}
-    if self.pack > 1:
+    if self.pack > 1 or isinstance(self.layout, patches.Layout):
       batch.update(segment_ids=segment_ids[:, :-1], positions=positions[:, :-1])
     if self.max_images and self.layout is not None:
       batch.update(self.layout.pack([[image for e in examples for image in e.images]

@@ -54,6 +54,11 @@ def placeholders_per_image(config: Config) -> int:
   return models.placeholders_per_image(config.family, config.model, image_size(config))
 
 
+def images_per_row(data: Config) -> int:
+  """Image slots in a row: data.pack examples of data.max_images (llava) or one image."""
+  return data.get("pack", 1) * (data.max_images if data.name == "llava" else 1)
+
+
 def layout(config: Config) -> patches.Layout | anyres.Layout | None:
   """How images at their own size are laid out: packed patches (config.data.max_patches set),
   AnyRes tiles (an early-fusion model with grid_pinpoints), else None."""
@@ -61,11 +66,11 @@ def layout(config: Config) -> patches.Layout | anyres.Layout | None:
   if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
     return anyres.Layout(tuple(map(tuple, config.model.grid_pinpoints)), image_size(config),
                          models.patch_size(config.family, config.model),
-                         max_images=data.max_images if data.name == "llava" else 1)
+                         max_images=images_per_row(data))
   if not data.get("max_patches"):
     return None
   return patches.Layout(patch=models.patch_size(config.family, config.model),
-                        slots=data.max_patches, max_images=data.get("pack", 1),
+                        slots=data.max_patches, max_images=images_per_row(data),
                         cls=models.has_cls(config.family, config.model))
 
 
@@ -178,13 +183,17 @@ def check(config: Config):
   if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
     _check_anyres(config)
   if data.get("max_patches"):
-    if config.family != "deep_fusion" or data.name != "shapes":
+    if config.family != "deep_fusion" or data.name not in ("shapes", "llava", "coco_captions"):
       raise ValueError("config.data.max_patches (images at their own size, packed) feeds deep "
-                       "fusion from data.name='shapes' for now, not "
+                       "fusion from data.name 'shapes', 'llava' or 'coco_captions', not "
                        f"{config.family} from {data.name!r}")
     smallest = patches.tokens_per_image((1, 1), models.has_cls(config.family, config.model))
-    if data.max_patches < smallest:
-      raise ValueError(f"config.data.max_patches={data.max_patches} holds no image")
+    # Each of an example's images gets its share of a row (llava: data.max_images of them).
+    share = data.max_patches // (data.max_images if data.name == "llava" else 1)
+    if share < smallest:
+      raise ValueError(f"config.data.max_patches={data.max_patches} holds no image"
+                       + (f" in each of data.max_images={data.max_images} shares"
+                          if data.name == "llava" else ""))
   if data.get("scene_sizes", "fixed") != "fixed" and data.name != "shapes":
     raise ValueError(f"config.data.scene_sizes={data.scene_sizes!r} draws data.name='shapes' "
                      f"scenes, not {data.name!r}")
@@ -272,8 +281,7 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
                  for k, (shape, dtype) in native.spec(B).items()})
   elif config.family in IMAGE_TEXT:
     size = image_size(config)
-    slots = pack * (data.max_images if data.name == "llava" else 1)
-    spec["images"] = jax.ShapeDtypeStruct((B, slots, size, size, 3), np.float32)
+    spec["images"] = jax.ShapeDtypeStruct((B, images_per_row(data), size, size, 3), np.float32)
   return spec
 
 
