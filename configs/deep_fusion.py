@@ -29,6 +29,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       resampler_latents=ml_collections.config_dict.placeholder(int),  # 64: Flamingo resampler
       media_attention="previous",  # or "latest"
       gate="scalar",  # or "channel"
+      qk_norm=False,  # RMS-normed cross-attention queries and keys (Llama-3.2-Vision's)
   ))
   if arg.partition(",")[0] == "tiny":
     # The best recipe of tools/showcase.py's ablations (3 seeds each, README): a gate per

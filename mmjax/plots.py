@@ -68,6 +68,34 @@ def metrics_figure(runs: dict[str, list[dict]]) -> Figure:
   return figure
 
 
+def spread_figure(groups: dict[str, list[dict]], scores: tuple[str, ...]) -> Figure:
+  """Bars of each group's mean score with its spread: groups {label: one dict of scores per
+  seed}; each score a cluster of bars, each group a colour, the error bar the sample standard
+  deviation over seeds and the dots the seeds themselves."""
+  if not groups:
+    raise ValueError("no runs to chart")
+  figure = Figure(figsize=(2.2 + 1.6 * len(scores) * max(1, len(groups)) / 3, 3.8),
+                  layout="constrained")
+  axis = figure.add_subplot(1, 1, 1)
+  width = 0.8 / len(groups)
+  for g, (label, runs) in enumerate(groups.items()):
+    for k, score in enumerate(scores):
+      values = np.array([run[score] for run in runs if score in run])
+      if not len(values):
+        continue
+      x = k - 0.4 + width * (g + 0.5)
+      spread = values.std(ddof=1) if len(values) > 1 else 0.0
+      axis.bar(x, values.mean(), width, yerr=spread, capsize=3, color=f"C{g}",
+               label=f"{label} ({len(values)} seeds)" if k == 0 else None)
+      axis.plot(np.full(len(values), x), values, "k.", markersize=3)
+  axis.set_xticks(range(len(scores)), [s.rsplit("/", 1)[-1] for s in scores])
+  axis.set_ylim(0, 1)
+  axis.set_ylabel("held-out accuracy")
+  axis.grid(axis="y", alpha=0.3)
+  axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+  return figure
+
+
 def answer_rows(prompts: list[list[int]], answers: list[list[int]],
                 pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Each prompt then its answer, right-padded -> (tokens int32[B, W], rows bool[B, W]).

@@ -3,6 +3,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from matplotlib import container
 import numpy as np
 from PIL import Image
 import pytest
@@ -74,6 +75,20 @@ def scenes(config, count):
   examples = sources.build(config, "validation").examples(0)[:count]
   tokens, rows = plots.answer_rows([e["prompt"] for e in examples], [list(b"re")] * count, 0)
   return jnp.asarray(tokens), jnp.asarray(np.stack([e["image"] for e in examples])), rows
+
+
+def test_spread_chart_draws_means_and_sample_spreads():
+  groups = {"a": [{"s/x": 0.2, "s/y": 1.0}, {"s/x": 0.4, "s/y": 0.5}], "b": [{"s/x": 0.9}]}
+  axis = plots.spread_figure(groups, ("s/x", "s/y")).axes[0]
+  assert [p.get_height() for p in axis.patches] == pytest.approx([0.3, 0.75, 0.9])
+  # Error bars: the sample standard deviation over seeds (none for one seed).
+  halves = []
+  for errorbar in (c for c in axis.containers if isinstance(c, container.ErrorbarContainer)):
+    (segment,) = errorbar.lines[2][0].get_segments()
+    halves.append((segment[1][1] - segment[0][1]) / 2)
+  assert halves == pytest.approx([np.std([0.2, 0.4], ddof=1), np.std([1.0, 0.5], ddof=1), 0.0])
+  assert [t.get_text() for t in axis.get_xticklabels()] == ["x", "y"]
+  assert [t.get_text() for t in axis.get_legend().get_texts()] == ["a (2 seeds)", "b (1 seeds)"]
 
 
 def test_answer_rows_by_hand():

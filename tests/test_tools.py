@@ -203,6 +203,9 @@ def test_showcase_trains_each_scheme_per_seed_and_tabulates_mean_and_spread(tmp_
   # Finished runs are read back, not trained again.
   finished = tmp_path / "default" / "deep_fusion-seed0" / "showcase.json"
   stamp = finished.stat().st_mtime_ns
-  again = run_tool("showcase.py", *args, "--schemes=deep_fusion")
+  chart = tmp_path / "chart.png"
+  again = run_tool("showcase.py", *args, "--schemes=deep_fusion", f"--chart={chart}",
+                   "--chart_runs=default:early_fusion,default:deep_fusion")
   assert finished.stat().st_mtime_ns == stamp
-  assert out.splitlines()[-4:] == again.splitlines()[-4:]  # the same table
+  assert out.splitlines()[-4:] == again.splitlines()[-5:-1]  # the same table, then the chart
+  assert Image.open(chart).size[0] > 300

@@ -35,6 +35,10 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (config.seed) per sc
 _NAME = flags.DEFINE_string("name", "default", "What these runs are called in the table.")
 _SET = flags.DEFINE_multi_string("set", [], "key=value config overrides for these runs.")
 _QUESTIONS = flags.DEFINE_integer("questions", 1024, "Held-out questions per evaluation.")
+_CHART = flags.DEFINE_string("chart", None, "Also draw the table's scores as bars with their "
+                             "spread over seeds into this PNG.")
+_CHART_RUNS = flags.DEFINE_list("chart_runs", [], "NAME:SCHEME rows for --chart, in order "
+                                "(default: every row).")
 flags.mark_flag_as_required("out")
 
 
@@ -105,6 +109,22 @@ def main(argv):
   results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   latest = {(r["name"], r["scheme"], r["seed"]): r for r in results}  # a rerun replaces its row
   print(table(list(latest.values())))
+  if _CHART.value:
+    chart(list(latest.values()), _CHART_RUNS.value, _CHART.value)
+
+
+def chart(results: list[dict], rows: list[str], path: str):
+  """The scores of the NAME:SCHEME rows (every row when empty) as bars with their spread."""
+  from mmjax import plots  # pylint: disable=g-import-not-at-top
+  groups = collections.defaultdict(list)
+  for r in results:
+    groups[f"{r['name']}:{r['scheme']}"].append(r)
+  missing = [row for row in rows if row not in groups]
+  if missing:
+    raise ValueError(f"--chart_runs {missing} are not in the table; it has {sorted(groups)}")
+  picked = {row.replace(":", ", "): groups[row] for row in rows or groups}
+  plots.spread_figure(picked, SCORES).savefig(path, dpi=120)
+  print(f"chart: {path}")
 
 
 if __name__ == "__main__":
