@@ -404,6 +404,7 @@ class CocoCaptions(RecordSource):
                **kwargs):
     super().__init__(batch_size, seq_len, max_images=1, **kwargs)
     self.image_ids = [image_token_id] * image_tokens
+    # The longest prompt (an AnyRes image may take fewer placeholders than image_tokens).
     self.prompt = [self.tokenizer.bos_id] + self.image_ids
     if seq_len <= len(self.prompt) + 1:
       raise ValueError(f"config.data.seq_len={seq_len} leaves no room for a caption after "
