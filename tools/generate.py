@@ -38,7 +38,6 @@ from mmjax.data import images as image_codec
 from mmjax.data import patches
 from mmjax.data import tokenizers
 from mmjax.models import early_fusion
-from mmjax.models import vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or params-only export.")
 _PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
@@ -75,9 +74,9 @@ def anyres_images(config: dict, requests: list[dict]) -> tuple[early_fusion.Tile
   """Each request's images cut as LLaVA-NeXT's processor cuts them -> (Tiles, per request the
   placeholder ids of each of its images)."""
   fields = config["model"]
-  vision = vit.Model(**fields["vit"])
-  layout = anyres.Layout(tuple(map(tuple, fields["grid_pinpoints"])), vision.image_size,
-                         vision.patch_size,
+  layout = anyres.Layout(tuple(map(tuple, fields["grid_pinpoints"])),
+                         models.image_size("early_fusion", fields),
+                         models.patch_size("early_fusion", fields),
                          max_images=max(1, max(len(r.get("images", [])) for r in requests)))
   rows = [[layout.cut(image_codec.read(path, None)) for path in r.get("images", [])]
           for r in requests]

@@ -35,6 +35,7 @@ class Entry:
   build: Callable[[Config, str, dict], base.Source]  # (config, split, common keywords)
   required: tuple[str, ...] = ()  # config.data keys that must be set
   packs: bool = False  # takes config.data.pack > 1
+  own_sizes: bool = False  # can keep each image's size (data.max_patches, or AnyRes tiles)
   # How its text lays out a prompt (tokenizers.encode_prompt): what generate.py uses for a
   # model trained on it. "<image>" stands for one image's placeholders or marker.
   template: str = "{prompt}"
@@ -54,9 +55,14 @@ def placeholders_per_image(config: Config) -> int:
   return models.placeholders_per_image(config.family, config.model, image_size(config))
 
 
+def images_per_example(data: Config) -> int:
+  """Image slots an example has: data.max_images (llava) or one."""
+  return data.max_images if data.name == "llava" else 1
+
+
 def images_per_row(data: Config) -> int:
-  """Image slots in a row: data.pack examples of data.max_images (llava) or one image."""
-  return data.get("pack", 1) * (data.max_images if data.name == "llava" else 1)
+  """Image slots in a row: data.pack examples of images_per_example."""
+  return data.get("pack", 1) * images_per_example(data)
 
 
 def layout(config: Config) -> patches.Layout | anyres.Layout | None:
@@ -154,13 +160,13 @@ SOURCES = {
         config.batch_size, image_size(config), **common)),
     "image_folder": Entry(("vit",), _image_folder, required=("image_dir",)),
     "shapes": Entry(IMAGE_TEXT, lambda config, split, common: _scenes(
-        config, split, common, in_memory=True), template=SCENES_TEMPLATE),
+        config, split, common, in_memory=True), own_sizes=True, template=SCENES_TEMPLATE),
     "tfds_scenes": Entry(IMAGE_TEXT, lambda config, split, common: _scenes(
         config, split, common, in_memory=False), template=SCENES_TEMPLATE),
     "llava": Entry(IMAGE_TEXT, _annotated, required=("json", "image_dir", "seq_len"),
-                   packs=True, template=tokenizers.LLAVA_TEMPLATE),
+                   packs=True, own_sizes=True, template=tokenizers.LLAVA_TEMPLATE),
     "coco_captions": Entry(IMAGE_TEXT, _annotated, required=("json", "image_dir", "seq_len"),
-                           packs=True, template="<image>{prompt}"),
+                           packs=True, own_sizes=True, template="<image>{prompt}"),
 }
 
 
@@ -183,13 +189,13 @@ def check(config: Config):
   if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
     _check_anyres(config)
   if data.get("max_patches"):
-    if config.family != "deep_fusion" or data.name not in ("shapes", "llava", "coco_captions"):
+    if config.family != "deep_fusion" or not entry.own_sizes:
       raise ValueError("config.data.max_patches (images at their own size, packed) feeds deep "
-                       "fusion from data.name 'shapes', 'llava' or 'coco_captions', not "
-                       f"{config.family} from {data.name!r}")
+                       f"fusion from data.name {_own_sizes()}, not {config.family} from "
+                       f"{data.name!r}")
     smallest = patches.tokens_per_image((1, 1), models.has_cls(config.family, config.model))
     # Each of an example's images gets its share of a row (llava: data.max_images of them).
-    share = data.max_patches // (data.max_images if data.name == "llava" else 1)
+    share = data.max_patches // images_per_example(data)
     if share < smallest:
       raise ValueError(f"config.data.max_patches={data.max_patches} holds no image"
                        + (f" in each of data.max_images={data.max_images} shares"
@@ -217,12 +223,16 @@ def check(config: Config):
                        f"ids ({tokenizer!r}, config.data.name={data.name!r})")
 
 
+def _own_sizes() -> str:
+  """The sources that can keep each image's size, as an error message names them."""
+  return " or ".join(repr(name) for name, e in SOURCES.items() if e.own_sizes)
+
+
 def _check_anyres(config: Config):
   model, data = config.model, config.data
-  if data.name not in ("shapes", "llava", "coco_captions"):
+  if not SOURCES[data.name].own_sizes:
     raise ValueError("config.model.grid_pinpoints (AnyRes, LLaVA-NeXT) reads images at their "
-                     "own size from data.name 'shapes', 'llava' or 'coco_captions', not "
-                     f"{data.name!r}")
+                     f"own size from data.name {_own_sizes()}, not {data.name!r}")
   if data.get("max_patches") or data.get("pack", 1) > 1:
     raise ValueError("config.data.max_patches and config.data.pack pack deep fusion's rows; "
                      "AnyRes (config.model.grid_pinpoints) takes one example a row")
