@@ -10,8 +10,11 @@ BACKBONES = {
     # ViT-mu/8 at 32 px (16 patches) + a 2-block byte-level GPT-2: trains on a CPU in minutes.
     # Fixed 2-d sincos positions: with learned ones (init 0.02) the tiny towers barely learn
     # where things are in 3000 steps (position answers at chance instead of ~70%).
+    # width and depth are gpt2-tiny's, named so the command line can change them (the
+    # counting recipe, configs/vit.py:tiny-scenes, takes width 128).
     "tiny": dict(vit=dict(variant="mu/8", image_size=32, pool="none", posemb="sincos2d"),
-                 lm=dict(variant="gpt2-tiny", vocab_size=320, max_len=128), dtype="float32"),
+                 lm=dict(variant="gpt2-tiny", width=64, depth=2, vocab_size=320, max_len=128),
+                 dtype="float32"),
     # The benchmark pair for accelerators: ViT-B/16 at 224 px + GPT-2 124M, bfloat16 compute,
     # cuDNN or splash attention where the mask allows.
     "base": dict(vit=dict(variant="B/16", image_size=224, pool="none", attention_impl="auto"),
@@ -127,6 +130,7 @@ def image_data() -> ml_collections.ConfigDict:
       # "shape_classes": generated in memory; "image_folder": image_dir/CLASS/*.jpg (or train/
       # and val/ folders of those), converted once by tfds; "tfds": a prepared tfds dataset.
       name="shape_classes",
+      max_shapes=1,  # shape_classes: shapes per scene; > 1 labels each (multi-hot, sigmoid loss)
       image_size=model_image_size(),
       image_dir="",  # image_folder
       tfds_name="", image_key="image", label_key="label",  # tfds: e.g. "cifar10"

@@ -173,17 +173,19 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
   return config, params, tokenizer
 
 
-def _restore_params(directory: str, target, subtree: str | None):
+def _restore_params(directory: str, target, subtree: str | None, unused: tuple[str, ...] = ()):
   """Reads target's arrays (ShapeDtypeStructs with shardings) from an Orbax tree, or from its
-  `subtree` only (the params of a train state: its other items are never read)."""
+  `subtree` only (the params of a train state: its other items are never read), never reading
+  the top-level subtrees named in `unused`."""
   with ocp.PyTreeCheckpointer() as ckpt:
     saved = ckpt.metadata(directory).item_metadata.tree
-    _compare_trees(f"params checkpoint {directory}", saved[subtree] if subtree else saved,
-                   target)
+    saved = saved[subtree] if subtree else saved
+    _compare_trees(f"params checkpoint {directory}",
+                   {k: v for k, v in saved.items() if k not in unused}, target)
     item = {subtree: target} if subtree else target
     restored = ckpt.restore(directory, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=bool(subtree)))
+        partial_restore=bool(subtree or unused)))
   return restored[subtree] if subtree else restored
 
 
@@ -200,12 +202,14 @@ def save_params(directory: str, params) -> None:
     ckpt.save(os.path.abspath(directory), params)
 
 
-def load_params(directory: str, target):
-  """Reads a params-only checkpoint into target (ShapeDtypeStructs with shardings).
+def load_params(directory: str, target, unused: tuple[str, ...] = ()):
+  """Reads a params-only checkpoint into target (ShapeDtypeStructs with shardings), skipping
+  the top-level subtrees named in `unused` (a classifier's "head" when its ViT serves as a
+  vision tower).
 
   A tree that differs from the model's is an error naming the parameter.
   """
-  return _restore_params(os.path.abspath(directory), target, None)
+  return _restore_params(os.path.abspath(directory), target, None, unused)
 
 
 def _compare_trees(what: str, saved, target):

@@ -64,10 +64,14 @@ def loss_terms(model: nn.Module, params, batch: dict):
   """
   if "labels" in batch:  # image classification: images float[B, H, W, 3], labels int[B]
     logits, _ = model.apply({"params": params}, batch["images"])
-    targets, weights = batch["labels"], jnp.ones(batch["labels"].shape, jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, -1) == targets) * weights
-    return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct)
+    labels, top = batch["labels"], jnp.argmax(logits, -1)
+    if labels.ndim == 2:  # multi-hot float[B, classes]: a sigmoid per class, as big_vision's
+      losses = optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
+      correct = jnp.take_along_axis(labels, top[:, None], -1)[:, 0]  # precision at 1
+    else:
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      correct = (top == labels).astype(jnp.float32)
+    return jnp.sum(losses), jnp.float32(len(labels)), jnp.sum(correct)
   # Next-token prediction: tokens, targets, loss_weights int/float[B, T] (+ images). Only the
   # final hidden states are used: jit drops the model's own [B, T, V] logits.
   kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}

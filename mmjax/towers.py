@@ -130,7 +130,9 @@ def load(config: Config, target: dict) -> dict:
     if kind == "hf":
       _, params = hf.load(directory, jax.tree.map(lambda s: s.sharding, tower_target))
     else:
-      params = checkpoint.load_params(os.path.join(directory, "params"), tower_target)
+      # A classifier serves as a vision tower without its head (resolve drops num_classes).
+      unused = ("head",) if name == "vit" and read["model"].get("num_classes") else ()
+      params = checkpoint.load_params(os.path.join(directory, "params"), tower_target, unused)
     for path, (axis, vocab) in grown.items():
       leaf = _get(want, path)
       grow = jax.jit(lambda t, axis=axis, n=leaf.shape[axis] - vocab: jnp.concatenate(

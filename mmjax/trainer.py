@@ -140,8 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     dtype = config.model.get("dtype", "float32")
     peak = metrics.peak_tflops(jax.devices()[0], dtype)
     # Every slot of the batch, padding included; "items" counts what the loss was on.
-    slots_per_step = np.prod(run.abstract_batch["labels" if config.family == "vit"
-                                                else "tokens"].shape)
+    slots_per_step = (config.batch_size if config.family == "vit"
+                      else np.prod(run.abstract_batch["tokens"].shape))
     schedule = optim.schedule(config.optimizer)
     # Deep fusion logs how far its tanh gates have opened (tools/plot.py draws them).
     gates = jax.jit(deep_fusion.gate_values) if config.family == "deep_fusion" else None

@@ -49,6 +49,28 @@ def test_scenes_draw_what_they_describe():
       assert fill == 1.0 if shape.kind == "square" else fill < 0.9
 
 
+def test_shape_classes_label_every_shape_the_image_shows():
+  # (colour green = 1, quadrant top right = 1, kind circle = 1): (1 * 4 + 1) * 2 + 1
+  assert synthetic.ShapeClasses.label(synthetic.Shape("circle", "green", "top right")) == 11
+  one = synthetic.ShapeClasses(32, 32).batch(0)
+  assert one["labels"].shape == (32,) and one["labels"].dtype == np.int32
+  several = synthetic.ShapeClasses(32, 32, max_shapes=2).batch(0)
+  assert several["labels"].shape == (32, 32) and several["labels"].dtype == np.float32
+  assert set(several["labels"].sum(-1)) == {1.0, 2.0}
+  multi_hot = [np.eye(32)[one["labels"]], several["labels"]]
+  for images, labels in zip((one["images"], several["images"]), multi_hot):
+    for image, row in zip(images, labels):
+      colours = [c for c, rgb in synthetic.COLOURS.items()
+                 if np.all(image == np.float32(rgb), axis=-1).any()]
+      assert len(colours) == row.sum()
+      for c in np.flatnonzero(row):  # decoded by hand: class = (colour * 4 + place) * 2 + kind
+        colour, place = list(synthetic.COLOURS)[c // 8], synthetic.PLACES[c // 2 % 4]
+        ys, xs = np.nonzero(np.all(image == np.float32(synthetic.COLOURS[colour]), axis=-1))
+        assert synthetic.PLACES[2 * int(ys.mean() >= 16) + int(xs.mean() >= 16)] == place
+        fill = len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        assert (fill == 1.0) == (synthetic.KINDS[c % 2] == "square")
+
+
 def test_questions_have_the_right_answers():
   shapes = [synthetic.Shape("square", "red", "top left"),
             synthetic.Shape("circle", "blue", "top right"),

@@ -9,7 +9,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flax import linen as nn  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np
 from PIL import Image
 import pytest
@@ -27,6 +29,7 @@ from mmjax.data import images as image_codec
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
 from mmjax.interop import hf
+from mmjax.models import vit
 import train_cli
 
 PIXELS = {"image_mean": [0.48, 0.46, 0.41], "image_std": [0.27, 0.26, 0.28]}
@@ -133,6 +136,19 @@ def assert_same(a, b):
 
 def moved(a, b) -> bool:
   return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_an_mmjax_vit_classifier_is_a_vision_tower_without_its_head(tmp_path):
+  """What configs/vit.py:tiny-scenes trains and tools/export_hf.py --format=params writes: its
+  ViT, head and all, becomes both tiny fusion models' ViT; the head is never read."""
+  fields = dict(variant="mu/8", image_size=32, pool="gap", posemb="sincos2d", num_classes=32)
+  classifier = vit.Model(**fields)
+  params = nn.unbox(classifier.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))["params"]
+  checkpoint.save_params(str(tmp_path / "params"), params)
+  (tmp_path / "mmjax_config.json").write_text(json.dumps({"family": "vit", "model": fields}))
+  for spec in ("early_fusion.py:tiny", "deep_fusion.py:tiny"):
+    loaded = initial_params(spec, {"towers.vision": str(tmp_path), "data.name": "shapes"})
+    assert_same(loaded["vit"], {k: v for k, v in params.items() if k != "head"})
 
 
 def test_deep_fusion_from_two_towers_trains_only_the_new_parts_and_answers(

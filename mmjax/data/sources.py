@@ -157,7 +157,7 @@ SOURCES = {
     "text": Entry(("lm",), _text, required=("files", "seq_len"), packs=True),
     "tfds": Entry(("lm", "vit"), _tfds, required=("tfds_name",), packs=True),
     "shape_classes": Entry(("vit",), lambda config, split, common: synthetic.ShapeClasses(
-        config.batch_size, image_size(config), **common)),
+        config.batch_size, image_size(config), config.data.get("max_shapes", 1), **common)),
     "image_folder": Entry(("vit",), _image_folder, required=("image_dir",)),
     "shapes": Entry(IMAGE_TEXT, lambda config, split, common: _scenes(
         config, split, common, in_memory=True), own_sizes=True, template=SCENES_TEMPLATE),
@@ -200,6 +200,9 @@ def check(config: Config):
       raise ValueError(f"config.data.max_patches={data.max_patches} holds no image"
                        + (f" in each of data.max_images={data.max_images} shares"
                           if data.name == "llava" else ""))
+  if config.family == "vit" and data.get("max_shapes", 1) > 1 and data.name != "shape_classes":
+    raise ValueError(f"config.data.max_shapes={data.max_shapes} draws data.name="
+                     f"'shape_classes' scenes, not {data.name!r}")
   if data.get("scene_sizes", "fixed") != "fixed" and data.name != "shapes":
     raise ValueError(f"config.data.scene_sizes={data.scene_sizes!r} draws data.name='shapes' "
                      f"scenes, not {data.name!r}")
@@ -260,7 +263,8 @@ def build(config: Config, split: str = "train") -> base.Source:
 def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch's arrays as shapes and dtypes, from the config alone (no data is read).
 
-  Image classification: images float32[B, S, S, 3], labels int32[B]. Text:
+  Image classification: images float32[B, S, S, 3], labels int32[B] (multi-hot
+  float32[B, classes] for shape_classes scenes of several shapes). Text:
   tokens, targets int32[B, T], loss_weights float32[B, T], plus segment_ids and
   positions int32[B, T] when packing, and images float32[B, I, S, S, 3] for
   the image-text families, or with config.data.max_patches the packed patches
@@ -271,8 +275,9 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   native = layout(config)
   if config.family == "vit":
     size = image_size(config)
-    return {"images": jax.ShapeDtypeStruct((B, size, size, 3), np.float32),
-            "labels": jax.ShapeDtypeStruct((B,), np.int32)}
+    labels = (jax.ShapeDtypeStruct((B, config.model.num_classes), np.float32)
+              if data.get("max_shapes", 1) > 1 else jax.ShapeDtypeStruct((B,), np.int32))
+    return {"images": jax.ShapeDtypeStruct((B, size, size, 3), np.float32), "labels": labels}
   seq_len = data.seq_len
   if data.name in ("shapes", "tfds_scenes") and seq_len is None:  # the task's longest example
     seq_len = synthetic.ShapeScenes(B, None, image_size(config), placeholders_per_image(config),

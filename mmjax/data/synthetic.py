@@ -260,26 +260,47 @@ class ShapeScenes(base.Source):
 
 
 class ShapeClasses(base.Source):
-  """One-shape scenes labelled by (colour, quadrant): 16 classes, for training a ViT."""
+  """Scenes labelled by what is where: a class per (colour, quadrant, kind), 32 in all.
 
-  num_classes = len(COLOURS) * len(PLACES)
+  One shape a scene (max_shapes=1): labels int32[B], one class each (softmax). More: 1 to
+  max_shapes shapes, labels float32[B, 32] with a 1 for every shape (multi-hot, a sigmoid per
+  class), as multi-label datasets are; a ViT pretrained so is a vision tower whose tokens tell
+  squares from circles in the fusion models' scenes (the tiny pair's counting recipe).
+  """
 
-  def __init__(self, batch_size: int, image_size: int, **kwargs):
+  num_classes = len(COLOURS) * len(PLACES) * len(KINDS)
+
+  def __init__(self, batch_size: int, image_size: int, max_shapes: int = 1, **kwargs):
     super().__init__(batch_size, **kwargs)
+    if not 1 <= max_shapes <= len(PLACES):
+      raise ValueError(f"config.data.max_shapes must be in 1..{len(PLACES)}, got {max_shapes}")
     self.image_size = image_size
+    self.max_shapes = max_shapes
 
   def __repr__(self):
     return (f"ShapeClasses(batch_size={self.batch_size}, image_size={self.image_size}, "
-            f"seed={self.seed}, split={self.split!r}, rows from {self.first_row})")
+            f"max_shapes={self.max_shapes}, seed={self.seed}, split={self.split!r}, "
+            f"rows from {self.first_row})")
+
+  @staticmethod
+  def label(shape: Shape) -> int:
+    return ((list(COLOURS).index(shape.colour) * len(PLACES) + PLACES.index(shape.place))
+            * len(KINDS) + KINDS.index(shape.kind))
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """-> {"images": float32[B, H, W, 3], "labels": int32[B]}."""
+    """-> {"images": float32[B, H, W, 3], "labels": int32[B] or multi-hot float32[B, 32]}."""
     images, labels = [], []
     for _, rng in self.rows(step):
-      image, (shape,) = draw_scene(rng, self.image_size, 1)
+      image, shapes = draw_scene(rng, self.image_size, int(rng.integers(1, self.max_shapes + 1)))
       images.append(image)
-      labels.append(list(COLOURS).index(shape.colour) * len(PLACES) + PLACES.index(shape.place))
-    return {"images": self.normalise(np.stack(images)), "labels": np.array(labels, np.int32)}
+      labels.append([self.label(shape) for shape in shapes])
+    if self.max_shapes == 1:
+      return {"images": self.normalise(np.stack(images)),
+              "labels": np.array([classes[0] for classes in labels], np.int32)}
+    multi_hot = np.zeros((len(labels), self.num_classes), np.float32)
+    for row, classes in enumerate(labels):
+      multi_hot[row, classes] = 1.0
+    return {"images": self.normalise(np.stack(images)), "labels": multi_hot}
 
 
 def draw_scene(rng: np.random.Generator, size: int | tuple[int, int],
