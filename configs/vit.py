@@ -5,7 +5,8 @@
 with every shape's colour, quadrant and kind (multi-hot). Trained from scratch
 inside a fusion model, the tiny ViT never learns squares from circles; loaded
 frozen as `--config.towers.vision` (exported with tools/export_hf.py
---format=params), it lets the fusion models count (README, "Early vs deep").
+--format=params), it lets early fusion count (README, "Counting: a pretrained
+vision tower").
 """
 import ml_collections
 

@@ -68,10 +68,12 @@ def metrics_figure(runs: dict[str, list[dict]]) -> Figure:
   return figure
 
 
-def spread_figure(groups: dict[str, list[dict]], scores: tuple[str, ...]) -> Figure:
+def spread_figure(groups: dict[str, list[dict]], scores: tuple[str, ...],
+                  reference: tuple[str, dict[str, float]] | None = None) -> Figure:
   """Bars of each group's mean score with its spread: groups {label: one dict of scores per
   seed}; each score a cluster of bars, each group a colour, the error bar the sample standard
-  deviation over seeds and the dots the seeds themselves."""
+  deviation over seeds and the dots the seeds themselves. reference (label, {score: value}):
+  a dashed line across each cluster at its value (a baseline such as chance)."""
   if not groups:
     raise ValueError("no runs to chart")
   figure = Figure(figsize=(2.2 + 1.6 * len(scores) * max(1, len(groups)) / 3, 3.8),
@@ -88,6 +90,13 @@ def spread_figure(groups: dict[str, list[dict]], scores: tuple[str, ...]) -> Fig
       axis.bar(x, values.mean(), width, yerr=spread, capsize=3, color=f"C{g}",
                label=f"{label} ({len(values)} seeds)" if k == 0 else None)
       axis.plot(np.full(len(values), x), values, "k.", markersize=3)
+  if reference is not None:
+    label, values = reference
+    for k, score in enumerate(scores):
+      if score in values:
+        axis.hlines(values[score], k - 0.45, k + 0.45, colors="k", linestyles="dashed",
+                    label=label)
+        label = None  # one legend entry
   axis.set_xticks(range(len(scores)), [s.rsplit("/", 1)[-1] for s in scores])
   axis.set_ylim(0, 1)
   axis.set_ylabel("held-out accuracy")

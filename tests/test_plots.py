@@ -79,7 +79,7 @@ def scenes(config, count):
 
 def test_spread_chart_draws_means_and_sample_spreads():
   groups = {"a": [{"s/x": 0.2, "s/y": 1.0}, {"s/x": 0.4, "s/y": 0.5}], "b": [{"s/x": 0.9}]}
-  axis = plots.spread_figure(groups, ("s/x", "s/y")).axes[0]
+  axis = plots.spread_figure(groups, ("s/x", "s/y"), reference=("chance", {"s/y": 0.25})).axes[0]
   assert [p.get_height() for p in axis.patches] == pytest.approx([0.3, 0.75, 0.9])
   # Error bars: the sample standard deviation over seeds (none for one seed).
   halves = []
@@ -88,7 +88,11 @@ def test_spread_chart_draws_means_and_sample_spreads():
     halves.append((segment[1][1] - segment[0][1]) / 2)
   assert halves == pytest.approx([np.std([0.2, 0.4], ddof=1), np.std([1.0, 0.5], ddof=1), 0.0])
   assert [t.get_text() for t in axis.get_xticklabels()] == ["x", "y"]
-  assert [t.get_text() for t in axis.get_legend().get_texts()] == ["a (2 seeds)", "b (1 seeds)"]
+  assert [t.get_text() for t in axis.get_legend().get_texts()] == [
+      "chance", "a (2 seeds)", "b (1 seeds)"]
+  # The reference: one dashed line across the cluster of s/y (x = 1) at its value.
+  (line,) = [c for c in axis.collections if c.get_label() == "chance"]
+  np.testing.assert_allclose(line.get_segments(), [[[0.55, 0.25], [1.45, 0.25]]])
 
 
 def test_answer_rows_by_hand():

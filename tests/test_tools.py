@@ -200,6 +200,7 @@ def test_showcase_trains_each_scheme_per_seed_and_tabulates_mean_and_spread(tmp_
   early = [r["vqa/accuracy"] for r in rows if r["scheme"] == "early_fusion"]
   mean, spread = np.mean(early), np.std(early, ddof=1)
   assert f"| default | early_fusion | 2 | {mean:.3f} +- {spread:.3f} |" in out
+  assert out.splitlines()[-1].startswith("| text only: the commonest training answer")
   # Finished runs are read back, not trained again.
   finished = tmp_path / "default" / "deep_fusion-seed0" / "showcase.json"
   stamp = finished.stat().st_mtime_ns

@@ -27,6 +27,7 @@ from mmjax import console
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCORES = ("vqa/accuracy", "vqa/accuracy_colour", "vqa/accuracy_count", "vqa/accuracy_position")
+TEXT_ONLY = "text only: the commonest training answer to each question"
 
 _OUT = flags.DEFINE_string("out", None, "Directory for the runs and results.jsonl.")
 _PAIR = flags.DEFINE_string("pair", "tiny", "The backbone pair of configs/<scheme>.py.")
@@ -66,8 +67,29 @@ def evaluation_overrides(total_steps: int, batch_size: int) -> list[str]:
           f"eval_steps={-(-_QUESTIONS.value // batch_size)}"]
 
 
-def table(results: list[dict]) -> str:
-  """Markdown: a row per (name, scheme), each score as mean +- standard deviation over seeds."""
+def text_only(config, questions: int) -> dict[str, float]:
+  """What a model blind to the image scores: each of `questions` held-out questions answered
+  with the commonest answer to the same question in 64 training batches of the scenes."""
+  from mmjax import evaluate  # pylint: disable=g-import-not-at-top
+  from mmjax.data import synthetic  # pylint: disable=g-import-not-at-top
+  def scenes(split: str, batch_size: int):
+    return synthetic.ShapeScenes(batch_size, None, 32, 1, max_shapes=config.data.max_shapes,
+                                 seed=config.seed, split=split)
+  train = scenes("train", 256)
+  given = collections.defaultdict(collections.Counter)
+  for step in range(64):
+    for e in train.examples(step):
+      given[e["question"]][e["answer"]] += 1
+  held_out = scenes("validation", questions).examples(0)
+  answers = [given[e["question"]].most_common(1)[0][0] if given[e["question"]] else ""
+             for e in held_out]
+  return evaluate.vqa_scores(answers, [e["answer"] for e in held_out],
+                             [e["type"] for e in held_out])
+
+
+def table(results: list[dict], baseline: dict[str, float]) -> str:
+  """Markdown: a row per (name, scheme), each score as mean +- standard deviation over seeds,
+  then the text-only baseline."""
   groups = collections.defaultdict(list)
   for r in results:
     groups[(r["name"], r["scheme"])].append(r)
@@ -82,6 +104,9 @@ def table(results: list[dict]) -> str:
       cells.append(f"{statistics.mean(values):.{digits}f} +- {spread:.{digits}f}"
                    if values else "-")
     lines.append(f"| {name} | {scheme} | {len(runs)} | " + " | ".join(cells) + " |")
+  lines.append(f"| {TEXT_ONLY} | - | - | "
+               + " | ".join(f"{baseline[k]:.3f}" if k in baseline else "-" for k in SCORES)
+               + " | - |")
   return "\n".join(lines)
 
 
@@ -108,12 +133,13 @@ def main(argv):
             flush=True)
   results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   latest = {(r["name"], r["scheme"], r["seed"]): r for r in results}  # a rerun replaces its row
-  print(table(list(latest.values())))
+  baseline = text_only(common.load(f"{_SCHEMES.value[0]}.py:{_PAIR.value}"), _QUESTIONS.value)
+  print(table(list(latest.values()), baseline))
   if _CHART.value:
-    chart(list(latest.values()), _CHART_RUNS.value, _CHART.value)
+    chart(list(latest.values()), _CHART_RUNS.value, _CHART.value, baseline)
 
 
-def chart(results: list[dict], rows: list[str], path: str):
+def chart(results: list[dict], rows: list[str], path: str, baseline: dict[str, float]):
   """The scores of the NAME:SCHEME rows (every row when empty) as bars with their spread."""
   from mmjax import plots  # pylint: disable=g-import-not-at-top
   groups = collections.defaultdict(list)
@@ -123,7 +149,7 @@ def chart(results: list[dict], rows: list[str], path: str):
   if missing:
     raise ValueError(f"--chart_runs {missing} are not in the table; it has {sorted(groups)}")
   picked = {row.replace(":", ", "): groups[row] for row in rows or groups}
-  plots.spread_figure(picked, SCORES).savefig(path, dpi=120)
+  plots.spread_figure(picked, SCORES, reference=(TEXT_ONLY, baseline)).savefig(path, dpi=120)
   print(f"chart: {path}")
 
 
