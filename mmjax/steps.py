@@ -63,9 +63,10 @@ def loss_terms(model: nn.Module, params, batch: dict):
   they give the full-batch mean however the batch is split.
   """
   if "labels" in batch:  # image classification: images float[B, H, W, 3], labels int[B]
+    # (one class an image) or float[B, classes] (multi-hot: every class an image shows)
     logits, _ = model.apply({"params": params}, batch["images"])
     labels, top = batch["labels"], jnp.argmax(logits, -1)
-    if labels.ndim == 2:  # multi-hot float[B, classes]: a sigmoid per class, as big_vision's
+    if labels.ndim == 2:  # a sigmoid per class, as big_vision's multi-label training
       losses = optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1)
       correct = jnp.take_along_axis(labels, top[:, None], -1)[:, 0]  # precision at 1
     else:
