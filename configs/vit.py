@@ -4,9 +4,8 @@
 32 px, fixed sincos positions) on the pair's scenes of one or two shapes, labelled
 with every shape's colour, quadrant and kind (multi-hot). Trained from scratch
 inside a fusion model, the tiny ViT never learns squares from circles; loaded
-frozen as `--config.towers.vision` (exported with tools/export_hf.py
---format=params), it lets early fusion count (README, "Counting: a pretrained
-vision tower").
+frozen as `--config.towers.vision=WORKDIR`, it lets early fusion count (README,
+"Counting: a pretrained vision tower").
 """
 import ml_collections
 

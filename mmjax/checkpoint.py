@@ -111,22 +111,11 @@ class Checkpointer:
 FSDP_OVER_ALL_DEVICES = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
-def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
-               merge_adapters: bool = True) -> tuple[dict, dict, str]:
-  """A model to run or export: its parameters only (never the optimizer state), sharded.
-
-  directory: a training workdir (its newest committed checkpoint) or a
-  params-only export (mmjax_config.json + params/, from tools/export_hf.py
-  --format=params or tools/import_hf.py).
-  mesh: where the parameters go, by the "fsdp" rules; default: all devices, so
-  a model too large for one device is read straight into its shards.
-  -> ({"family", "model", "pixels": {"mean", "std"} when images were
-  normalised, "template": how the training data laid out a prompt, "lora": the run's
-  optimizer.lora when it trained adapters, "max_patches": when it read images at their own
-  sizes}, params (adapters merged into their kernels
-  unless merge_adapters=False), the tokenizer: the run's config.data.tokenizer, the
-  import's tokenizer file, or "bytes").
-  """
+def model_files(directory: str) -> tuple[dict, str, str | None, str]:
+  """Where read_model finds a model, its parameters left unread: a training workdir (its newest
+  committed checkpoint) or a params-only export -> (the config read_model returns, before
+  adapters are merged; the Orbax directory of the parameters; the subtree holding them there,
+  "params" of a train state, or None; the tokenizer)."""
   imported = os.path.join(directory, "mmjax_config.json")
   if os.path.exists(imported):
     with open(imported) as f:
@@ -160,6 +149,26 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
     tokenizer = data.get("tokenizer") or "bytes"
     if tokenizer == "bytes" and run_config.get("init_from"):  # started from an import
       tokenizer = tokenizer_file(run_config["init_from"]) or "bytes"
+  return config, params_dir, subtree, tokenizer
+
+
+def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
+               merge_adapters: bool = True) -> tuple[dict, dict, str]:
+  """A model to run or export: its parameters only (never the optimizer state), sharded.
+
+  directory: a training workdir (its newest committed checkpoint) or a
+  params-only export (mmjax_config.json + params/, from tools/export_hf.py
+  --format=params or tools/import_hf.py).
+  mesh: where the parameters go, by the "fsdp" rules; default: all devices, so
+  a model too large for one device is read straight into its shards.
+  -> ({"family", "model", "pixels": {"mean", "std"} when images were
+  normalised, "template": how the training data laid out a prompt, "lora": the run's
+  optimizer.lora when it trained adapters, "max_patches": when it read images at their own
+  sizes}, params (adapters merged into their kernels
+  unless merge_adapters=False), the tokenizer: the run's config.data.tokenizer, the
+  import's tokenizer file, or "bytes").
+  """
+  config, params_dir, subtree, tokenizer = model_files(directory)
   mesh = mesh or sharding.make_mesh(FSDP_OVER_ALL_DEVICES)
   optimizer = ml_collections.ConfigDict({"lora": config.get("lora")})
   boxed = lora.add(models.abstract_params(config["family"], config["model"]), optimizer)
@@ -202,14 +211,15 @@ def save_params(directory: str, params) -> None:
     ckpt.save(os.path.abspath(directory), params)
 
 
-def load_params(directory: str, target, unused: tuple[str, ...] = ()):
-  """Reads a params-only checkpoint into target (ShapeDtypeStructs with shardings), skipping
-  the top-level subtrees named in `unused` (a classifier's "head" when its ViT serves as a
-  vision tower).
+def load_params(directory: str, target, unused: tuple[str, ...] = (),
+                subtree: str | None = None):
+  """Reads a params-only checkpoint (or the `subtree` of one, "params" of a train state) into
+  target (ShapeDtypeStructs with shardings), skipping the top-level subtrees named in `unused`
+  (a classifier's "head" when its ViT serves as a vision tower).
 
   A tree that differs from the model's is an error naming the parameter.
   """
-  return _restore_params(os.path.abspath(directory), target, None, unused)
+  return _restore_params(os.path.abspath(directory), target, subtree, unused)
 
 
 def _compare_trees(what: str, saved, target):

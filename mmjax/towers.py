@@ -4,8 +4,9 @@
       --config.towers.vision=clip-vit-base-patch16/ --config.towers.language=TinyLlama/
 
 Each tower is a HuggingFace directory (config.json + *.safetensors: a ViT, CLIP or
-SigLIP vision model; GPT-2 or Llama) or a tools/import_hf.py output
-(mmjax_config.json + params/). `resolve` derives from them what the config
+SigLIP vision model; GPT-2 or Llama), a tools/import_hf.py or export_hf.py
+--format=params output (mmjax_config.json + params/), or a train.py workdir (its
+newest checkpoint: configs/vit.py:tiny-scenes trains the tiny pair's ViT). `resolve` derives from them what the config
 cannot know in advance: the towers' fields, the pixel mean and std of the
 vision tower's preprocessor, the language tower's tokenizer and the image
 token's id (added to the tokenizer when it has none, with a new row of the
@@ -29,14 +30,18 @@ Config = ml_collections.ConfigDict
 
 def _read(directory: str, key: str) -> tuple[dict, str]:
   """A tower directory -> ({"family", "model", maybe "pixels"}, its kind: "hf" or "mmjax")."""
-  mmjax_config = os.path.join(directory, "mmjax_config.json")
   hf_config = os.path.join(directory, "config.json")
-  if os.path.exists(mmjax_config):
-    with open(mmjax_config) as f:
-      return json.load(f), "mmjax"
+  if os.path.exists(os.path.join(directory, "mmjax_config.json")) or os.path.isdir(
+      os.path.join(directory, "checkpoints")):
+    config, *_ = checkpoint.model_files(directory)
+    if "lora" in config:
+      raise ValueError(f"{key}={directory} trained LoRA adapters: merge them first "
+                       "(tools/export_hf.py --format=params) and give that directory")
+    return config, "mmjax"
   if not os.path.exists(hf_config):
-    raise FileNotFoundError(f"{key}={directory} holds neither config.json (HuggingFace) nor "
-                            "mmjax_config.json (tools/import_hf.py)")
+    raise FileNotFoundError(f"{key}={directory} holds neither config.json (HuggingFace), "
+                            "mmjax_config.json (tools/import_hf.py, tools/export_hf.py "
+                            "--format=params) nor checkpoints/ (a train.py workdir)")
   with open(hf_config) as f:
     config = hf.mmjax_config(json.load(f))
   preprocessor = os.path.join(directory, "preprocessor_config.json")
@@ -132,7 +137,8 @@ def load(config: Config, target: dict) -> dict:
     else:
       # A classifier serves as a vision tower without its head (resolve drops num_classes).
       unused = ("head",) if name == "vit" and read["model"].get("num_classes") else ()
-      params = checkpoint.load_params(os.path.join(directory, "params"), tower_target, unused)
+      _, params_dir, subtree, _ = checkpoint.model_files(directory)
+      params = checkpoint.load_params(params_dir, tower_target, unused, subtree)
     for path, (axis, vocab) in grown.items():
       leaf = _get(want, path)
       grow = jax.jit(lambda t, axis=axis, n=leaf.shape[axis] - vocab: jnp.concatenate(

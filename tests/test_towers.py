@@ -25,6 +25,7 @@ from mmjax import generation
 from mmjax import models
 from mmjax import steps
 from mmjax import towers
+from mmjax import trainer
 from mmjax.data import images as image_codec
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
@@ -113,6 +114,13 @@ def test_a_pretrained_config_without_its_towers_names_the_key():
     towers.resolve(config)
 
 
+def test_a_directory_holding_no_model_is_named(tmp_path):
+  config = config_for("early_fusion.py:tiny", {"towers.vision": str(tmp_path)})
+  with pytest.raises(FileNotFoundError, match=rf"config\.towers\.vision={tmp_path} holds "
+                     r"neither config\.json .* nor checkpoints/"):
+    towers.resolve(config)
+
+
 def test_a_language_directory_holding_a_vision_model_is_refused(tower_dirs):
   config = config_for("early_fusion.py:pretrained", overrides(
       tower_dirs, **{"towers.language": tower_dirs["vision"]}))
@@ -138,14 +146,24 @@ def moved(a, b) -> bool:
   return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_an_mmjax_vit_classifier_is_a_vision_tower_without_its_head(tmp_path):
-  """What configs/vit.py:tiny-scenes trains and tools/export_hf.py --format=params writes: its
-  ViT, head and all, becomes both tiny fusion models' ViT; the head is never read."""
-  fields = dict(variant="mu/8", image_size=32, pool="gap", posemb="sincos2d", num_classes=32)
-  classifier = vit.Model(**fields)
-  params = nn.unbox(classifier.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))["params"]
-  checkpoint.save_params(str(tmp_path / "params"), params)
-  (tmp_path / "mmjax_config.json").write_text(json.dumps({"family": "vit", "model": fields}))
+@pytest.mark.parametrize("saved_as", ["params export", "train.py workdir"])
+def test_an_mmjax_vit_classifier_is_a_vision_tower_without_its_head(tmp_path, saved_as):
+  """What configs/vit.py:tiny-scenes trains, as its workdir or as tools/export_hf.py
+  --format=params writes it: its ViT, head and all, becomes both tiny fusion models' ViT; the
+  head is never read."""
+  if saved_as == "params export":
+    fields = dict(variant="mu/8", image_size=32, pool="gap", posemb="sincos2d", num_classes=32)
+    params = nn.unbox(vit.Model(**fields).init(jax.random.key(1), jnp.zeros((1, 32, 32, 3))))[
+        "params"]
+    checkpoint.save_params(str(tmp_path / "params"), params)
+    (tmp_path / "mmjax_config.json").write_text(json.dumps({"family": "vit", "model": fields}))
+  else:
+    config = common.load("vit.py:tiny-scenes")
+    config.update_from_flattened_dict({"total_steps": 2, "eval_every": 0, "log_every": 1,
+                                       "checkpoint.async_save": False})
+    trainer.train_and_evaluate(config, str(tmp_path))
+    _, params, _ = checkpoint.read_model(str(tmp_path))
+  assert params["head"]["kernel"].shape == (32, 32)  # ViT-mu: width 32; 32 classes
   for spec in ("early_fusion.py:tiny", "deep_fusion.py:tiny"):
     loaded = initial_params(spec, {"towers.vision": str(tmp_path), "data.name": "shapes"})
     assert_same(loaded["vit"], {k: v for k, v in params.items() if k != "head"})
