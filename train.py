@@ -52,7 +52,8 @@ def main(argv):
   result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0:
     print(console.summary(result, workdir=_WORKDIR.value, config_spec=config_spec,
-                          wall_seconds=timer.seconds), file=sys.stderr)
+                          wall_seconds=timer.seconds,
+                          overrides=console.config_overrides(sys.argv[1:])), file=sys.stderr)
 
 
 if __name__ == "__main__":

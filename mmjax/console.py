@@ -16,6 +16,7 @@ from collections.abc import Callable
 import logging
 import os
 import pathlib
+import shlex
 import shutil
 import sys
 import time
@@ -100,7 +101,7 @@ def app_run(main: Callable[[list[str]], int | None]):
   try:
     app.run(run(main))
   except (AttributeError, KeyError) as e:
-    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    overrides = config_overrides(sys.argv[1:])
     key = str(e).strip("'\" ")
     culprit = next((a for a in overrides if a.split("=")[0].endswith("." + key)), None)
     # The flags are not parsed yet: look for --traceback by hand.
@@ -110,6 +111,17 @@ def app_run(main: Callable[[list[str]], int | None]):
     print(f"error: {culprit}: {spec or 'the config'} has no key "
           f"{culprit.split('=')[0].removeprefix('--config.')}", file=sys.stderr)
     sys.exit(1)
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+  """A command line's config overrides as --config.KEY=VALUE, given so or as --config.KEY VALUE."""
+  overrides = []
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config."):
+      value = argv[i + 1] if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith(
+          "--") else None
+      overrides.append(arg if value is None else f"{arg}={value}")
+  return overrides
 
 
 def format_scalars(scalars: dict[str, float], unit: str) -> str:
@@ -169,7 +181,8 @@ class Progress:
       self.bar.close()
 
 
-def summary(result: dict, *, workdir: str, config_spec: str, wall_seconds: float) -> str:
+def summary(result: dict, *, workdir: str, config_spec: str, wall_seconds: float,
+            overrides: tuple[str, ...] = ()) -> str:
   """The closing lines of a run: what it reached, where things are, what to run next."""
   unit = "images" if "eval_top1" in result or result.get("family") == "vit" else "tokens"
   lines = [f"done: step {result['step']} in {duration(wall_seconds)}"
@@ -183,7 +196,9 @@ def summary(result: dict, *, workdir: str, config_spec: str, wall_seconds: float
   checkpoint = result.get("checkpoint_step")
   lines.append(f"workdir: {workdir} (metrics.jsonl, tensorboard/"
                + (f", checkpoints/{checkpoint}" if checkpoint is not None else "") + ")")
-  config = f"--config {config_spec} " if config_spec else ""
+  # Resuming takes the same config: the file and every override of the command line.
+  config = "".join(f"{shlex.quote(a)} " for a in (
+      *(("--config", config_spec) if config_spec else ()), *overrides))
   lines += [
       f"  resume:   python train.py {config}--workdir {workdir}",
       f"  generate: python tools/generate.py --workdir {workdir} --prompt \"...\"",

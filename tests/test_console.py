@@ -36,6 +36,19 @@ def test_a_log_file_gets_plain_lines_and_the_summary(tmp_path):
   assert not any(line.startswith(("I0", "W0", "INFO", "Creating")) for line in lines)
 
 
+def test_the_resume_line_repeats_the_command_lines_overrides():
+  argv = ["--config=configs/early_fusion.py:tiny", "--config.total_steps=4",
+          "--config.optimizer.frozen", "^vit/", "--workdir=/tmp/w", "--config.data.json=a b.json"]
+  overrides = console.config_overrides(argv)
+  assert overrides == ["--config.total_steps=4", "--config.optimizer.frozen=^vit/",
+                       "--config.data.json=a b.json"]
+  text = console.summary({"step": 4}, workdir="/tmp/w", config_spec="configs/early_fusion.py:tiny",
+                         wall_seconds=1.0, overrides=overrides)
+  assert ("  resume:   python train.py --config configs/early_fusion.py:tiny "
+          "--config.total_steps=4 '--config.optimizer.frozen=^vit/' "
+          "'--config.data.json=a b.json' --workdir /tmp/w") in text
+
+
 def test_a_terminal_gets_one_live_line(tmp_path):
   primary, replica = pty.openpty()
   fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 160 columns
