@@ -5,13 +5,13 @@
 
 Each tower is a HuggingFace directory (config.json + *.safetensors: a ViT, CLIP or
 SigLIP vision model; GPT-2 or Llama), a tools/import_hf.py or export_hf.py
---format=params output (mmjax_config.json + params/), or a train.py workdir (its
-newest checkpoint: configs/vit.py:tiny-scenes trains the tiny pair's ViT). `resolve` derives from them what the config
-cannot know in advance: the towers' fields, the pixel mean and std of the
-vision tower's preprocessor, the language tower's tokenizer and the image
-token's id (added to the tokenizer when it has none, with a new row of the
-LM's embedding table that trains even when the LM is frozen). `load` reads
-their weights straight into the shardings of the training state.
+--format=params output (mmjax_config.json + params/), or a train.py workdir (its newest
+checkpoint: configs/vit.py:tiny-scenes trains the tiny pair's ViT). `resolve` derives
+from them what the config cannot know in advance: the towers' fields, the pixel mean and
+std of the vision tower's preprocessor, the language tower's tokenizer and the image
+token's id (added to the tokenizer when it has none, with a new row of the LM's
+embedding table that trains even when the LM is frozen). `load` reads their weights
+straight into the shardings of the training state.
 """
 import json
 import os
@@ -28,16 +28,17 @@ from mmjax.interop import hf
 Config = ml_collections.ConfigDict
 
 
-def _read(directory: str, key: str) -> tuple[dict, str]:
-  """A tower directory -> ({"family", "model", maybe "pixels"}, its kind: "hf" or "mmjax")."""
+def _read(directory: str, key: str) -> tuple[dict, tuple[str, str | None] | None]:
+  """A tower directory -> ({"family", "model", maybe "pixels"}, where an mmjax tower's
+  parameters are: (Orbax directory, subtree or None); None for a HuggingFace tower)."""
   hf_config = os.path.join(directory, "config.json")
   if os.path.exists(os.path.join(directory, "mmjax_config.json")) or os.path.isdir(
       os.path.join(directory, "checkpoints")):
-    config, *_ = checkpoint.model_files(directory)
+    config, params_dir, subtree, _ = checkpoint.model_files(directory)
     if "lora" in config:
       raise ValueError(f"{key}={directory} trained LoRA adapters: merge them first "
                        "(tools/export_hf.py --format=params) and give that directory")
-    return config, "mmjax"
+    return config, (params_dir, subtree)
   if not os.path.exists(hf_config):
     raise FileNotFoundError(f"{key}={directory} holds neither config.json (HuggingFace), "
                             "mmjax_config.json (tools/import_hf.py, tools/export_hf.py "
@@ -50,7 +51,7 @@ def _read(directory: str, key: str) -> tuple[dict, str]:
       settings = json.load(f)
     if "image_mean" in settings:
       config["pixels"] = {"mean": settings["image_mean"], "std": settings["image_std"]}
-  return config, "hf"
+  return config, None
 
 
 # Fields that say how a tower runs, not what it is: the config's own win over the tower's.
@@ -123,7 +124,7 @@ def load(config: Config, target: dict) -> dict:
     directory = config.towers.get(key)
     if not directory:
       continue
-    read, kind = _read(directory, f"config.towers.{key}")
+    read, mmjax_params = _read(directory, f"config.towers.{key}")
     want = target[name]
     grown = _grown_tables(want, read["model"]["vocab_size"]) if name == "lm" else {}
     tower_target = want
@@ -132,12 +133,12 @@ def load(config: Config, target: dict) -> dict:
       shape = tuple(vocab if i == axis else n for i, n in enumerate(leaf.shape))
       tower_target = _set(tower_target, path, jax.ShapeDtypeStruct(shape, leaf.dtype,
                                                                     sharding=leaf.sharding))
-    if kind == "hf":
+    if mmjax_params is None:
       _, params = hf.load(directory, jax.tree.map(lambda s: s.sharding, tower_target))
     else:
       # A classifier serves as a vision tower without its head (resolve drops num_classes).
       unused = ("head",) if name == "vit" and read["model"].get("num_classes") else ()
-      _, params_dir, subtree, _ = checkpoint.model_files(directory)
+      params_dir, subtree = mmjax_params
       params = checkpoint.load_params(params_dir, tower_target, unused, subtree)
     for path, (axis, vocab) in grown.items():
       leaf = _get(want, path)

@@ -106,8 +106,7 @@ class ShapeScenes(base.Source):
     self.tokenizer = tokenizers.load(tokenizer)
     if task not in TASKS:
       raise ValueError(f"config.data.task must be one of {TASKS}, got {task!r}")
-    if not 1 <= max_shapes <= len(PLACES):
-      raise ValueError(f"config.data.max_shapes must be in 1..{len(PLACES)}, got {max_shapes}")
+    check_max_shapes(max_shapes)
     if sizes not in SCENE_SIZES:
       raise ValueError(f"config.data.scene_sizes must be one of {SCENE_SIZES}, got {sizes!r}")
     self.max_shapes = max_shapes
@@ -272,8 +271,7 @@ class ShapeClasses(base.Source):
 
   def __init__(self, batch_size: int, image_size: int, max_shapes: int = 1, **kwargs):
     super().__init__(batch_size, **kwargs)
-    if not 1 <= max_shapes <= len(PLACES):
-      raise ValueError(f"config.data.max_shapes must be in 1..{len(PLACES)}, got {max_shapes}")
+    check_max_shapes(max_shapes)
     self.image_size = image_size
     self.max_shapes = max_shapes
 
@@ -301,6 +299,12 @@ class ShapeClasses(base.Source):
     for row, classes in enumerate(labels):
       multi_hot[row, classes] = 1.0
     return {"images": self.normalise(np.stack(images)), "labels": multi_hot}
+
+
+def check_max_shapes(max_shapes: int):
+  """Scenes hold a shape per quadrant at most."""
+  if not 1 <= max_shapes <= len(PLACES):
+    raise ValueError(f"config.data.max_shapes must be in 1..{len(PLACES)}, got {max_shapes}")
 
 
 def draw_scene(rng: np.random.Generator, size: int | tuple[int, int],
