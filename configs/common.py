@@ -1,4 +1,5 @@
 """Pieces every config file shares: the common keys, the optimizer, paired backbones."""
+import difflib
 import importlib
 
 import ml_collections
@@ -26,6 +27,9 @@ BACKBONES = {
 }
 
 
+FILES = ("lm.py", "vit.py", "early_fusion.py", "deep_fusion.py", "hf.py")
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
   """"lm.py:tiny" -> configs/lm.py's get_config("tiny"), as `--config configs/lm.py:tiny` does."""
   file, _, arg = spec.partition(":")
@@ -36,8 +40,29 @@ def load(spec: str) -> ml_collections.ConfigDict:
 def variant(variants: dict, arg: str, file: str) -> dict:
   """The preset named by `arg`, or an error listing the known ones."""
   if arg not in variants:
-    raise ValueError(f"unknown {file} variant {arg!r}; known: {sorted(variants)}")
+    near = difflib.get_close_matches(arg, variants, n=1)
+    raise ValueError(f"unknown {file} variant {arg!r}"
+                     + (f" (did you mean {near[0]!r}?)" if near else "")
+                     + f"; known: {', '.join(variants)}")
   return variants[arg]
+
+
+def listing() -> str:
+  """Every config file with its first docstring line, its variants and what a suffix adds:
+  what `train.py --list_configs` prints."""
+  lines = []
+  for file in FILES:
+    module = importlib.import_module(f"configs.{file.removesuffix('.py')}")
+    lines += [module.__doc__.splitlines()[0], f"  variants: {', '.join(module.variants())}"]
+    if getattr(module, "SUFFIX", ""):
+      lines.append(f"  {module.SUFFIX}")
+  return "\n".join(lines)
+
+
+def stages_suffix(stages: dict[str, str]) -> str:
+  """How a fusion config file's STAGE suffix reads, for `listing`."""
+  return (f"VARIANT,STAGE: what trains, STAGE in {', '.join(stages)}; STAGE+lora adds LoRA on "
+          "the LM")
 
 
 def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collections.ConfigDict:
@@ -53,7 +78,7 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
   config.eval_every = 200
   config.eval_steps = 4  # validation batches per evaluation
   config.checkpoint_every = 200  # steps between saves; the last step and SIGTERM always save
-  config.optimizer = optimizer(total_steps)
+  config.optimizer = optimizer()
   config.mesh = ml_collections.ConfigDict(dict(
       shape=dict(data=1, fsdp=-1, tensor=1),  # -1: all remaining devices
       rules="fsdp",  # or "dp", "fsdp_tp", or a list of (logical axis, mesh axes) pairs
@@ -70,23 +95,29 @@ def base_config(*, family: str, total_steps: int, batch_size: int) -> ml_collect
       coordinator_address="",  # "host:port" to start jax.distributed; "" = environment/auto
       num_processes=1,
       process_id=0,
+      join_timeout_s=300,  # how long every process waits for all of them to start
+      heartbeat_timeout_s=100,  # a process silent this long is declared lost
   ))
   return config
 
 
-def fusion_config(arg: str, *, family: str, stages: dict[str, str], pretrained_stage: str):
+def fusion_config(arg: str, *, family: str, stages: dict[str, str], pretrained_stage: str,
+                  extras: tuple[str, ...] = ()):
   """Parses "BACKBONE[,STAGE]" -> the base config with the stage's freezing, towers and data.
 
-  The default stage trains everything, or with pretrained towers `pretrained_stage`.
+  The default stage trains everything, or with pretrained towers `pretrained_stage`. extras:
+  the file's own variants of the tiny backbone ("tiny-native"), which the file then adjusts.
   """
   backbone, _, stage = arg.partition(",")
+  if backbone not in BACKBONES and backbone not in extras:
+    variant(dict.fromkeys([*BACKBONES, *extras]), backbone, f"configs/{family}.py")
+  backbone = "tiny" if backbone in extras else backbone
   stage = stage or (pretrained_stage if backbone == "pretrained" else "all")
   # STAGE+lora: the stage's freezing, with LoRA on the LM's projections.
   stage, lora = stage.removesuffix("+lora"), stage.endswith("+lora")
-  if backbone not in BACKBONES or stage not in stages:
-    raise ValueError(f"configs/{family}.py takes BACKBONE[,STAGE] with BACKBONE in "
-                     f"{sorted(BACKBONES)} and STAGE in {sorted(stages)} (+lora: LoRA on the "
-                     f"LM), got {arg!r}")
+  if stage not in stages:
+    raise ValueError(f"configs/{family}.py takes BACKBONE[,STAGE] with STAGE in "
+                     f"{', '.join(stages)} (+lora: LoRA on the LM), got {arg!r}")
   # About 2 (early) and 3 (deep) minutes on 2 CPU cores for the tiny pair.
   config = base_config(family=family, total_steps=3000, batch_size=16)
   config.optimizer.learning_rate = 1e-3
@@ -187,13 +218,15 @@ def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example
 
 
-def optimizer(total_steps: int, learning_rate: float = 3e-3) -> ml_collections.ConfigDict:
+def optimizer(learning_rate: float = 3e-3) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name="adamw",  # or "sgd", "adafactor"
-      learning_rate=learning_rate,
-      schedule="cosine",  # or "linear", "constant"
-      warmup_steps=min(100, total_steps // 10),
-      decay_steps=total_steps,
+      learning_rate=learning_rate,  # the peak, reached after the warmup
+      schedule="cosine",  # or "linear", "constant": from the peak to 0 at decay_steps
+      # Unset, both follow total_steps (mmjax/optim.py:plan): a warmup of min(100,
+      # total_steps // 10) steps, decay to 0 at total_steps. Set, they stay as set.
+      warmup_steps=ml_collections.config_dict.placeholder(int),
+      decay_steps=ml_collections.config_dict.placeholder(int),
       b1=0.9,
       b2=0.95,  # GPT-2/3 practice, steadier than 0.999 at small batch
       momentum=0.9,  # sgd only

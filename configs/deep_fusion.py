@@ -16,13 +16,18 @@ import ml_collections
 from configs import common
 
 STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
+EXTRAS = ("tiny-native",)  # variants of the tiny backbone
+SUFFIX = common.stages_suffix(STAGES)
+
+
+def variants() -> list[str]:
+  return [*common.BACKBONES, *EXTRAS]
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   native = arg.startswith("tiny-native")
-  arg = arg.replace("tiny-native", "tiny", 1) if native else arg
   config = common.fusion_config(arg, family="deep_fusion", stages=STAGES,
-                                pretrained_stage="flamingo")
+                                pretrained_stage="flamingo", extras=EXTRAS)
   config.model.update(dict(
       cross_every=1,  # a cross block before every LM block: the tiny LM has only 2
       adapter_layers=2,
@@ -31,7 +36,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       gate="scalar",  # or "channel"
       qk_norm=False,  # RMS-normed cross-attention queries and keys (Llama-3.2-Vision's)
   ))
-  if arg.partition(",")[0] == "tiny":
+  if arg.partition(",")[0] in ("tiny", *EXTRAS):
     # The best recipe of tools/showcase.py's ablations (3 seeds each, README): a gate per
     # channel, and the new layers (adapter, cross blocks, gates) learning 3x faster, as
     # Flamingo trains its new layers faster than the frozen LM would allow. Scalar gates at one

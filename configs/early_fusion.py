@@ -18,13 +18,18 @@ import ml_collections
 from configs import common
 
 STAGES = {"all": "", "stage1": r"^(vit|lm)/", "stage2": r"^vit/"}
+EXTRAS = ("tiny-anyres",)  # variants of the tiny backbone
+SUFFIX = common.stages_suffix(STAGES)
+
+
+def variants() -> list[str]:
+  return [*common.BACKBONES, *EXTRAS]
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   anyres = arg.startswith("tiny-anyres")
-  arg = arg.replace("tiny-anyres", "tiny", 1) if anyres else arg
   config = common.fusion_config(arg, family="early_fusion", stages=STAGES,
-                                pretrained_stage="stage1")
+                                pretrained_stage="stage1", extras=EXTRAS)
   config.model.update(dict(
       projector="mlp2x_gelu",  # or "linear"
       vision_layer=ml_collections.config_dict.placeholder(int),  # None: final tokens; -2: LLaVA

@@ -1,4 +1,4 @@
-"""Fine-tune an imported HuggingFace model: `--config configs/hf.py:/path/from/import_hf`.
+"""Fine-tune an import: `configs/hf.py:DIR[,lora]`, DIR written by tools/import_hf.py.
 
 `configs/hf.py:/path/from/import_hf,lora` fine-tunes through LoRA adapters
 on the LM's projections (and the projector of a LLaVA in full).
@@ -19,6 +19,13 @@ import ml_collections
 from configs import common
 
 
+SUFFIX = "DIR,lora: LoRA on the LM's projections (and a LLaVA projector in full), the rest frozen"
+
+
+def variants() -> list[str]:
+  return ["DIR (a tools/import_hf.py --out directory)"]
+
+
 def get_config(arg: str) -> ml_collections.ConfigDict:
   """DIR, or DIR,lora: LoRA on the LM's projections, everything else frozen."""
   arg, lora = (arg.removesuffix(",lora"), True) if arg.endswith(",lora") else (arg, False)
@@ -31,7 +38,7 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
   config = common.base_config(family=imported["family"], total_steps=200, batch_size=8)
   config.model = ml_collections.ConfigDict(imported["model"])
   config.init_from = os.path.abspath(arg)
-  config.optimizer = common.optimizer(config.total_steps, learning_rate=1e-4)  # fine-tuning
+  config.optimizer = common.optimizer(learning_rate=1e-4)  # fine-tuning
   model = imported["model"]
   if lora:  # the adapters train; with early fusion the projector too (LLaVA's LoRA recipe)
     common.with_lora(config, "" if imported["family"] == "lm" else "lm/")

@@ -1,4 +1,4 @@
-"""Decoder LM configs: `--config configs/lm.py:tiny` is the CPU quick start."""
+"""Decoder LM configs: `configs/lm.py:VARIANT[,lora]`; `lm.py:tiny` is the CPU quick start."""
 import ml_collections
 
 from configs import common
@@ -23,6 +23,13 @@ VARIANTS = {
                                 scan_layers=True, remat_policy="full"),
                      seq_len=2048, batch_size=128, total_steps=10000),
 }
+
+
+SUFFIX = "VARIANT,lora: LoRA (rank 16) on every projection, the rest frozen"
+
+
+def variants() -> list[str]:
+  return list(VARIANTS)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""ViT classification configs: `--config configs/vit.py:tiny`.
+"""ViT classification configs: `configs/vit.py:VARIANT`.
 
 "tiny-scenes" pretrains the tiny fusion pair's vision tower: the pair's ViT (mu/8,
 32 px, fixed sincos positions) on the pair's scenes of one or two shapes, labelled
@@ -24,6 +24,10 @@ VARIANTS = {
 }
 # tiny, longer, on scenes of one or two shapes (get_config): the tiny fusion pair's ViT tower.
 VARIANTS["tiny-scenes"] = dict(VARIANTS["tiny"], total_steps=8000, batch_size=64)
+
+
+def variants() -> list[str]:
+  return list(VARIANTS)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

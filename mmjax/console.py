@@ -13,17 +13,22 @@
   traceback: that is a bug to report.
 """
 from collections.abc import Callable
+import contextlib
+import difflib
+import importlib.util
 import logging
 import os
 import pathlib
 import shlex
 import shutil
 import sys
+import threading
 import time
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
+import ml_collections
 
 _LOG_LEVEL = flags.DEFINE_enum(
     "log_level", "warning", ["debug", "info", "warning", "error"],
@@ -54,11 +59,23 @@ def quiet_libtpu_without_a_tpu():
     os.environ.setdefault(name, value)
 
 
+# Library warnings that are not the user's business, dropped below --log_level=info: Orbax on
+# reading a train state's params (their metadata is the step's, one folder up), tfds on every
+# dataset mmjax builds (its configs are made at run time by design) and on each not built yet.
+NOISE = ("Metadata file does not exist", "Using custom data configuration", "Variant folder ")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+  return not str(record.msg).startswith(NOISE)
+
+
 def setup_logging():
   """Libraries at --log_level; mmjax's loggers at INFO, as "mmjax: message" on stderr."""
   quiet_libtpu_without_a_tpu()
   absl_logging.set_verbosity(_LOG_LEVEL.value)
   logging.getLogger().setLevel(_LOG_LEVEL.value.upper())
+  if _LOG_LEVEL.value not in ("debug", "info"):
+    logging.getLogger("absl").addFilter(_not_noise)
   own = logging.getLogger("mmjax")
   own.setLevel(logging.INFO)
   handler = logging.StreamHandler(sys.stderr)
@@ -85,6 +102,11 @@ def run(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | 
     setup_logging()
     try:
       return main(argv)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+      if _TRACEBACK.value or os.environ.get("MMJAX_TRACEBACK"):
+        raise
+      print("error: interrupted (Ctrl-C); the newest saved checkpoint is kept", file=sys.stderr)
+      sys.exit(130)
     except Exception as e:  # pylint: disable=broad-except
       if _TRACEBACK.value or os.environ.get("MMJAX_TRACEBACK") or not is_input_error(e):
         raise
@@ -96,21 +118,107 @@ def run(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | 
 
 
 def app_run(main: Callable[[list[str]], int | None]):
-  """absl's app.run(run(main)), and a --config override naming a key the config lacks said in a
-  line (ml_collections raises it while absl parses the flags, before main)."""
+  """absl's app.run(run(main)), its flags parsed by `parse_flags`."""
+  app.run(run(main), flags_parser=parse_flags)
+
+
+HELP = ("-h", "-help", "--help", "--helpshort", "--helpfull", "-?")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with what a user mistypes said in one line and exit status 1.
+
+  --help prints the program's docstring and flags and exits 0. Before absl
+  loads --config, the file, its variant and every --config.KEY override are
+  checked here (a key the config lacks names its nearest keys), so that no
+  traceback reaches the user; --traceback shows absl's own error instead.
+  """
+  if any(a in HELP for a in argv[1:]):
+    print(help_text())
+    sys.exit(0)
   try:
-    app.run(run(main))
-  except (AttributeError, KeyError) as e:
-    overrides = config_overrides(sys.argv[1:])
-    key = str(e).strip("'\" ")
-    culprit = next((a for a in overrides if a.split("=")[0].endswith("." + key)), None)
-    # The flags are not parsed yet: look for --traceback by hand.
-    if culprit is None or "--traceback" in sys.argv or os.environ.get("MMJAX_TRACEBACK"):
+    if not _wants_traceback(argv):
+      check_config_args(argv[1:])
+    return flags.FLAGS(argv)
+  except (ValueError, flags.Error) as e:
+    if _wants_traceback(argv):
       raise
-    spec = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
-    print(f"error: {culprit}: {spec or 'the config'} has no key "
-          f"{culprit.split('=')[0].removeprefix('--config.')}", file=sys.stderr)
+    message = " ".join(str(e).split("\n", 1)[0].split())  # absl appends hints on more lines
+    print(f"error: {message} (--help lists the flags)" if isinstance(e, flags.Error)
+          else f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def _wants_traceback(argv: list[str]) -> bool:
+  """--traceback, looked for by hand: the flags are not parsed yet."""
+  return ("--traceback" in argv or "--traceback=true" in argv
+          or bool(os.environ.get("MMJAX_TRACEBACK")))
+
+
+def help_text() -> str:
+  """The program's docstring, its own flags, and where config keys are documented."""
+  program = sys.modules["__main__"]
+  text = [(program.__doc__ or "").strip(), "", "flags:", flags.FLAGS.main_module_help().strip()]
+  if "config" in flags.FLAGS:
+    text += ["", "Every key of the config is a flag too: --config.KEY=VALUE (--config.optimizer."
+             "learning_rate=1e-3).", "The keys and their meaning: configs/common.py and the "
+             "config file, one comment a key;", "`python train.py --config FILE:VARIANT "
+             "--print_config` prints a config's keys and values,", "`python train.py "
+             "--list_configs` every config file and its variants."]
+  return "\n".join(text)
+
+
+def config_spec(argv: list[str]) -> str | None:
+  """The value of --config in a command line ("configs/lm.py:tiny"), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def load_config(spec: str):
+  """A config file's get_config(variant), as ml_collections loads `--config FILE[:VARIANT]`."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("mmjax_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_config_args(argv: list[str]):
+  """The config file, its variant and each --config.KEY override, checked as a user gives them:
+  ValueErrors that name the argument at fault and what would be right."""
+  spec = config_spec(argv)
+  if spec is None:
+    return
+  path = spec.partition(":")[0]
+  if not os.path.isfile(path):
+    folder = os.path.dirname(path) or "."
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".py")) if os.path.isdir(
+        folder) else []
+    near = difflib.get_close_matches(os.path.basename(path), files, n=1)
+    raise ValueError(f"--config {spec}: there is no file {path}"
+                     + (f"; did you mean {os.path.join(folder, near[0])}?" if near else "")
+                     + " (python train.py --list_configs lists the config files)")
+  try:
+    config = load_config(spec)
+  except ValueError as e:
+    raise ValueError(f"--config {spec}: {e}") from e
+  for override in config_overrides(argv):
+    key = override.split("=", 1)[0].removeprefix("--config.")
+    node, walked = config, []
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"{override}: config.{'.'.join(walked)} is a value, not a group of keys")
+      if part not in node:
+        near = difflib.get_close_matches(part, list(node.keys()), n=2)
+        hint = f"; did you mean {' or '.join('.'.join([*walked, n]) for n in near)}?" if near \
+            else ""
+        raise ValueError(f"{override}: {spec} has no key {key}{hint} (--print_config "
+                         "prints its keys)")
+      node, walked = node[part], [*walked, part]
 
 
 def config_overrides(argv: list[str]) -> list[str]:
@@ -185,7 +293,9 @@ def summary(result: dict, *, workdir: str, config_spec: str, wall_seconds: float
             overrides: tuple[str, ...] = ()) -> str:
   """The closing lines of a run: what it reached, where things are, what to run next."""
   unit = "images" if "eval_top1" in result or result.get("family") == "vit" else "tokens"
-  lines = [f"done: step {result['step']} in {duration(wall_seconds)}"
+  stopped = result.get("stopped_by")
+  lines = [(f"stopped by {stopped}: step {result['step']} of {result['total_steps']}" if stopped
+            else f"done: step {result['step']}") + f" in {duration(wall_seconds)}"
            + (f" (compiling {duration(result['compile_seconds'])})"
               if "compile_seconds" in result else "")
            + (f"; {format_scalars(result, unit)}" if "loss" in result else "")]
@@ -194,18 +304,44 @@ def summary(result: dict, *, workdir: str, config_spec: str, wall_seconds: float
   if scores:
     lines.append("held out: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(scores.items())))
   checkpoint = result.get("checkpoint_step")
+  example = result.get("example")  # a held-out image and its question, for image-text runs
   lines.append(f"workdir: {workdir} (metrics.jsonl, tensorboard/"
-               + (f", checkpoints/{checkpoint}" if checkpoint is not None else "") + ")")
+               + (f", checkpoints/{checkpoint}" if checkpoint is not None else "")
+               + (", example.png" if example else "") + ")")
   # Resuming takes the same config: the file and every override of the command line.
   config = "".join(f"{shlex.quote(a)} " for a in (
       *(("--config", config_spec) if config_spec else ()), *overrides))
+  # The held-out example's question about its image, or a prompt to fill in.
+  ask = (f"--image {shlex.quote(example['image'])} --prompt {shlex.quote(example['prompt'])}"
+         if example else '--prompt "..."')
   lines += [
       f"  resume:   python train.py {config}--workdir {workdir}",
-      f"  generate: python tools/generate.py --workdir {workdir} --prompt \"...\"",
+      f"  generate: python tools/generate.py --workdir {workdir} {ask}",
       f"  plot:     python tools/plot.py --workdir {workdir} --out {workdir}/runs.png",
       f"  export:   python tools/export_hf.py --workdir {workdir} --out {workdir}/hf",
   ]
   return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def elapsed(what: str, every: float = 30.0):
+  """Says `what` has started, then every `every` seconds how long it has run, so a long compile
+  is never silence; the caller says when it ends."""
+  log = logging.getLogger("mmjax")
+  log.info("%s ...", what)
+  done, timer = threading.Event(), Timer()
+
+  def tick():
+    while not done.wait(every):
+      log.info("%s: %s so far", what, duration(timer.seconds))
+
+  ticker = threading.Thread(target=tick, daemon=True)
+  ticker.start()
+  try:
+    yield timer
+  finally:
+    done.set()
+    ticker.join()
 
 
 class Timer:

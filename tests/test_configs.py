@@ -27,7 +27,7 @@ def test_config_builds(name, arg):
   data = sources.build(config)
   batch = jax.tree.map(lambda x: x[:1], data.batch(0))
   shapes = jax.eval_shape(model.init, jax.random.key(0), *steps.init_inputs(batch))
-  optim.make_optimizer(config.optimizer, shapes["params"])
+  optim.make_optimizer(config.optimizer, shapes["params"], config.total_steps)
   # On 8 devices where the batch splits over them (tiny-native's 3 long rows do not).
   trainer.validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
   assert config.family == name
