@@ -32,26 +32,61 @@ def param_paths(params) -> dict:
       lambda path, _: jax.tree_util.keystr(path, simple=True, separator="/"), params)
 
 
-def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def plan(config: ml_collections.ConfigDict, total_steps: int) -> tuple[int, int]:
+  """-> (warmup steps, decay steps): optimizer.warmup_steps and decay_steps where set, else
+  derived from the run's length: a 10% warmup (at most 100 steps), then decay to step
+  total_steps. So `--config.total_steps=N` alone plans the schedule over N steps."""
+  warmup = config.get("warmup_steps")
+  decay = config.get("decay_steps")
+  return (min(100, total_steps // 10) if warmup is None else warmup,
+          total_steps if decay is None else decay)
+
+
+def check_schedule(config: ml_collections.ConfigDict, total_steps: int):
+  """One-line errors naming the key: a schedule that cannot be built."""
   if config.schedule not in SCHEDULES:
-    raise ValueError(f"optimizer.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
-  lr, warmup = config.learning_rate, config.warmup_steps
+    raise ValueError(f"config.optimizer.schedule must be one of {SCHEDULES}, "
+                     f"got {config.schedule!r}")
+  warmup, decay = plan(config, total_steps)
+  if warmup < 0:
+    raise ValueError(f"config.optimizer.warmup_steps must be >= 0, got {warmup}")
+  if config.schedule != "constant" and decay <= warmup:
+    raise ValueError(f"config.optimizer.decay_steps={decay} must exceed the warmup's {warmup} "
+                     "steps (config.optimizer.warmup_steps)")
+
+
+def schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then `config.schedule` from the peak to 0 at the decay's end."""
+  check_schedule(config, total_steps)
+  lr = config.learning_rate
+  warmup, decay = plan(config, total_steps)
   if config.schedule == "constant":
     after = optax.constant_schedule(lr)
   elif config.schedule == "cosine":
-    after = optax.cosine_decay_schedule(lr, config.decay_steps - warmup)
+    after = optax.cosine_decay_schedule(lr, decay - warmup)
   else:
-    after = optax.linear_schedule(lr, 0.0, config.decay_steps - warmup)
+    after = optax.linear_schedule(lr, 0.0, decay - warmup)
   if not warmup:
     return after
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(config: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
-  """The optimizer for `params` (a tree of arrays or shapes) described by config.optimizer."""
+def describe_schedule(config: ml_collections.ConfigDict, total_steps: int) -> str:
+  """The schedule in words: "warmup 100 steps to 0.003, cosine to 0 at step 1000"."""
+  warmup, decay = plan(config, total_steps)
+  lr = f"{config.learning_rate:g}"
+  rest = (f"constant {lr}" if config.schedule == "constant"
+          else f"{config.schedule} to 0 at step {decay}")
+  return f"warmup {warmup} steps to {lr}, {rest}" if warmup else f"{rest} from {lr}"
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params,
+                   total_steps: int) -> optax.GradientTransformation:
+  """The optimizer for `params` (a tree of arrays or shapes) described by config.optimizer, for
+  a run of total_steps (the schedule's length unless the config sets its own)."""
   if config.name not in OPTIMIZERS:
     raise ValueError(f"optimizer.name must be one of {OPTIMIZERS}, got {config.name!r}")
-  lr = schedule(config)
+  lr = schedule(config, total_steps)
   paths = param_paths(params)
   decay_mask = jax.tree.map(decays, paths)
   if config.name == "adamw":

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import math
+import operator
 
 from flax import linen as nn
 import jax
@@ -203,8 +204,40 @@ def make_train_step(model, optimizer, *, microbatches: int, frozen=None, row_mas
   return train_step
 
 
+# The numeric keys `setup` reads that have a domain, as (comparison, bound) pairs. Unset keys
+# (None) are not checked: unset means derived (optimizer.warmup_steps) or off.
+BOUNDS = {
+    "batch_size": ">= 1", "microbatches": ">= 1",
+    "optimizer.learning_rate": "> 0", "optimizer.weight_decay": ">= 0",
+    "optimizer.clip_norm": "> 0", "optimizer.b1": ">= 0, < 1", "optimizer.b2": ">= 0, < 1",
+    "optimizer.momentum": ">= 0, < 1", "optimizer.warmup_steps": ">= 0",
+    "optimizer.decay_steps": ">= 1", "optimizer.lora.alpha": "> 0",
+    "data.seq_len": ">= 2", "data.pack": ">= 1", "data.max_images": ">= 1",
+    "data.train_size": ">= 1", "data.eval_size": ">= 1", "data.max_shapes": ">= 1",
+    "data.max_patches": ">= 1", "data.image_size": ">= 1",
+    "distributed.num_processes": ">= 1",
+}
+COMPARISONS = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
+
+
+def check_bounds(config: ml_collections.ConfigDict, bounds: dict[str, str]):
+  """One-line errors for numeric keys outside their domain: "config.batch_size must be >= 1,
+  got 0". bounds: key -> "OP NUMBER[, OP NUMBER]"."""
+  for key, rule in bounds.items():
+    value = config
+    for part in key.split("."):
+      value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+      continue
+    for condition in rule.split(", "):
+      comparison, bound = condition.split(" ")
+      if not COMPARISONS[comparison](value, float(bound)):
+        raise ValueError(f"config.{key} must be {' and '.join(rule.split(', '))}, got {value}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1):
   """One-line errors naming the config key, for everything `setup` builds; nothing compiles."""
+  check_bounds(config, BOUNDS)
   models.check(config.family, config.model)
   sources.check(config)
   lora.check(config.optimizer)
@@ -227,9 +260,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   if config.optimizer.get("mu_dtype") not in (None, "float32", "bfloat16"):
     raise ValueError(f"config.optimizer.mu_dtype must be unset, 'float32' or 'bfloat16', got "
                      f"{config.optimizer.mu_dtype!r}")
-  if config.optimizer.schedule not in optim.SCHEDULES:
-    raise ValueError(f"config.optimizer.schedule must be one of {optim.SCHEDULES}, "
-                     f"got {config.optimizer.schedule!r}")
+  optim.check_schedule(config.optimizer, config.total_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +273,7 @@ class Setup:
   rules: tuple  # logical axis -> mesh axes
   optimizer: optax.GradientTransformation
   param_axes: dict  # each parameter's logical axis names (a PartitionSpec of names)
+  frozen: dict  # like the parameters: True where one does not train (optim.frozen_mask)
   params_sharding: dict
   state_sharding: dict
   batch_sharding: jax.sharding.NamedSharding
@@ -296,7 +328,7 @@ def setup(config: ml_collections.ConfigDict,
   boxed = jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *inputs)["params"]
   boxed = lora.add(boxed, config.optimizer)  # LoRA factors, with their kernels' axes
   params_sharding = sharding.param_shardings(boxed, mesh, rules)
-  optimizer = optim.make_optimizer(config.optimizer, nn.unbox(boxed))
+  optimizer = optim.make_optimizer(config.optimizer, nn.unbox(boxed), config.total_steps)
   frozen = optim.frozen_mask(config.optimizer, nn.unbox(boxed))
   row_masks = (optim.row_masks(config.optimizer, nn.unbox(boxed))
                if config.optimizer.get("trained_rows") else None)
@@ -308,7 +340,7 @@ def setup(config: ml_collections.ConfigDict,
                                 abstract, state_sharding)
   return Setup(
       config=config, model=model, mesh=mesh, rules=rules, optimizer=optimizer,
-      param_axes=nn.get_partition_spec(boxed), params_sharding=params_sharding,
+      param_axes=nn.get_partition_spec(boxed), frozen=frozen, params_sharding=params_sharding,
       state_sharding=state_sharding, batch_sharding=batch_sharding,
       abstract_state=abstract_state, abstract_batch=abstract_batch,
       init=jax.jit(init_state, out_shardings=state_sharding),

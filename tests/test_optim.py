@@ -18,8 +18,11 @@ def params_tree():
           "projector": {"dense_0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}}
 
 
+STEPS = 100  # the run's total_steps in these tests
+
+
 def config(**overrides):
-  cfg = common.optimizer(total_steps=100, learning_rate=0.1)
+  cfg = common.optimizer(learning_rate=0.1)
   cfg.warmup_steps = 0
   cfg.update(overrides)
   return cfg
@@ -42,7 +45,7 @@ def test_param_paths():
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_frozen_params_unchanged_and_stateless(name):
   params = params_tree()
-  tx = optim.make_optimizer(config(name=name, frozen=r"^(vit|lm)/"), params)
+  tx = optim.make_optimizer(config(name=name, frozen=r"^(vit|lm)/"), params, STEPS)
   new, state = run_steps(tx, params)
   for tower in ("vit", "lm"):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new[tower], params[tower])
@@ -56,12 +59,12 @@ def test_frozen_params_unchanged_and_stateless(name):
 
 def test_freezing_everything_is_an_error():
   with pytest.raises(ValueError, match="freezes every parameter"):
-    optim.make_optimizer(config(frozen="."), params_tree())
+    optim.make_optimizer(config(frozen="."), params_tree(), STEPS)
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():
   params = params_tree()
-  tx = optim.make_optimizer(config(weight_decay=0.5), params)
+  tx = optim.make_optimizer(config(weight_decay=0.5), params, STEPS)
   state = tx.init(params)
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zero_grads, state, params)
@@ -104,26 +107,52 @@ def test_weight_decay_by_what_a_parameter_is_on_real_trees():
 
 
 def test_schedules():
-  cosine = optim.schedule(config(warmup_steps=10, decay_steps=110))
+  cosine = optim.schedule(config(warmup_steps=10, decay_steps=110), STEPS)
   assert float(cosine(0)) == 0.0 and float(cosine(10)) == pytest.approx(0.1)
   assert float(cosine(60)) == pytest.approx(0.05, rel=1e-3)
-  linear = optim.schedule(config(schedule="linear", warmup_steps=10, decay_steps=110))
+  linear = optim.schedule(config(schedule="linear", warmup_steps=10, decay_steps=110), STEPS)
   assert float(linear(60)) == pytest.approx(0.05) and float(linear(110)) == pytest.approx(0.0)
-  constant = optim.schedule(config(schedule="constant", warmup_steps=10))
+  constant = optim.schedule(config(schedule="constant", warmup_steps=10), STEPS)
   assert float(constant(5)) == pytest.approx(0.05) and float(constant(1000)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("total_steps", [40, 1000, 5000])
+def test_an_unset_schedule_follows_total_steps(total_steps):
+  # The config file's run is 1000 steps; --config.total_steps moves warmup and decay with it.
+  cfg = common.load("lm.py:tiny").optimizer
+  schedule = optim.schedule(cfg, total_steps)
+  warmup = min(100, total_steps // 10)
+  assert optim.plan(cfg, total_steps) == (warmup, total_steps)
+  peak = cfg.learning_rate
+  assert float(schedule(warmup)) == pytest.approx(peak)  # the peak, inside the run
+  assert float(schedule(warmup // 2)) == pytest.approx(peak * (warmup // 2) / warmup)
+  assert float(schedule(total_steps)) == pytest.approx(0.0, abs=1e-12)  # the end, at the end
+  middle = (warmup + total_steps) // 2  # cosine's half-way point
+  assert float(schedule(middle)) == pytest.approx(peak / 2, rel=0.05)
+  assert optim.describe_schedule(cfg, total_steps) == (
+      f"warmup {warmup} steps to {peak:g}, cosine to 0 at step {total_steps}")
+
+
+def test_a_set_schedule_stays_as_set():
+  cfg = config(warmup_steps=5, decay_steps=50)
+  assert optim.plan(cfg, 1000) == (5, 50)
+  assert float(optim.schedule(cfg, 1000)(50)) == pytest.approx(0.0, abs=1e-12)
+  with pytest.raises(ValueError, match=r"config.optimizer.decay_steps=5 must exceed the "
+                                       r"warmup's 10 steps"):
+    optim.schedule(config(warmup_steps=10, decay_steps=5), 1000)
 
 
 def test_unknown_names():
   with pytest.raises(ValueError, match="optimizer.name must be one of"):
-    optim.make_optimizer(config(name="lion"), params_tree())
+    optim.make_optimizer(config(name="lion"), params_tree(), STEPS)
   with pytest.raises(ValueError, match="optimizer.schedule must be one of"):
-    optim.make_optimizer(config(schedule="step"), params_tree())
+    optim.make_optimizer(config(schedule="step"), params_tree(), STEPS)
 
 
 def test_clipping_by_global_norm():
   params = {"w": jnp.zeros(4)}
   tx = optim.make_optimizer(config(name="sgd", momentum=0.0, weight_decay=0.0, clip_norm=1.0,
-                                   schedule="constant", warmup_steps=0), params)
+                                   schedule="constant", warmup_steps=0), params, STEPS)
   assert isinstance(tx, optax.GradientTransformation)
   updates, _ = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.1 * np.full(4, 0.5), rtol=1e-6)
@@ -133,11 +162,11 @@ def test_lr_multipliers_scale_matching_updates():
   params = params_tree()
   # No clipping: with a frozen tower the clip norm would be taken over fewer gradients.
   plain = optim.make_optimizer(config(name="sgd", momentum=0.0, weight_decay=0.0,
-                                      clip_norm=1e9), params)
+                                      clip_norm=1e9), params, STEPS)
   scaled = optim.make_optimizer(config(name="sgd", momentum=0.0, weight_decay=0.0,
                                        clip_norm=1e9, frozen=r"^vit/",
                                        lr_multipliers=((r"^projector/", 0.25),
-                                                       (r"^proj", 9.0))), params)
+                                                       (r"^proj", 9.0))), params, STEPS)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
   expected, _ = plain.update(grads, plain.init(params), params)
   updates, _ = scaled.update(grads, scaled.init(params), params)

@@ -62,10 +62,19 @@ def towers(family: str, fields: Mapping, key: str = "config.model") -> dict[str,
   return {key: (family, fields)}
 
 
+# A tower's sizes: each at least 1 where set.
+SIZES = ("width", "depth", "num_heads", "mlp_dim", "vocab_size", "max_len", "num_kv_heads",
+         "head_dim", "image_size", "patch_size", "num_classes")
+
+
 def check(family: str, fields: Mapping, key: str = "config.model"):
   """One-line errors naming the config key, raised before anything is built or compiled."""
   for where, (kind, tower_fields) in towers(family, fields, key).items():
     tower = build(kind, tower_fields)
+    for name in SIZES:
+      size = getattr(tower, name, None)
+      if size is not None and size < 1:
+        raise ValueError(f"{where}.{name} must be >= 1, got {size}")
     if (kind == "vit" or not tower.head_dim) and tower.width % tower.num_heads:
       raise ValueError(f"{where}.num_heads={tower.num_heads} does not divide "
                        f"{where}.width={tower.width}")
