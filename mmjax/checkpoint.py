@@ -48,9 +48,10 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler(),
                        "config": ocp.JsonCheckpointHandler()},
+        # The directory is made by the first save: a run that stops on an error first leaves none.
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
-            enable_async_checkpointing=async_save))
+            enable_async_checkpointing=async_save, create=False))
 
   def save(self, step: int, state, data_state: dict, config: dict):
     """Saves asynchronously; a non-finite state is refused, never written."""
@@ -100,8 +101,18 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       return  # unreadable metadata: the restore itself reports and falls back
     saved = getattr(saved, "tree", saved)
-    if saved is not None:
+    if saved is None:
+      return
+    try:
       _compare_trees(f"checkpoint step {step}", saved, abstract_state)
+    except ValueError as e:
+      raise ValueError(f"{e}: {self.directory} holds the run of another model or optimizer; "
+                       "give this one a new --workdir (or move that checkpoints/ away)") from None
+
+  def saved_config(self, step: int) -> dict:
+    """The config a checkpoint was saved with, as JSON."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
 
   def close(self):
     """Waits for pending saves; their errors surface here, never swallowed."""
@@ -150,6 +161,22 @@ def model_files(directory: str) -> tuple[dict, str, str | None, str]:
     if tokenizer == "bytes" and run_config.get("init_from"):  # started from an import
       tokenizer = tokenizer_file(run_config["init_from"]) or "bytes"
   return config, params_dir, subtree, tokenizer
+
+
+def params_location(directory: str, key: str) -> tuple[dict, str, str | None, str]:
+  """model_files for config `key` (config.init_from, a tower): one-line errors for a directory
+  that holds no model, and for a run of LoRA adapters (they must be merged first)."""
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{key}={directory} is not a directory")
+  try:
+    found = model_files(directory)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{key}: {e} (tools/import_hf.py or export_hf.py --format=params "
+                            "writes the first, train.py the second)") from None
+  if "lora" in found[0]:
+    raise ValueError(f"{key}={directory} trained LoRA adapters: merge them first "
+                     "(tools/export_hf.py --format=params) and give that directory")
+  return found
 
 
 def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,

@@ -138,6 +138,16 @@ class Generative:
                                    [r["references"] for r in captions]))
     return scores, rows[:self.num_samples]
 
+  def example(self) -> tuple[np.ndarray, str] | None:
+    """This process's first held-out example with an image, as a user would give it to
+    tools/generate.py: (its first image, float[H, W, 3] in [0, 1]; its question, "" for a
+    caption); None when the first batch has none."""
+    for example in self.source.examples(0):
+      image = picture(self._images([example]), 0)
+      if image.size:  # an example without images has an empty picture
+        return image * self.source.image_std + self.source.image_mean, example["question"]
+    return None
+
   def _images(self, examples: list[dict]) -> dict[str, np.ndarray]:
     """The examples' images (each "image" float32[I, H, W, 3], or AnyRes tiles) as the model
     takes them: dense, or laid out one example a row when the source keeps each image's size."""

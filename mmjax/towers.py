@@ -28,17 +28,15 @@ from mmjax.interop import hf
 Config = ml_collections.ConfigDict
 
 
-def _read(directory: str, key: str) -> tuple[dict, tuple[str, str | None] | None]:
+def _read(directory: str, key: str) -> tuple[dict, tuple[str, str | None] | None, str]:
   """A tower directory -> ({"family", "model", maybe "pixels"}, where an mmjax tower's
-  parameters are: (Orbax directory, subtree or None); None for a HuggingFace tower)."""
+  parameters are: (Orbax directory, subtree or None), None for a HuggingFace tower; its
+  tokenizer: a file, "bytes" for a byte-level mmjax run, "" where there is none)."""
   hf_config = os.path.join(directory, "config.json")
   if os.path.exists(os.path.join(directory, "mmjax_config.json")) or os.path.isdir(
       os.path.join(directory, "checkpoints")):
-    config, params_dir, subtree, _ = checkpoint.model_files(directory)
-    if "lora" in config:
-      raise ValueError(f"{key}={directory} trained LoRA adapters: merge them first "
-                       "(tools/export_hf.py --format=params) and give that directory")
-    return config, (params_dir, subtree)
+    config, params_dir, subtree, tokenizer = checkpoint.params_location(directory, key)
+    return config, (params_dir, subtree), tokenizer
   if not os.path.exists(hf_config):
     raise FileNotFoundError(f"{key}={directory} holds neither config.json (HuggingFace), "
                             "mmjax_config.json (tools/import_hf.py, tools/export_hf.py "
@@ -51,7 +49,7 @@ def _read(directory: str, key: str) -> tuple[dict, tuple[str, str | None] | None
       settings = json.load(f)
     if "image_mean" in settings:
       config["pixels"] = {"mean": settings["image_mean"], "std": settings["image_std"]}
-  return config, None
+  return config, None, checkpoint.tokenizer_file(directory)
 
 
 # Fields that say how a tower runs, not what it is: the config's own win over the tower's.
@@ -71,7 +69,7 @@ def resolve(config: Config) -> Config:
     return config
   config = Config(config.to_dict())
   if towers.vision:
-    read, _ = _read(towers.vision, "config.towers.vision")
+    read, _, _ = _read(towers.vision, "config.towers.vision")
     if read["family"] != "vit":
       raise ValueError(f"config.towers.vision={towers.vision} holds a {read['family']} model, "
                        "not a vision tower (ViT, CLIP or SigLIP)")
@@ -80,21 +78,20 @@ def resolve(config: Config) -> Config:
       config.data.image_mean = tuple(read["pixels"]["mean"])
       config.data.image_std = tuple(read["pixels"]["std"])
   if towers.language:
-    read, _ = _read(towers.language, "config.towers.language")
+    read, _, tokenizer_spec = _read(towers.language, "config.towers.language")
     if read["family"] != "lm":
       raise ValueError(f"config.towers.language={towers.language} holds a {read['family']} "
                        "model, not a language model (GPT-2 or Llama)")
-    tokenizer_path = checkpoint.tokenizer_file(towers.language)
-    if not tokenizer_path:
+    if not tokenizer_spec:
       raise FileNotFoundError(f"config.towers.language={towers.language} has no tokenizer.json "
                               "or tokenizer.model")
-    tokenizer = tokenizers.load(tokenizer_path)
+    tokenizer = tokenizers.load(tokenizer_spec)
     tower_vocab = read["model"]["vocab_size"]
     # The image token may be new to the tokenizer (then its id is the next one): the table grows.
     config.model.lm = _with_run_fields(read["model"], config.model.lm,
                                        vocab_size=max(tower_vocab, tokenizer.vocab_size))
     config.model.image_token_id = tokenizer.image_id
-    config.data.tokenizer = tokenizer_path
+    config.data.tokenizer = tokenizer_spec
     # A new row for deep fusion's image marker, trained even where the LM is frozen. (Early
     # fusion replaces its placeholders' embeddings with the image's: that row is never read.)
     if tokenizer.image_id >= tower_vocab and config.family == "deep_fusion":
@@ -124,7 +121,7 @@ def load(config: Config, target: dict) -> dict:
     directory = config.towers.get(key)
     if not directory:
       continue
-    read, mmjax_params = _read(directory, f"config.towers.{key}")
+    read, mmjax_params, _ = _read(directory, f"config.towers.{key}")
     want = target[name]
     grown = _grown_tables(want, read["model"]["vocab_size"]) if name == "lm" else {}
     tower_target = want

@@ -29,6 +29,7 @@ from mmjax import optim
 from mmjax import sharding
 from mmjax import steps
 from mmjax import towers
+from mmjax.data import images as image_codec
 from mmjax.data import sources
 from mmjax.models import deep_fusion
 
@@ -37,43 +38,75 @@ log = logging.getLogger(__name__)
 NAN_POLICIES = ("skip", "stop")
 
 
+# The loop's numeric keys with a domain (steps.BOUNDS has those of the model and data).
+BOUNDS = {"total_steps": ">= 1", "log_every": ">= 1", "eval_every": ">= 0", "eval_steps": ">= 1",
+          "checkpoint_every": ">= 0", "checkpoint.max_to_keep": ">= 1",
+          "checkpoint.keep_every": ">= 0"}
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int):
-  """One-line errors naming the config key, raised before anything compiles."""
+  """One-line errors naming the config key, raised before anything compiles: the loop's keys
+  (validate_loop) and everything steps.setup builds."""
+  validate_loop(config)
   steps.validate(towers.resolve(config), num_devices, jax.process_count())
+
+
+def validate_loop(config: ml_collections.ConfigDict):
+  """The loop's own keys: steps, logging, evaluation, checkpoints, the NaN policy."""
+  steps.check_bounds(config, BOUNDS)
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy must be one of {NAN_POLICIES}, got {config.nan_policy!r}")
   if config.eval_every % config.log_every:
     raise ValueError(f"config.eval_every={config.eval_every} must be a multiple of "
                      f"config.log_every={config.log_every}: evaluation is logged with training")
-  if config.total_steps < 1:
-    raise ValueError(f"config.total_steps must be >= 1, got {config.total_steps}")
 
 
 class Preemption:
-  """Turns SIGTERM into a request to checkpoint and stop, agreed by every process."""
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a request to checkpoint and stop, agreed by every
+  process. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+  NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
   def __init__(self):
-    self.requested = False
-    self.previous = signal.signal(signal.SIGTERM, self._handle)  # restored on __exit__
+    self.received = None  # the first signal's name
+    # Only the flag is set here: an exception raised at an arbitrary point (inside a callback
+    # from XLA, say) can be swallowed there, and the run would go on.
+    self.previous = {s: signal.signal(s, self._handle) for s in self.NAMES}  # restored on exit
 
   def _handle(self, signum, frame):
-    del signum, frame
-    log.warning("SIGTERM: saving a checkpoint and stopping")
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.received == "Ctrl-C":
+      raise KeyboardInterrupt
+    if self.received is None:
+      self.received = self.NAMES[signum]
+      log.warning("%s: saving a checkpoint after this step, then stopping%s", self.received,
+                  " (Ctrl-C again: stop now)" if signum == signal.SIGINT else "")
 
   def should_stop(self, sync: bool) -> bool:
     """With several processes the flags are combined, only when `sync` (a logging step)."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.received is not None
     if not sync:
       return False
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self.previous)
+    for number, handler in self.previous.items():
+      signal.signal(number, handler)
+
+
+def check_workdir(workdir: str):
+  """A one-line error for a workdir that is a file or cannot be written; nothing is created."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir {workdir}: {existing} cannot be written")
 
 
 # ----------------------------------------------------------------------------
@@ -83,10 +116,13 @@ class Preemption:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains config.model on config.data for config.total_steps; returns the last metrics."""
-  # 0. From here on SIGTERM means: checkpoint after the current step and stop.
+  # 0. From here on SIGTERM and Ctrl-C mean: checkpoint after the current step and stop.
   with Preemption() as preemption:
-    # 1. Config errors surface here, before any compilation.
-    validate(config, jax.device_count())
+    # 1. Config errors surface here and in setup, before any compilation; nothing is written.
+    check_workdir(workdir)
+    validate_loop(config)
+    initial = (checkpoint.params_location(config.init_from, "config.init_from")
+               if config.init_from else None)
 
     # 2. Model, mesh, shardings, optimizer and the jitted steps: the same for every entry point.
     # From here on the config holds what its pretrained towers decide (their shapes, tokenizer).
@@ -108,12 +144,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if restored:
       state, data_state, start = restored
       log.info("resumed from checkpoint step %d", start)
+      planned = checkpointer.saved_config(start).get("total_steps")
+      if planned != config.total_steps and start < config.total_steps:
+        log.warning("checkpoint step %d was saved by a run of %s steps, this one runs %d: "
+                    "learning rate %s, %.3g at step %d", start, planned, config.total_steps,
+                    optim.describe_schedule(config.optimizer, config.total_steps),
+                    optim.schedule(config.optimizer, config.total_steps)(start), start + 1)
     else:
       state = run.init(jax.random.key(config.seed))
-      if config.init_from:  # pretrained weights, e.g. from tools/import_hf.py
+      if initial:  # pretrained weights: tools/import_hf.py's output, or another run's workdir
         # (With LoRA the checkpoint holds the base model: the fresh factors stay.)
+        _, params_dir, subtree, _ = initial
         state["params"] = lora.overlay(state["params"], checkpoint.load_params(
-            os.path.join(config.init_from, "params"), lora.base(run.abstract_state["params"])))
+            params_dir, lora.base(run.abstract_state["params"]), subtree=subtree))
         log.info("initialised the parameters from %s", config.init_from)
       pretrained = towers.load(config, lora.base(run.abstract_state["params"])) if config.get(
           "towers") else {}
@@ -121,7 +164,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state["params"] = lora.overlay(state["params"], pretrained)
         log.info("initialised %s from %s", " and ".join(sorted(pretrained)),
                  ", ".join(d for d in config.towers.values() if d))
+      elif lora.settings(config.optimizer) and not initial:
+        log.warning("LoRA over a randomly initialised model: its base stays random (start "
+                    "from pretrained weights with config.init_from or config.towers)")
       data_state, start = {"next_step": 1}, 0
+    if start >= config.total_steps:
+      log.warning("checkpoint step %d is at or past config.total_steps=%d: nothing to train "
+                  "(a larger --config.total_steps goes on from there)", start, config.total_steps)
 
     # 5. Compile both steps once, for the global batch's shapes.
     tic = time.perf_counter()
@@ -136,24 +185,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        num_batches=config.eval_steps, merge=run.merge)
     # MaxText's count of the model's FLOPs (XLA's cost analysis counts a loop body once).
     flops = metrics.model_flops(config.family, run.model, run.abstract_state["params"],
-                                run.abstract_batch) / jax.device_count()
+                                run.abstract_batch, run.frozen) / jax.device_count()
     dtype = config.model.get("dtype", "float32")
     peak = metrics.peak_tflops(jax.devices()[0], dtype)
     # Every slot of the batch, padding included; "items" counts what the loss was on.
     slots_per_step = (config.batch_size if config.family == "vit"
                       else np.prod(run.abstract_batch["tokens"].shape))
-    schedule = optim.schedule(config.optimizer)
+    schedule = optim.schedule(config.optimizer, config.total_steps)
+    _, decay = optim.plan(config.optimizer, config.total_steps)
+    if config.optimizer.schedule != "constant" and decay < config.total_steps:
+      log.warning("config.optimizer.decay_steps=%d ends before config.total_steps=%d: steps "
+                  "%d-%d train at learning rate 0 (unset it to decay over the whole run)",
+                  decay, config.total_steps, decay + 1, config.total_steps)
     # Deep fusion logs how far its tanh gates have opened (tools/plot.py draws them).
     gates = jax.jit(deep_fusion.gate_values) if config.family == "deep_fusion" else None
 
     # 6. The loop. Host syncs (float(), device_get) happen on logging steps only.
-    writer = metrics.Writer(workdir)
+    writer = metrics.Writer(workdir, after_step=start)
     progress = console.Progress(config.total_steps, start,
                                 "images" if config.family == "vit" else "tokens",
                                 enabled=jax.process_index() == 0)
     config_json = config.to_dict()
     last, tic, steps_since, items = {}, time.perf_counter(), 0, 0.0
-    step, saved = start, start if restored else None
+    step, saved, stopped_by = start, start if restored else None, None
     # The next batch is read on a thread while the device runs this step (batches are a pure
     # function of the step, so reading ahead changes nothing).
     prefetcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data")
@@ -203,14 +257,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           checkpointer.save(step, state, data_state, config_json)
           saved = step
         if preempted:
-          log.warning("stopped at step %d after SIGTERM; rerun the command to resume", step)
+          stopped_by = preemption.received or "another process's signal"
+          log.warning("stopped at step %d after %s; checkpoint saved, the same command resumes "
+                      "there", step, stopped_by)
           break
     finally:
       prefetcher.shutdown(cancel_futures=True)
       progress.close()
       writer.close()
       checkpointer.close()
-    return {**last, "step": step, "compile_seconds": compile_seconds, "checkpoint_step": saved}
+    example = write_example(generative, workdir) if generative else None
+    return {**last, "example": example, "step": step, "total_steps": config.total_steps,
+            "compile_seconds": compile_seconds, "checkpoint_step": saved,
+            "stopped_by": stopped_by}
+
+
+def write_example(generative: evaluate.Generative, workdir: str) -> dict[str, str] | None:
+  """A held-out image as WORKDIR/example.png, and its question: what the closing summary's
+  generate command asks the trained model. Process 0 writes it; the others return None, as
+  does a first held-out batch without images."""
+  found = generative.example() if jax.process_index() == 0 else None
+  if found is None:
+    return None
+  image, question = found
+  path = os.path.join(workdir, "example.png")
+  with open(path, "wb") as f:
+    f.write(image_codec.to_png(image))
+  return {"image": path, "prompt": question}
 
 
 def eval_losses(eval_step, params, data, num_batches: int, mesh) -> dict:

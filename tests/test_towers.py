@@ -169,6 +169,22 @@ def test_an_mmjax_vit_classifier_is_a_vision_tower_without_its_head(tmp_path, sa
     assert_same(loaded["vit"], {k: v for k, v in params.items() if k != "head"})
 
 
+def test_a_byte_level_lm_workdir_is_a_language_tower(tmp_path):
+  # A train.py run of the tiny LM has no tokenizer file: its bytes come with it.
+  config = common.load("lm.py:tiny")
+  config.model.max_len = 256  # room for a scene's question and answer after its image
+  config.update_from_flattened_dict({"total_steps": 2, "eval_every": 0, "log_every": 1,
+                                     "checkpoint.async_save": False})
+  trainer.train_and_evaluate(config, str(tmp_path))
+  _, params, _ = checkpoint.read_model(str(tmp_path))
+  settings = {"towers.language": str(tmp_path), "data.name": "shapes"}
+  resolved = towers.resolve(config_for("deep_fusion.py:tiny", settings))
+  assert resolved.data.tokenizer == "bytes"
+  assert resolved.model.image_token_id == tokenizers.ByteTokenizer.image_id
+  assert resolved.model.lm.max_len == 256 and resolved.model.lm.variant == "gpt2-tiny"
+  assert_same(initial_params("deep_fusion.py:tiny", settings)["lm"], params)
+
+
 def test_deep_fusion_from_two_towers_trains_only_the_new_parts_and_answers(
     tmp_path, run_train, tower_dirs):
   settings = overrides(tower_dirs, total_steps=40, log_every=2,

@@ -5,6 +5,7 @@ import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 from flax import linen as nn
@@ -153,8 +154,11 @@ def test_sharded_runs_match_one_device(tmp_path, run_train, name, presets):
 
 
 def test_gradient_accumulation_gives_the_full_batch_update(tmp_path):
-  whole = trainer.train_and_evaluate(config_for("lm"), str(tmp_path / "whole"))
-  accumulated = trainer.train_and_evaluate(config_for("lm", microbatches=2),
+  # SGD: its update is linear in the gradient, so the two differ by summation order only
+  # (Adam's 1/sqrt(v) would blow a near-zero gradient's noise up to a full step).
+  sgd = {"optimizer.name": "sgd"}
+  whole = trainer.train_and_evaluate(config_for("lm", **sgd), str(tmp_path / "whole"))
+  accumulated = trainer.train_and_evaluate(config_for("lm", microbatches=2, **sgd),
                                            str(tmp_path / "micro"))
   np.testing.assert_allclose(losses(train_cli.read_metrics(tmp_path / "micro")),
                              losses(train_cli.read_metrics(tmp_path / "whole")), rtol=2e-5)
@@ -250,6 +254,17 @@ def test_nan_stop_policy_names_the_step(tmp_path):
     ({"family": "rnn"}, r"config.family must be one of"),
     ({"model.vocab_size": 100}, r"config.model.vocab_size=100 is smaller than the tokenizer's "
                                 r"320 ids \(ByteTokenizer\(\)"),
+    ({"batch_size": 0}, r"config.batch_size must be >= 1, got 0"),
+    ({"total_steps": 0}, r"config.total_steps must be >= 1, got 0"),
+    ({"log_every": 0}, r"config.log_every must be >= 1, got 0"),
+    ({"eval_steps": -1}, r"config.eval_steps must be >= 1, got -1"),
+    ({"optimizer.learning_rate": 0.0}, r"config.optimizer.learning_rate must be > 0, got 0.0"),
+    ({"optimizer.b2": 1.0}, r"config.optimizer.b2 must be >= 0 and < 1, got 1.0"),
+    ({"optimizer.warmup_steps": 10, "optimizer.decay_steps": 10},
+     r"config.optimizer.decay_steps=10 must exceed the warmup's 10 steps"),
+    ({"data.seq_len": 1}, r"config.data.seq_len must be >= 2, got 1"),
+    ({"checkpoint.max_to_keep": 0}, r"config.checkpoint.max_to_keep must be >= 1, got 0"),
+    ({"model.max_len": 0}, r"config.model.max_len must be >= 1, got 0"),
 ])
 def test_bad_configs(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -292,16 +307,71 @@ def wait_for(path: pathlib.Path, timeout=300):
     time.sleep(0.05)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train):
-  run_train(tmp_path / "straight", "lm.py:tiny", LONG)
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, run_train_module):
+  """LONG, uninterrupted: what an interrupted and resumed run must end as."""
+  workdir = tmp_path_factory.mktemp("straight")
+  return workdir, run_train_module(workdir, "lm.py:tiny", LONG)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train, straight_run):
   process = start_train(tmp_path / "killed", LONG)
   wait_for(tmp_path / "killed" / "checkpoints" / "40" / "commit_success.txt")
   process.kill()
   process.wait()
   assert 300 not in [int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
                      if p.name.isdigit()], "the run finished before it was killed"
-  run_train(tmp_path / "killed", "lm.py:tiny", LONG)
-  assert_trees_equal(final_params(tmp_path / "killed"), final_params(tmp_path / "straight"))
+  rows = run_train(tmp_path / "killed", "lm.py:tiny", LONG)
+  assert_trees_equal(final_params(tmp_path / "killed"), final_params(straight_run[0]))
+  # Rows logged after the last checkpoint, before the kill, are not listed twice.
+  assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
+
+
+def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, run_train, straight_run):
+  # A shell starting a job in the background leaves it SIGINT ignored, a terminal does not:
+  # the child takes SIGINT's default before it becomes train.py (an exec keeps it).
+  process = subprocess.Popen(
+      [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, "
+       "signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+       *train_cli.command(tmp_path, "lm.py:tiny", {**LONG, "checkpoint_every": 1000})],
+      env=train_cli.env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  wait_for(tmp_path / "metrics.jsonl")  # step 10 is done
+  process.send_signal(signal.SIGINT)
+  sent = time.time()
+  _, stderr = process.communicate(timeout=120)
+  assert time.time() - sent < 30, "Ctrl-C took more than a few steps to stop the run"
+  assert process.returncode == 130, stderr[-2000:]
+  saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 10 <= saved[0] < 300, saved
+  assert f"stopped by Ctrl-C: step {saved[0]} of 300" in stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  rows = run_train(tmp_path, "lm.py:tiny", {**LONG, "checkpoint_every": 1000})
+  assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
+  assert rows[-1]["loss"] == straight_run[1][-1]["loss"]
+  assert_trees_equal(final_params(tmp_path), final_params(straight_run[0]))
+
+
+def test_total_steps_plans_the_schedule_and_extending_a_run_re_plans_it(tmp_path):
+  def run(total_steps):
+    result = subprocess.run(train_cli.command(tmp_path, "lm.py:tiny", {
+        "total_steps": total_steps, "log_every": 1, "eval_every": 0, "checkpoint_every": 0}),
+                            env=train_cli.env(1), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr, {r["step"]: r["learning_rate"] for r in train_cli.read_metrics(tmp_path)}
+
+  # The file plans 1000 steps (warmup 100); 40 steps warm up for 4 and decay to 0 at step 40.
+  _, rates = run(40)
+  peak = 3e-3
+  assert max(rates.values()) == pytest.approx(peak) and rates[5] == pytest.approx(peak)
+  assert rates[40] < 1e-2 * peak  # the rate used by step 40: schedule(39), its last but one
+  # Extended to 80: planned again over 80 steps, with a warning, never at rate 0.
+  said, rates = run(80)
+  assert "checkpoint step 40 was saved by a run of 40 steps, this one runs 80" in said
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, 8),
+                                   optax.cosine_decay_schedule(peak, 72)], [8])
+  for step in (41, 60, 80):
+    assert rates[step] == pytest.approx(float(schedule(step - 1)))
+  assert min(rates[s] for s in range(41, 80)) > 0 and rates[80] < 1e-2 * peak
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, run_train):
@@ -338,8 +408,26 @@ def run_two_processes(workdir, overrides, config="lm.py:tiny"):
   return train_cli.read_metrics(workdir)
 
 
+def test_a_missing_process_is_a_line_within_the_join_timeout(tmp_path):
+  started = time.time()
+  result = subprocess.run(train_cli.command(tmp_path, "lm.py:tiny", {
+      "distributed.coordinator_address": f"127.0.0.1:{free_port()}",
+      "distributed.num_processes": 2, "distributed.process_id": 0,
+      "distributed.join_timeout_s": 3}), env=train_cli.env(1), capture_output=True, text=True,
+                          timeout=120)
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 1 and time.time() - started < 30
+  assert lines[0].startswith("mmjax: process 0 of 2: waiting up to 3 s for all 2 to join")
+  assert lines[1:] == [f"error: not all 2 processes joined {lines[0].split()[-1]} within 3 s "
+                       "(config.distributed.join_timeout_s): run the same command on every host, "
+                       "each with its own config.distributed.process_id"], lines
+  assert not tmp_path.joinpath("checkpoints").exists()
+
+
 def test_two_processes_match_one_and_resume(tmp_path, run_train):
-  short = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint_every": 10}
+  # One schedule for all three runs (unset, it would follow each run's total_steps).
+  short = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint_every": 10,
+           "optimizer.warmup_steps": 3, "optimizer.decay_steps": 30}
   single = run_train(tmp_path / "single", "lm.py:tiny", {**short, "total_steps": 30})
   run_two_processes(tmp_path / "two", short)
   # Resume the two-process run from its step-20 checkpoint and go on to 30.
