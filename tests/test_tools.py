@@ -1,6 +1,7 @@
 """The command-line tools end to end: import a HuggingFace model, fine-tune it, export it back."""
 import json
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,6 +84,9 @@ def test_deep_fusion_export_parts_and_name_map(tmp_path, run_train):
                                 params["xattn_0"]["attn"]["query"]["kernel"])
   assert len(flat) == len(jax.tree.leaves(params))
   language = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "language").eval()
+  # The run's byte-level tokenizer goes with its language tower, with the same ids.
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out" / "language")
+  assert tokenizer("abc").input_ids == [256, 97, 98, 99]
   tokens = np.array([[256, 97, 98, 99]])
   ours, _ = models.build("lm", config["model"]["lm"]).apply({"params": params["lm"]},
                                                                 jnp.asarray(tokens))
@@ -93,6 +97,17 @@ def test_deep_fusion_export_parts_and_name_map(tmp_path, run_train):
 
 def test_params_only_export_round_trip(tmp_path, run_train):
   run_train(tmp_path / "run", "lm.py:tiny", {"total_steps": 2, "log_every": 1, "eval_every": 0})
+  # As a HuggingFace GPT-2: a byte-level run's tokenizer, with its ids, loads in transformers.
+  run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'hf'}")
+  text = "héllo 1+2=3\n"
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  ids = tokenizer(text).input_ids
+  assert ids == [256] + tokenizers.ByteTokenizer().encode(text)  # BOS, then the bytes
+  assert tokenizer.decode(ids, skip_special_tokens=True) == text
+  assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (257, 0)
+  hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (256, 257)
+  assert tokenizers.load(str(tmp_path / "hf" / "tokenizer.json")).encode(text) == ids[1:]
   run_tool("export_hf.py", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'served'}",
            "--format=params")
   config, params, _ = checkpoint.read_model(str(tmp_path / "served"))
@@ -161,12 +176,13 @@ def test_generate_answers_like_decode(tmp_path, run_train):
   for i, example in enumerate(examples):
     path = tmp_path / f"scene_{i}.png"
     Image.fromarray(np.round(example["image"][0] * 255).astype(np.uint8)).save(path)
-    requests.append({"prompt": example["question"], "images": [str(path)]})
+    # Relative paths are the JSONL file's, whatever the current directory.
+    requests.append({"prompt": example["question"], "images": [path.name]})
     # The default template lays a prompt out as the training data does.
     assert tokenizers.encode_prompt(example["question"], 1, "<image>{prompt} ", [258] * 16,
                                     source.tokenizer) == example["prompt"]
   requests.append({"prompt": "two images: <image> and <image>?", "images": [
-      str(tmp_path / "scene_0.png"), str(tmp_path / "scene_1.png")]})
+      str(tmp_path / "scene_0.png"), "scene_1.png"]})
   (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in requests))
   out = run_tool("generate.py", f"--workdir={tmp_path / 'run'}",
                  f"--prompts={tmp_path / 'prompts.jsonl'}", "--max_new_tokens=6")
@@ -177,7 +193,7 @@ def test_generate_answers_like_decode(tmp_path, run_train):
   images = np.zeros((3, 2, 32, 32, 3), np.float32)
   for b, request in enumerate(requests):
     for i, path in enumerate(request["images"]):
-      images[b, i] = image_codec.read(path, 32)
+      images[b, i] = image_codec.read(str(tmp_path / path), 32)
   prompts = [e["prompt"] for e in examples] + [
       [256] + list(b"two images: ") + [258] * 16 + list(b" and ") + [258] * 16 + list(b"? ")]
   tokens, lengths = generation.left_pad(prompts, 0)
@@ -186,6 +202,15 @@ def test_generate_answers_like_decode(tmp_path, run_train):
   assert answers == [source.tokenizer.decode(t[:n]) for t, n in zip(expected["tokens"],
                                                                       expected["lengths"])]
   np.testing.assert_allclose(images[0, 0], examples[0]["image"][0], atol=1 / 255)
+  # A file that is not an image: one line naming it.
+  result = subprocess.run([sys.executable, str(train_cli.ROOT / "tools" / "generate.py"),
+                           f"--workdir={tmp_path / 'run'}", "--prompt=hi",
+                           f"--image={tmp_path / 'prompts.jsonl'}"], env=train_cli.env(1),
+                          capture_output=True, text=True, timeout=300)
+  lines = (result.stdout + result.stderr).strip().splitlines()
+  assert result.returncode == 1 and lines == [
+      f"error: cannot read image {tmp_path / 'prompts.jsonl'}: not an image file Pillow reads "
+      "(PNG, JPEG, GIF, WebP, ...)"], lines
 
 
 def test_showcase_trains_each_scheme_per_seed_and_tabulates_mean_and_spread(tmp_path):

@@ -5,7 +5,8 @@
 DIR is a training workdir (its newest checkpoint is used) or a directory from
 tools/import_hf.py. "hf" writes config.json + model.safetensors that
 transformers' from_pretrained loads (ViT, CLIP, SigLIP, GPT-2, Llama, LLaVA),
-plus the tokenizer files of the run's init_from directory. A deep-fusion
+plus the run's tokenizer: the files of its tokenizer's folder (a pretrained tower's
+or an import's), or for byte-level runs a tokenizer.json with the same ids. A deep-fusion
 model has no HuggingFace class: OUT/vision and OUT/language get its towers,
 and OUT/model.safetensors all its weights named by their mmjax paths
 ("xattn_3/attn/query/kernel", ...). "params" writes mmjax_config.json and an
@@ -19,7 +20,10 @@ import os
 from absl import flags
 from mmjax import checkpoint
 from mmjax import console
+from mmjax import models
+from mmjax.data import tokenizers
 from mmjax.interop import hf
+from mmjax.models import lm
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or import directory.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
@@ -49,12 +53,14 @@ def main(argv):
     checkpoint.save_params(os.path.join(out, "params"), params)
     print(f"wrote mmjax_config.json and params/ to {out}")
     return
+  language = models.language_fields(config["family"], config["model"])
   if config["family"] == "deep_fusion":
     hf.save_flat(os.path.join(out, "model.safetensors"), params)
     with open(os.path.join(out, "mmjax_config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    hf.save(os.path.join(out, "language"), {"family": "lm", "model": config["model"]["lm"]},
-            params["lm"])
+    hf.save(os.path.join(out, "language"), {"family": "lm", "model": language}, params["lm"],
+            tokenizers.load(tokenizer))
+    write_tokenizer(tokenizer, os.path.join(out, "language"), language)
     try:
       hf.save(os.path.join(out, "vision"), {"family": "vit", "model": config["model"]["vit"]},
               params["vit"])
@@ -63,10 +69,21 @@ def main(argv):
     print(f"wrote {out}/language (and vision) and all weights by mmjax name in "
           f"{out}/model.safetensors")
     return
-  hf.save(out, config, params)
-  if tokenizer != "bytes":  # the files beside the run's tokenizer (tokenizer_config.json, ...)
-    hf.copy_tokenizer(os.path.dirname(tokenizer), out)
+  if config["family"] == "vit":
+    hf.save(out, config, params)
+  else:
+    hf.save(out, config, params, tokenizers.load(tokenizer))
+    write_tokenizer(tokenizer, out, language)
   print(f"wrote a HuggingFace {config['family']} model to {out}")
+
+
+def write_tokenizer(spec: str, out: str, language: dict):
+  """The model's tokenizer files beside it: the run's (with tokenizer_config.json and the rest
+  of its folder), or for a byte-level run one transformers loads with the same ids."""
+  if spec == "bytes":
+    tokenizers.save_bytes_for_huggingface(out, lm.Model(**language).max_len)
+  else:
+    hf.copy_tokenizer(os.path.dirname(spec), out)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@
 
 DIR is a training workdir (its newest complete checkpoint) or a params-only
 export (tools/export_hf.py --format=params). --prompts reads one JSON object
-per line, {"prompt": "...", "images": ["a.png", ...]}, and prints one per line
-with "answer" added. Each prompt is laid out by --template: "<image>" stands
-for one image's placeholder tokens (early fusion) or marker (deep fusion);
+per line, {"prompt": "...", "images": ["a.png", ...]} (relative paths from the
+file's folder), and prints one per line with "answer" added. Each prompt is
+laid out by --template: "<image>" stands for one image's placeholder tokens
+(early fusion) or marker (deep fusion);
 images without an "<image>" in the template go first. The default is the
 layout of the run's training data: "<image>{prompt} " for the generated
 scenes, LLaVA-1.5's "USER: <image>\n{prompt} ASSISTANT:" for LLaVA data and
@@ -22,6 +23,7 @@ as in training (config.data.image_mean/std, or an import's preprocessor
 values).
 """
 import json
+import os
 
 from absl import app
 from absl import flags
@@ -67,7 +69,10 @@ def read_requests() -> list[dict]:
   for n, request in enumerate(requests, 1):
     if "prompt" not in request:
       raise ValueError(f"{_PROMPTS.value} line {n} has no \"prompt\"")
-  return requests
+  # Image paths are the JSONL file's: relative ones start from its folder.
+  folder = os.path.dirname(os.path.abspath(_PROMPTS.value))
+  return [{**r, "images": [os.path.join(folder, p) for p in r.get("images", [])]}
+          for r in requests]
 
 
 def anyres_images(config: dict, requests: list[dict]) -> tuple[early_fusion.Tiles, list]:

@@ -25,7 +25,10 @@ def from_bytes(data: bytes | np.ndarray,
   if isinstance(data, np.ndarray):
     image = Image.fromarray(data[..., 0] if data.ndim == 3 and data.shape[-1] == 1 else data)
   else:
-    image = Image.open(io.BytesIO(data))
+    try:
+      image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+      raise ValueError("not an image file Pillow reads (PNG, JPEG, GIF, WebP, ...)") from None
   with image:
     image = image.convert("RGB")
     if callable(size):

@@ -21,8 +21,10 @@ example. A row always takes k records: one that no longer fits is dropped and
 counted, so pick k for the length distribution (the warning says how often).
 """
 import collections
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
 
@@ -30,6 +32,7 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mmjax import console
 from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import builders
@@ -64,10 +67,16 @@ def open_split(builder: tfds.core.DatasetBuilder, split: str, seed: int, *, prep
   prepare: build the dataset when it is not built yet (mmjax's own builders).
   A named tfds dataset must already be prepared: nothing is downloaded here.
   """
-  if prepare:
+  if prepare and not builder.is_prepared():
     hide_accelerators_from_tensorflow()
     try:
-      builder.download_and_prepare()
+      # tfds' own lines would say "Downloading" (nothing is) and draw progress bars into log
+      # files: one line of mmjax's instead, and the elapsed time while it builds.
+      tfds.display_progress_bar(False)
+      with console.elapsed(f"building {builder.name} ({builder.builder_config.name}) in "
+                           f"{builder.data_dir_root}, once"), contextlib.redirect_stdout(
+                               io.StringIO()):
+        builder.download_and_prepare()
     except AssertionError as e:
       if "No examples were yielded" not in str(e):
         raise

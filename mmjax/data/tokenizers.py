@@ -40,6 +40,42 @@ class ByteTokenizer:
     return bytes(int(i) for i in ids if 0 < int(i) < 256).decode("utf-8", errors="replace")
 
 
+def save_bytes_for_huggingface(directory: str, max_len: int):
+  """ByteTokenizer as a HuggingFace tokenizer (tokenizer.json, tokenizer_config.json) with the
+  same ids: byte-level BPE without merges, each byte one token of GPT-2's byte alphabet, then
+  "<s>", "</s>" and "<image>". transformers' AutoTokenizer (which adds BOS, as mmjax's prompts
+  start) and mmjax's HuggingFaceTokenizer load it; padding is the NUL byte, id 0."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  alphabet = _byte_alphabet()
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                use_regex=False)
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+  specials = {"bos": SPECIAL_TOKENS["bos"], "eos": SPECIAL_TOKENS["eos"], "image": IMAGE}
+  tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True)
+                                for t in specials.values()])  # ids 256, 257, 258
+  # Texts start with BOS, as mmjax's training rows and prompts do.
+  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+      single=f"{specials['bos']} $A", special_tokens=[(specials["bos"], ByteTokenizer.bos_id)])
+  assert [tokenizer.token_to_id(t) for t in specials.values()] == [
+      ByteTokenizer.bos_id, ByteTokenizer.eos_id, ByteTokenizer.image_id]
+  tokenizer.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials["bos"],
+               "eos_token": specials["eos"], "pad_token": alphabet[ByteTokenizer.pad_id],
+               "model_max_length": max_len}, f, indent=2)
+
+
+def _byte_alphabet() -> dict[int, str]:
+  """GPT-2's printable character for each byte (its bytes_to_unicode), as HuggingFace's
+  byte-level pre-tokenizer and decoder use."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
 class SentencePieceTokenizer:
   """A SentencePiece model file; its pad/bos/eos settings, and "<image>" as a user symbol."""
 

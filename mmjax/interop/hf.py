@@ -529,9 +529,14 @@ def _lm_config(fields: dict) -> dict:
               attention_bias=False, mlp_bias=False, tie_word_embeddings=m.tie_embeddings)
 
 
-def save(out_dir: str, config: dict, params: dict) -> dict:
-  """Writes config.json and model.safetensors that transformers' from_pretrained loads."""
+def save(out_dir: str, config: dict, params: dict, tokenizer=None) -> dict:
+  """Writes config.json and model.safetensors that transformers' from_pretrained loads.
+
+  tokenizer: the model's (mmjax.data.tokenizers), whose bos and eos ids config.json gets.
+  """
   hf = hf_config(config)
+  if tokenizer is not None:
+    hf.get("text_config", hf).update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   tensors = {}
   for entry in table(hf, mmjax_config(hf)):
     values = tuple(np.asarray(jax.device_get(_get(params, p)), np.float32) for p in entry.paths)
