@@ -13,6 +13,7 @@ Topologies are named as libtpu names them, generation:chips per dimension
 ("v5e:2x4", "v6e:4x4", "v4:2x2x2", "v5p:4x4x4"), or by their product name
 ("v5e-8", "v4-16", "v5p-128": v4 and v5p count TensorCores, two per chip).
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,6 +23,7 @@ import time
 import jax
 import ml_collections
 
+from mmjax import console
 from mmjax import sharding
 from mmjax import steps
 
@@ -77,10 +79,27 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
     settings.update(chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1))
   try:
     return topologies.get_topology_desc(topology_name=name, platform="tpu", **settings).devices
+  except jax.errors.JaxRuntimeError as e:
+    if "INVALID_ARGUMENT" not in str(e):
+      raise
+    reason = str(e).split("INVALID_ARGUMENT:", 1)[1].strip().splitlines()[0]
+    raise ValueError(f"topology {topology!r} is not a slice libtpu can lay out: {reason}") from e
   except RuntimeError as e:
     if "TPU support not installed" in str(e):
       raise RuntimeError("compiling for a TPU needs libtpu: pip install -e \".[tpu]\"") from e
     raise
+
+
+@contextlib.contextmanager
+def no_compilation_cache():
+  """A slice's executables cannot be loaded back here (there is no TPU client to load them
+  into): never write them to a persistent compilation cache (JAX_COMPILATION_CACHE_DIR)."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def hbm_bytes(topology: str) -> int:
@@ -116,6 +135,7 @@ OUT_OF_MEMORY = re.compile(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm"
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
+@no_compilation_cache()
 def check(config: ml_collections.ConfigDict, topology: str, slices: int = 1, *,
           evaluation: bool = True) -> dict:
   """Compiles config's train (and eval) step for the slice -> a report, also when it does not fit.
@@ -132,9 +152,13 @@ def check(config: ml_collections.ConfigDict, topology: str, slices: int = 1, *,
   run = steps.setup(config, devices)
   tic = time.perf_counter()
   try:
-    report.update(memory(run.compile_train()))
+    lowered = run.lower_train()
+    with console.elapsed(f"lowered the train step in {time.perf_counter() - tic:.0f} s; "
+                         f"compiling it for {topology}"):
+      report.update(memory(lowered.compile()))
     if evaluation:
-      report["eval_peak_bytes"] = memory(run.lower_eval().compile())["peak_bytes"]
+      with console.elapsed("compiling the eval step"):
+        report["eval_peak_bytes"] = memory(run.lower_eval().compile())["peak_bytes"]
   except jax.errors.JaxRuntimeError as e:
     found = OUT_OF_MEMORY.search(str(e))
     if "RESOURCE_EXHAUSTED" not in str(e) or not found:

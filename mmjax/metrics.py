@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import lora
 from mmjax.models import lm
 from mmjax.models import vit
 
@@ -28,14 +29,30 @@ def peak_tflops(device: jax.Device, dtype: str = "bfloat16") -> float | None:
   return next((peak for name, peak in peaks.items() if name in device.device_kind), None)
 
 
-def model_flops(family: str, model, params, batch: dict) -> float:
-  """Training FLOPs per step by MaxText's count: 3 x (matmuls + attention) of the forward pass.
+def model_flops(family: str, model, params, batch: dict, frozen=None) -> float:
+  """Training FLOPs per step by MaxText's count: 3 x (matmuls + attention) of the forward pass,
+  the forward pass once and the backward pass's two matmuls (the input's gradient, the
+  weight's) each as much again.
 
   Each kernel is counted over the tokens that pass through it: text tokens
   for the LM, patches for the ViT, the projector and the cross-attention keys
   and values. An embedding lookup is a gather (not counted); a tied output
-  projection is.
+  projection is, and so are LoRA's factors.
+  frozen: a tree like params, True where a parameter does not train (optim.frozen_mask):
+  its weight gradient is not computed, and a ViT none of whose parameters train runs no
+  backward pass at all (steps.make_train_step), so neither is counted. None: all train.
   """
+  paths = {jax.tree_util.keystr(k, simple=True, separator="/"): v for k, v in
+           jax.tree_util.tree_flatten_with_path(frozen if frozen is not None else params)[0]}
+  is_frozen = lambda name: frozen is not None and bool(paths[name])
+  vision_trains = family == "vit" or not all(is_frozen(n) for n in paths if n.startswith("vit/"))
+
+  def passes(name: str, trains: bool) -> int:
+    """How many times the matmuls of a parameter's layer run: forward, input gradient (where
+    the backward pass reaches), weight gradient (where it trains)."""
+    on_vit = family == "vit" or name.startswith("vit/")
+    return 1 + int(vision_trains or not on_vit) + int(trains)
+
   if family == "vit":
     towers, text = {"": model}, None
   elif family == "lm":
@@ -58,40 +75,61 @@ def model_flops(family: str, model, params, batch: dict) -> float:
   T = batch["tokens"].shape[1] if "tokens" in batch else 0
   text_tokens = B * T
 
-  forward = 0.0
+  total = 0.0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     name = jax.tree_util.keystr(path, simple=True, separator="/")
-    if not name.endswith("kernel"):
+    if not name.endswith(("kernel", *lora.FACTORS)):
       continue  # biases, norms, lookups (embeddings) and additions are not matmuls
+    runs = passes(name, not is_frozen(name))
     if family == "vit" and name.startswith("head/"):
-      forward += 2 * leaf.size * images  # the classifier sees one pooled vector per image
+      total += runs * 2 * leaf.size * images  # the classifier sees one pooled vector per image
       continue
     on_images = (family == "vit" or name.startswith(("vit/", "projector/", "adapter/",
                                                       "resampler/"))
                  or ("xattn" in name and ("/key/" in name or "/value/" in name)))
-    forward += 2 * leaf.size * (visual_tokens if on_images else text_tokens)
+    total += runs * 2 * leaf.size * (visual_tokens if on_images else text_tokens)
   if text is not None:
     if text.tie_embeddings:
-      forward += 2 * text.vocab_size * text.width * text_tokens
+      embedding = "lm/embedder/embedding" if family in ("early_fusion", "deep_fusion") else (
+          "embedder/embedding")
+      total += passes(embedding, not is_frozen(embedding)) * (
+          2 * text.vocab_size * text.width * text_tokens)
     heads_dim = text.num_heads * (text.head_dim or text.width // text.num_heads)
-    forward += 0.5 * 4 * text.depth * B * T * T * heads_dim  # causal: half the scores
+    attention = 0.5 * 4 * text.depth * B * T * T * heads_dim  # causal: half the scores
     if family == "deep_fusion":
       crosses = sum(1 for k in params if k.startswith("xattn_"))
-      forward += 4 * crosses * B * T * keys * heads_dim
+      attention += 4 * crosses * B * T * keys * heads_dim
+    total += 3 * attention  # scores have no weights: forward, and gradients of both inputs
   if vision is not None:
-    forward += 4 * vision.depth * images * tokens * tokens * vision.width
-  return 3 * forward
+    total += (3 if vision_trains else 1) * (
+        4 * vision.depth * images * tokens * tokens * vision.width)
+  return total
+
+
+def _open_after(path: str, step: int):
+  """A JSON-lines file opened to append, without its rows past `step`."""
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = f.readlines()
+    kept = [row for row in rows if row.strip() and json.loads(row)["step"] <= step]
+    if len(kept) < len(rows):
+      with open(path, "w") as f:
+        f.writelines(kept)
+  return open(path, "a")
 
 
 class Writer:
   """Writes scalars to metrics.jsonl (one object per line with "step") and TensorBoard."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, after_step: int = 0):
+    """after_step: the step training resumes from; rows of later steps, written by a run that
+    stopped before saving them, are dropped, so no step is listed twice."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    self.samples = open(os.path.join(workdir, "samples.jsonl"), "a")
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = _open_after(os.path.join(workdir, "metrics.jsonl"), after_step)
+    self.samples = _open_after(os.path.join(workdir, "samples.jsonl"), after_step)
     # Imported here: tools/bench.py needs only peak_tflops, on GPU images without tensorboardX.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))

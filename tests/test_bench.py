@@ -1,6 +1,7 @@
 """tools/bench.py: its FLOP count against hand-written MaxText formulas, and one real run."""
 import gzip
 import json
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 
 from mmjax import metrics
 from mmjax import models
+from mmjax import optim
 from mmjax import steps
 import train_cli
 
@@ -18,13 +20,17 @@ sys.path.insert(0, str(train_cli.ROOT / "tools"))
 import bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def case_flops(name):
+def case_flops(name, frozen: str = ""):
+  """A bench case's FLOPs a step, with the parameters the regex `frozen` names frozen."""
   config = bench.case_config(name)
   model = models.build(config.family, config.model)
   data = bench.synthetic_batch(config, np.random.default_rng(0))
   example = jax.tree.map(lambda x: x[:1], data)
-  params = jax.eval_shape(model.init, jax.random.key(0), *steps.init_inputs(example))["params"]
-  return metrics.model_flops(config.family, model, nn.unbox(params), data)
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0),
+                                   *steps.init_inputs(example))["params"])
+  mask = jax.tree.map(lambda p: bool(re.search(frozen, p)), optim.param_paths(params)) if (
+      frozen) else None
+  return metrics.model_flops(config.family, model, params, data, mask)
 
 
 def test_lm_flops_match_maxtext_formula():
@@ -32,6 +38,26 @@ def test_lm_flops_match_maxtext_formula():
   matmul_params = 12 * L * D * D + V * D  # blocks + the tied unembedding
   expected = 6 * matmul_params * B * T + 6 * L * T * D * B * T  # causal attention halved
   assert case_flops("lm-tiny") == pytest.approx(expected, rel=1e-9)
+
+
+def test_frozen_kernels_count_no_weight_gradient():
+  # LoRA's base: every projection frozen, the tied embedding trained. A frozen kernel runs
+  # forward and passes the input's gradient back (4 x its parameters x tokens), no more.
+  V, D, L, T, B = 512, 128, 4, 128, 8
+  expected = 4 * 12 * L * D * D * B * T + 6 * V * D * B * T + 6 * L * T * D * B * T
+  assert case_flops("lm-tiny", r"block_\d+/.*/kernel$") == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_frozen_vision_tower_runs_forward_only():
+  # Early fusion with its ViT frozen: the ViT's share drops to a third (no backward pass).
+  config = bench.case_config("early-tiny")
+  tower = models.build("vit", config.model.vit)
+  images = bench.synthetic_batch(config, np.random.default_rng(0))["images"]
+  images = images.reshape(-1, *images.shape[2:])  # every image of the batch
+  params = nn.unbox(jax.eval_shape(tower.init, jax.random.key(0), images[:1])["params"])
+  vision = metrics.model_flops("vit", tower, params, {"images": images})
+  assert case_flops("early-tiny") - case_flops("early-tiny", "^vit/") == pytest.approx(
+      2 / 3 * vision, rel=1e-9)
 
 
 def test_vit_flops_match_maxtext_formula():

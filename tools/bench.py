@@ -153,7 +153,7 @@ def run_case(name: str, steps_timed: int, dtype: str, attention: str, profile: s
   family, batch_size = config.family, config.batch_size
   text_len = batch["tokens"].shape[1] if "tokens" in batch else None
   params = run.abstract_state["params"]
-  flops = metrics.model_flops(family, run.model, params, batch)
+  flops = metrics.model_flops(family, run.model, params, batch, run.frozen)
   device = jax.devices()[0]
   peak = metrics.peak_tflops(device, dtype)
   memory = device.memory_stats() or {} if hasattr(device, "memory_stats") else {}

@@ -14,6 +14,7 @@ fits, compile_s. --max_batch finds, by compiling, the largest global batch
 that fits within --max_batch_limit of HBM. Exits 1 when the run does not fit.
 """
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -30,6 +31,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mmjax import console  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mmjax import dry_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+log = logging.getLogger("mmjax.dry_run")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice: 'v5e:2x4', 'v5p:4x4x4', "
                                 "'v5e-8', ...")
@@ -43,14 +46,11 @@ flags.mark_flags_as_required(["config", "topology"])
 def main(argv):
   del argv
   name = config_flags.get_config_filename(flags.FLAGS["config"])  # "configs/lm.py:llama-1b"
-  print(f"compiling the train and eval steps for {_TOPOLOGY.value} ...", file=sys.stderr,
-        flush=True)
   report = dry_run.check(_CONFIG.value, _TOPOLOGY.value, _SLICES.value)
   report["config"] = name
   print(dry_run.summary(report, name))
   if _MAX_BATCH.value:
-    print(f"searching for the largest global batch within {_LIMIT.value:.0%} of HBM ...",
-          file=sys.stderr, flush=True)
+    log.info("searching for the largest global batch within %.0f%% of HBM", 100 * _LIMIT.value)
     batch, best = dry_run.largest_batch(_CONFIG.value, _TOPOLOGY.value, _SLICES.value,
                                         _LIMIT.value)
     report["max_batch"] = batch
