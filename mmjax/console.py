@@ -169,13 +169,15 @@ def help_text() -> str:
 
 
 def config_spec(argv: list[str]) -> str | None:
-  """The value of --config in a command line ("configs/lm.py:tiny"), or None."""
+  """The value of --config in a command line ("configs/lm.py:tiny"), or None; the last one
+  given, as absl takes it."""
+  spec = None
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
+      spec = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  return spec
 
 
 def load_config(spec: str):

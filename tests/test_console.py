@@ -62,6 +62,9 @@ def test_a_fusion_run_is_quiet_and_its_generate_line_runs(tmp_path):
 def test_the_resume_line_repeats_the_command_lines_overrides():
   argv = ["--config=configs/early_fusion.py:tiny", "--config.total_steps=4",
           "--config.optimizer.frozen", "^vit/", "--workdir=/tmp/w", "--config.data.json=a b.json"]
+  assert console.config_spec(argv) == "configs/early_fusion.py:tiny"
+  # Given twice, the last --config is the one absl loads, and the one checked.
+  assert console.config_spec(["--config", "a.py", *argv, "--config", "b.py:x"]) == "b.py:x"
   overrides = console.config_overrides(argv)
   assert overrides == ["--config.total_steps=4", "--config.optimizer.frozen=^vit/",
                        "--config.data.json=a b.json"]
