@@ -1,11 +1,12 @@
 """Compile a config's steps for a TPU slice from any machine, and say whether they fit.
 
   report = dry_run.check(config, "v5e:2x4")   # compiles; no TPU is used
-  report["fits"], report["peak_bytes"]        # per chip: arguments + outputs + temps - aliased
+  report["fits"], report["peak_bytes"]        # libtpu's verdict and its peak per chip
 
 With libtpu installed (`pip install -e ".[tpu]"`), jax describes any TPU
-slice by its topology and compiles for its chips ahead of time; the compiled
-program's memory analysis is exact per chip. The steps are the ones
+slice by its topology and compiles for its chips ahead of time. libtpu
+refuses a program that does not fit a chip's HBM, and reports the peak of the
+one it accepts: the verdict is libtpu's own. The steps are the ones
 `steps.setup` builds for the trainer, on the slice's chips instead of this
 machine's devices.
 
@@ -15,6 +16,7 @@ Topologies are named as libtpu names them, generation:chips per dimension
 """
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -26,6 +28,8 @@ import ml_collections
 from mmjax import console
 from mmjax import sharding
 from mmjax import steps
+
+log = logging.getLogger(__name__)
 
 GiB = 2**30
 
@@ -107,48 +111,74 @@ def hbm_bytes(topology: str) -> int:
 
 
 def memory(compiled: jax.stages.Compiled) -> dict[str, int]:
-  """Per-chip bytes of a compiled program, and its peak: arguments + outputs + temps - aliased."""
+  """Per-chip bytes of a compiled program, and its peak two ways.
+
+  peak_bytes: the compiler's own peak, the most its buffer assignment holds at
+  once (libtpu checks this against HBM when it compiles; XLA:CPU and GPU fill
+  it too); where a backend leaves it 0, the formula below.
+  formula_peak_bytes: arguments + outputs + temporaries - aliased, which counts
+  every temporary as live at once: 0.6 to 7.5 GiB above libtpu's figure for Llama
+  1B-7B train steps (for tiny programs libtpu's scratch buffers make it the lower).
+  """
   stats = compiled.memory_analysis()
   out = {"argument_bytes": stats.argument_size_in_bytes,
          "output_bytes": stats.output_size_in_bytes,
          "temp_bytes": stats.temp_size_in_bytes,
          "alias_bytes": stats.alias_size_in_bytes,
          "code_bytes": stats.generated_code_size_in_bytes}
-  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                       - out["alias_bytes"])
+  out["formula_peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                               - out["alias_bytes"])
+  out["peak_bytes"] = getattr(stats, "peak_memory_in_bytes", 0) or out["formula_peak_bytes"]
   return out
 
 
 def describe(stats: dict[str, int]) -> str:
-  """`memory`'s bytes in a line: "4.68 GiB per device at peak (arguments 0.19, ...)"."""
+  """`memory`'s bytes in a line: "4.21 GiB per device at peak (arguments 0.19, ...)"."""
   gib = lambda key: f"{stats[key] / GiB:.2f}"
   return (f"{gib('peak_bytes')} GiB per device at peak (arguments {gib('argument_bytes')}, "
           f"outputs {gib('output_bytes')}, temporaries {gib('temp_bytes')}, aliased "
           f"{gib('alias_bytes')})")
 
 
-# libtpu's words when a program does not fit, sizes in binary units: "Used 18.27G of 15.75G
-# hbm", or, when its temporaries alone are too many, "the total memory required for HLO
-# temporaries (160.00G) exceeds available HBM (15.75G)" (then the peak is at least that).
+# libtpu's words when a program does not fit, sizes in binary units: "Used 15.75G of 15.75G
+# hbm. Exceeded hbm capacity by 699.0K." (the excess is the exact figure: "Used" is rounded),
+# or, when its temporaries alone are too many, "the total memory required for HLO temporaries
+# (160.00G) exceeds available HBM (15.75G)" (then the peak is at least that).
 OUT_OF_MEMORY = re.compile(r"Used ([\d.]+)([KMGT]) of [\d.]+[KMGT] hbm"
                            r"|required for [\w ]+ \(([\d.]+)([KMGT])\) exceeds available HBM")
+EXCEEDED = re.compile(r"Exceeded hbm capacity by ([\d.]+)([KMGT])")
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory_peak(message: str, hbm: int) -> int | None:
+  """The bytes a chip would need, from libtpu's RESOURCE_EXHAUSTED message; None for any other
+  error."""
+  found = OUT_OF_MEMORY.search(message)
+  if "RESOURCE_EXHAUSTED" not in message or not found:
+    return None
+  exceeded = EXCEEDED.search(message)
+  if exceeded:
+    return hbm + int(float(exceeded.group(1)) * UNITS[exceeded.group(2)])
+  return int(float(found.group(1) or found.group(3)) * UNITS[found.group(2) or found.group(4)])
 
 
 @no_compilation_cache()
 def check(config: ml_collections.ConfigDict, topology: str, slices: int = 1, *,
-          evaluation: bool = True) -> dict:
+          evaluation: bool = True, limit: float = 1.0) -> dict:
   """Compiles config's train (and eval) step for the slice -> a report, also when it does not fit.
 
-  -> {"config", "topology", "slices", "chips", "device_kind", "hbm_bytes", "batch_size",
-  argument/output/temp/alias/code/peak bytes of the train step, "fits", "compile_s", and
-  "eval_peak_bytes"}; a program that does not fit has "fits": False, and its peak from
-  libtpu's message.
+  The verdict is libtpu's: "fits" when it compiled the steps (it refuses, with
+  RESOURCE_EXHAUSTED, what does not fit its HBM) and their peaks, libtpu's own
+  (`memory`'s peak_bytes), are within `limit` x HBM: a margin a user asks for.
+  -> {"config", "topology", "slices", "chips", "device_kind", "hbm_bytes", "limit",
+  "batch_size", argument/output/temp/alias/code bytes and the two peaks of the train step,
+  "eval_peak_bytes", "fits", "compile_s"}; when libtpu runs out of memory, "peak_bytes" is
+  the size it asked for and "error" its message.
   """
   devices = topology_devices(topology, slices)
   report = {"config": config.get("name", ""), "topology": topology, "slices": slices,
             "chips": len(devices), "device_kind": devices[0].device_kind,
-            "hbm_bytes": hbm_bytes(topology), "batch_size": config.batch_size}
+            "hbm_bytes": hbm_bytes(topology), "limit": limit, "batch_size": config.batch_size}
   run = steps.setup(config, devices)
   tic = time.perf_counter()
   try:
@@ -160,53 +190,63 @@ def check(config: ml_collections.ConfigDict, topology: str, slices: int = 1, *,
       with console.elapsed("compiling the eval step"):
         report["eval_peak_bytes"] = memory(run.lower_eval().compile())["peak_bytes"]
   except jax.errors.JaxRuntimeError as e:
-    found = OUT_OF_MEMORY.search(str(e))
-    if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+    peak = out_of_memory_peak(str(e), report["hbm_bytes"])
+    if peak is None:
       raise
-    used, unit = (float(found.group(1) or found.group(3)), found.group(2) or found.group(4))
-    report.update(peak_bytes=int(used * UNITS[unit]), fits=False,
-                  error=str(e).strip().splitlines()[0][:300])
+    report.update(peak_bytes=peak, fits=False, error=str(e).strip().splitlines()[0][:300])
   report["compile_s"] = round(time.perf_counter() - tic, 1)
   report.setdefault("fits", max(report["peak_bytes"], report.get("eval_peak_bytes", 0))
-                    <= report["hbm_bytes"])
+                    <= limit * report["hbm_bytes"])
   return report
 
 
 def largest_batch(config: ml_collections.ConfigDict, topology: str, slices: int = 1,
-                  limit: float = 1.0) -> tuple[int, dict]:
-  """The largest global batch whose train step fits in `limit` x HBM, found by compiling.
+                  limit: float = 1.0) -> tuple[int, dict, list[str]]:
+  """The largest global batch whose steps fit in `limit` x HBM (libtpu's verdict, `check`),
+  found by compiling.
 
   Batches step by the data-parallel size (a batch must split evenly over it).
-  -> (batch, its report); (0, the smallest batch's report) when even that does not fit.
+  Memory is not always monotone in the batch (a larger batch can tile
+  differently), so the answer's neighbours are compiled too.
+  -> (batch, its report, what the neighbours say where they disagree with a monotone
+  reading); (0, the smallest batch's report, []) when even that does not fit.
   """
   chips = len(topology_devices(topology, slices))
   step = math.prod(sharding.mesh_shape(config.mesh.shape, chips)[:2])  # data x fsdp
-  budget = limit * hbm_bytes(topology)
+  tried = {}
 
-  def fits(batch: int) -> tuple[bool, dict]:
-    trial = ml_collections.ConfigDict(config.to_dict())
-    trial.batch_size = batch * config.microbatches
-    report = check(trial, topology, slices, evaluation=False)
-    return report["fits"] and report["peak_bytes"] <= budget, report
+  def fits(n: int) -> bool:  # n data-parallel steps
+    if n not in tried:
+      trial = ml_collections.ConfigDict(config.to_dict())
+      trial.batch_size = n * step * config.microbatches
+      tried[n] = check(trial, topology, slices, evaluation=False, limit=limit)
+      report = tried[n]
+      log.info("global batch %d: %.2f GiB per chip at libtpu's peak, %s (compiled in %.0f s)",
+               trial.batch_size, report["peak_bytes"] / GiB, verdict(report),
+               report["compile_s"])
+    return tried[n]["fits"]
 
-  low, (ok, best) = 0, fits(step)
-  if not ok:
-    return 0, best
+  if not fits(1):
+    return 0, tried[1], []
   low, high = 1, 2
-  while True:  # double until it does not fit
-    ok, report = fits(high * step)
-    if not ok:
-      break
-    low, best, high = high, report, high * 2
+  while fits(high):  # double until it does not fit
+    low, high = high, high * 2
   while high - low > 1:  # then halve the gap
     middle = (low + high) // 2
-    ok, report = fits(middle * step)
-    if ok:
-      low, best = middle, report
-    else:
-      high = middle
-  return low * step * config.microbatches, best
+    low, high = (middle, high) if fits(middle) else (low, middle)
+  batch = lambda n: n * step * config.microbatches
+  odd = [f"global batch {batch(n)} {'fits' if fits(n) else 'does not fit'} too"
+         for n in (low - 1, high + 1) if n >= 1 and fits(n) != (n < low)]
+  return batch(low), tried[low], odd
 
+
+def verdict(report: dict) -> str:
+  """Whether a report's steps fit, and why not: "fits", "does not fit: libtpu ran out of HBM"."""
+  if report["fits"]:
+    return "fits" + (f" within {report['limit']:.0%} of HBM" if report["limit"] < 1 else "")
+  if "error" in report:
+    return "does not fit: libtpu ran out of HBM"
+  return f"does not fit within {report['limit']:.0%} of HBM"
 
 
 def summary(report: dict, name: str = "") -> str:
@@ -217,15 +257,15 @@ def summary(report: dict, name: str = "") -> str:
            f"{report['device_kind']}, {gib(report['hbm_bytes'])} HBM each; global batch "
            f"{report['batch_size']}"]
   share = report["peak_bytes"] / report["hbm_bytes"]
-  if "temp_bytes" in report:
-    lines.append(f"  train step: {gib(report['peak_bytes'])} per chip ({share:.0%} of HBM): "
-                 f"state {gib(report['argument_bytes'])}, temporaries "
-                 f"{gib(report['temp_bytes'])}")
+  if "error" in report:
+    lines.append(f"  train step: needs {gib(report['peak_bytes'])} per chip ({share:.0%} of "
+                 f"HBM): {report['error']}")
   else:
-    lines.append(f"  train step: {gib(report['peak_bytes'])} per chip ({share:.0%} of HBM): "
-                 f"DOES NOT FIT ({report['error']})")
+    lines.append(f"  train step: {gib(report['peak_bytes'])} per chip at libtpu's peak "
+                 f"({share:.0%} of HBM): state {gib(report['argument_bytes'])}, temporaries "
+                 f"{gib(report['temp_bytes'])} (all live at once: "
+                 f"{gib(report['formula_peak_bytes'])})")
   if "eval_peak_bytes" in report:
     lines.append(f"  eval step: {gib(report['eval_peak_bytes'])} per chip")
-  verdict = "fits" if report["fits"] else "does not fit"
-  lines.append(f"  {verdict}; compiled in {report['compile_s']:.0f} s")
+  lines.append(f"  {verdict(report)}; compiled in {report['compile_s']:.0f} s")
   return "\n".join(lines)

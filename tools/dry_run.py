@@ -9,9 +9,13 @@ Builds the model, shardings, optimizer and steps exactly as train.py does
 (mmjax.steps.setup), on the slice's chips, compiles the train and eval steps
 with libtpu (`pip install -e ".[tpu]"`; no TPU is used) and prints a short
 summary, then, as its last line, one JSON object: config, topology, chips,
-device_kind, hbm_bytes, argument/output/temp/alias/code/peak bytes per chip,
-fits, compile_s. --max_batch finds, by compiling, the largest global batch
-that fits within --max_batch_limit of HBM. Exits 1 when the run does not fit.
+device_kind, hbm_bytes, argument/output/temp/alias/code bytes per chip,
+peak_bytes (libtpu's own peak), formula_peak_bytes (arguments + outputs +
+temporaries - aliased, an upper bound), fits (libtpu's verdict: it compiled
+the steps for the chip's HBM), compile_s. --max_batch finds, by compiling, the
+largest global batch whose peak is within --max_batch_limit of HBM, and
+compiles its neighbours too (memory is not always monotone in the batch).
+Exits 1 when the run does not fit.
 """
 import json
 import logging
@@ -51,12 +55,15 @@ def main(argv):
   print(dry_run.summary(report, name))
   if _MAX_BATCH.value:
     log.info("searching for the largest global batch within %.0f%% of HBM", 100 * _LIMIT.value)
-    batch, best = dry_run.largest_batch(_CONFIG.value, _TOPOLOGY.value, _SLICES.value,
-                                        _LIMIT.value)
-    report["max_batch"] = batch
-    report["max_batch_peak_bytes"] = best["peak_bytes"] if batch else None
+    batch, best, odd = dry_run.largest_batch(_CONFIG.value, _TOPOLOGY.value, _SLICES.value,
+                                             _LIMIT.value)
+    report.update(max_batch=batch, max_batch_peak_bytes=best["peak_bytes"] if batch else None,
+                  max_batch_not_monotone=odd)
     print(f"  largest global batch within {_LIMIT.value:.0%} of HBM: {batch}"
-          + (f" ({best['peak_bytes'] / dry_run.GiB:.2f} GiB per chip)" if batch else ""))
+          + (f" ({best['peak_bytes'] / dry_run.GiB:.2f} GiB per chip at libtpu's peak)"
+             if batch else ""))
+    for line in odd:  # memory is not always monotone in the batch
+      print(f"  memory is not monotone in the batch here: {line}")
   print(json.dumps(report))
   return 0 if report["fits"] else 1
 
