@@ -16,16 +16,10 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
 from ml_collections import config_flags
 
 from configs import common
 from mmjax import console
-from mmjax import distributed
-from mmjax import dry_run
-from mmjax import optim
-from mmjax import towers
-from mmjax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:variant].",
                                           lock_config=True)
@@ -49,6 +43,10 @@ def main(argv):
   if _CONFIG.value is None:
     raise ValueError("--config is required: --config configs/lm.py:tiny, say "
                      "(--list_configs lists them)")
+  # jax and the trainer load here, once the flags and config keys are checked: a mistyped
+  # flag is reported at once, not after the seconds jax takes to import.
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmjax import distributed, dry_run, optim, towers, trainer  # pylint: disable=g-import-not-at-top
   config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
   if _PRINT_CONFIG.value:
     config = towers.resolve(_CONFIG.value)
