@@ -243,10 +243,11 @@ def optimizer(learning_rate: float = 3e-3) -> ml_collections.ConfigDict:
   ))
 
 
-def projections(prefix: str = "") -> str:
-  """A regex for every attention and MLP projection of an LM (query, key, value, out, gate,
-  up, down) whose parameter paths start with prefix ("lm/" inside a fusion model)."""
-  return rf"^{prefix}(block_\d+|blocks)/(attn|mlp)/\w+/kernel$"
+def projections(prefix: str = "", blocks: str = r"block_\d+|blocks") -> str:
+  """A regex for every attention and MLP projection (query, key, value, out, gate, up, down)
+  of the blocks matching `blocks` whose parameter paths start with prefix ("lm/" inside a
+  fusion model)."""
+  return rf"^{prefix}({blocks})/(attn|mlp)/\w+/kernel$"
 
 
 def with_lora(config: ml_collections.ConfigDict, prefix: str = "") -> ml_collections.ConfigDict:

@@ -1,7 +1,8 @@
 """Fine-tune an import: `configs/hf.py:DIR[,lora]`, DIR written by tools/import_hf.py.
 
 `configs/hf.py:/path/from/import_hf,lora` fine-tunes through LoRA adapters
-on the LM's projections (and the projector of a LLaVA in full).
+on the LM's projections (and the projector of a LLaVA in full; the
+cross-attention blocks' projections of a deep fusion model too).
 
 The family and model fields come from the import's mmjax_config.json, and the
 run starts from its params/. The data is the family's default (synthetic, byte
@@ -42,6 +43,8 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
   model = imported["model"]
   if lora:  # the adapters train; with early fusion the projector too (LLaVA's LoRA recipe)
     common.with_lora(config, "" if imported["family"] == "lm" else "lm/")
+    if imported["family"] == "deep_fusion":  # and the cross-attention blocks' projections
+      config.optimizer.lora.targets += "|" + common.projections(blocks=r"xattn_\d+")
     config.optimizer.frozen = "^(?!projector/)"
   if imported["family"] == "lm":
     config.data = common.text_data(seq_len=min(128, model["max_len"]))

@@ -119,9 +119,10 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
       media = deep_fusion.media_mask(is_marker, key_image, m.media_attention)
       logits, aux = m.run_language(tokens, keys, media, positions=positions, mask=mask,
                                    caches=lm_lib.empty_caches(m.language, B, cache_len))
-      return logits, aux, jnp.sum(is_marker, axis=1), key_image
-    logits, aux, seen, key_image = model.apply({"params": params}, method=run)
-    state.update(cross=aux["cross_caches"], seen=seen.astype(jnp.int32),
+      seen, oldest = deep_fusion.media_window(is_marker, m.media_attention)
+      return logits, aux, (seen[:, -1], oldest[:, -1], is_marker[:, -1]), key_image
+    logits, aux, window, key_image = model.apply({"params": params}, method=run)
+    state.update(cross=aux["cross_caches"], window=window,
                  image_of_key=jnp.broadcast_to(key_image, (B, key_image.shape[-1])))
   else:
     def run(m):
@@ -151,13 +152,16 @@ def extend(model: nn.Module, params, token: jax.Array, state: dict) -> tuple[jax
 
   if "cross" in state:
     def run(m):
-      seen = state["seen"] + (token == m.image_token_id)
-      media = deep_fusion.visible_images(seen, state["image_of_key"], m.media_attention)
+      seen, oldest, after_marker = state["window"]
+      is_marker = token == m.image_token_id
+      seen, oldest = deep_fusion.next_window(seen, oldest, after_marker, is_marker,
+                                             m.media_attention)
+      media = deep_fusion.visible_images(seen, oldest, state["image_of_key"])
       media = media[:, None]  # [B, 1, I * R]
       logits, aux = m.run_language(tokens, state["cross"], media, positions=positions,
                                    mask=mask, caches=caches)
-      return logits, aux, seen
-    logits, aux, state["seen"] = model.apply({"params": params}, method=run)
+      return logits, aux, (seen, oldest, is_marker)
+    logits, aux, state["window"] = model.apply({"params": params}, method=run)
   else:
     def run(m):
       return m.language.from_embeddings(m.language.embed_tokens(tokens), mask=mask,
@@ -252,9 +256,9 @@ def _take_rows(state: dict, rows: jax.Array) -> dict:
     if key in state:
       state[key] = jax.tree.map(take_cache, state[key],
                                 is_leaf=lambda x: isinstance(x, layers.KVCache))
-  for key in ("start", "seen"):
+  for key in ("start", "window", "image_of_key"):
     if key in state:
-      state[key] = state[key][rows]
+      state[key] = jax.tree.map(lambda x: x[rows], state[key])
   return state
 
 

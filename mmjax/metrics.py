@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import lora
+from mmjax.models import deep_fusion
 from mmjax.models import lm
-from mmjax.models import vit
 
 # Dense peak TFLOP/s of one device by compute dtype and device kind, for MFU. float32 matmuls
 # have no published peak on TPUs (XLA runs them as several bfloat16 passes): MFU is left out.
@@ -58,14 +58,19 @@ def model_flops(family: str, model, params, batch: dict, frozen=None) -> float:
   elif family == "lm":
     towers, text = {"": model}, model
   else:
-    towers, text = {"vit/": vit.Model(**model.vit), "lm/": lm.Model(**model.lm)}, lm.Model(
-        **model.lm)
+    tower = deep_fusion.VISION_TOWERS[getattr(model, "vision_tower", "vit")](**model.vit)
+    towers, text = {"vit/": tower, "lm/": lm.Model(**model.lm)}, lm.Model(**model.lm)
   B = next(iter(batch.values())).shape[0]
   vision = towers.get("vit/", model if family == "vit" else None)
+  depth = getattr(vision, "depth", 0) + getattr(vision, "global_depth", 0)
   if "patches" in batch:  # packed at native resolution: every slot is computed, padding too
     images, patches = B, batch["patches"].shape[1]  # one ViT sequence per row
     keys = patches  # cross-attention keys per row
     tokens = patches
+  elif "aspect_ratio_ids" in batch:  # Llama 3.2 Vision's tiles: every tile slot is computed
+    images = B * batch["images"].shape[1]
+    patches = tokens = vision.slots_per_image
+    keys = vision.tokens_per_image * batch["images"].shape[1]
   else:
     images = 0 if family == "lm" else (B if family == "vit" else B * batch["images"].shape[1])
     patches = (vision.image_size // vision.patch_size) ** 2 if vision is not None else 0
@@ -102,7 +107,7 @@ def model_flops(family: str, model, params, batch: dict, frozen=None) -> float:
     total += 3 * attention  # scores have no weights: forward, and gradients of both inputs
   if vision is not None:
     total += (3 if vision_trains else 1) * (
-        4 * vision.depth * images * tokens * tokens * vision.width)
+        4 * depth * images * tokens * tokens * vision.width)
   return total
 
 

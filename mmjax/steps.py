@@ -32,18 +32,23 @@ from mmjax import sharding
 from mmjax import towers
 from mmjax.data import patches
 from mmjax.data import sources
+from mmjax.data import tiles
 from mmjax.models import early_fusion
+from mmjax.models import tiled_vit
 from mmjax.models import vit
 
 # Batch keys passed to the model as keyword arguments when present.
 MODEL_KWARGS = ("positions", "segment_ids", "prefix_len")
 
 
-def batch_images(batch: dict) -> jax.Array | vit.Patches | early_fusion.Tiles | None:
+def batch_images(batch: dict) -> (jax.Array | vit.Patches | early_fusion.Tiles | tiled_vit.Tiles
+                                  | None):
   """A batch's images: dense float[B, (I,) H, W, 3], packed patches at their own sizes, AnyRes
-  tiles, or None."""
+  tiles, Llama 3.2 Vision's tiles, or None."""
   if "patches" in batch:
     return vit.Patches(*(batch[k] for k in patches.KEYS))
+  if "aspect_ratio_ids" in batch:
+    return tiled_vit.Tiles(*(batch[k] for k in tiles.KEYS))
   if "image_sources" in batch:
     return early_fusion.Tiles(batch["images"], batch["image_sources"])
   return batch.get("images")
@@ -110,6 +115,9 @@ def chunked_token_losses(model: nn.Module, params, hidden: jax.Array, targets: j
   @jax.checkpoint
   def add_chunk(sums, xs):
     h, t, w = xs
+    # A weightless target may be a token the head never predicts (Llama 3.2 Vision's image
+    # token lies past the vocabulary): its NaN loss would survive the zero weight.
+    t = jnp.where(w > 0, t, 0)
     logits = model.apply({"params": params}, h, method=lambda m, h: m.language.logits(h))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, t)
     correct = (jnp.argmax(logits, -1) == t) * w

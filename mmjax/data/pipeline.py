@@ -179,13 +179,14 @@ class RecordSource(base.Source):
 
   def image(self, data: bytes):
     """An encoded image as a batch holds it: float32[S, S, 3] (normalised in the batch), at its
-    own size in whole patches (normalised), or AnyRes (normalised tiles, token sources)."""
+    own size in whole patches (normalised), AnyRes (normalised tiles, token sources) or Llama
+    3.2 Vision's (normalised tiles, aspect_ratio_id)."""
     if self.layout is None:
       return image_codec.from_bytes(data, self.image_size, self.resize)
     if isinstance(self.layout, patches.Layout):
       return self.normalise(image_codec.from_bytes(data, self._patch_size, self.resize))
-    tiles, sources = self.layout.cut(image_codec.from_bytes(data))
-    return self.normalise(tiles), sources
+    tiles, where = self.layout.cut(image_codec.from_bytes(data))  # AnyRes' sources, or an id
+    return self.normalise(tiles), where
 
   def _patch_size(self, height: int, width: int) -> tuple[int, int]:
     """An image's size in whole patches within its share of a row, so an example always fits

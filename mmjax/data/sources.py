@@ -24,6 +24,7 @@ from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import patches
 from mmjax.data import synthetic
+from mmjax.data import tiles
 from mmjax.data import tokenizers
 
 Config = ml_collections.ConfigDict
@@ -65,10 +66,15 @@ def images_per_row(data: Config) -> int:
   return data.get("pack", 1) * images_per_example(data)
 
 
-def layout(config: Config) -> patches.Layout | anyres.Layout | None:
+def layout(config: Config) -> patches.Layout | anyres.Layout | tiles.Layout | None:
   """How images at their own size are laid out: packed patches (config.data.max_patches set),
-  AnyRes tiles (an early-fusion model with grid_pinpoints), else None."""
+  AnyRes tiles (an early-fusion model with grid_pinpoints), Llama 3.2 Vision's tiles (a
+  tiled vision tower), else None."""
   data = config.data
+  if config.model.get("vision_tower") == "tiled":
+    vision = config.model.vit
+    return tiles.Layout(vision.image_size, vision.get("max_tiles", 4),
+                        max_images=images_per_row(data))
   if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
     return anyres.Layout(tuple(map(tuple, config.model.grid_pinpoints)), image_size(config),
                          models.patch_size(config.family, config.model),
@@ -94,9 +100,11 @@ def _scenes(config: Config, split: str, common: dict, *, in_memory: bool) -> bas
                                  placeholders_per_image(config), layout=layout(config),
                                  sizes=data.get("scene_sizes", "fixed"), **fields)
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  tiled = layout(config) if isinstance(layout(config), tiles.Layout) else None
   return pipeline.TfdsScenes(config.batch_size, data.seq_len, image_size(config),
                              placeholders_per_image(config), data_dir=data.data_dir,
-                             train_size=data.train_size, eval_size=data.eval_size, **fields)
+                             train_size=data.train_size, eval_size=data.eval_size,
+                             layout=tiled, **fields)
 
 
 def _annotated(config: Config, split: str, common: dict) -> base.Source:

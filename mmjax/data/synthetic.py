@@ -19,6 +19,7 @@ from mmjax.data import anyres
 from mmjax.data import base
 from mmjax.data import images as image_codec
 from mmjax.data import patches
+from mmjax.data import tiles as tiles_lib
 from mmjax.data import tokenizers
 
 
@@ -95,12 +96,14 @@ class ShapeScenes(base.Source):
   layout.max_images run out, the last image of a row shrunk to the room left
   when that keeps at least half its patches. With an `anyres.Layout` (early
   fusion with grid_pinpoints: LLaVA-NeXT), each image keeps its size and is cut
-  into AnyRes tiles, its prompt holding as many placeholders as its size needs.
+  into AnyRes tiles, its prompt holding as many placeholders as its size needs;
+  with a `tiles.Layout` (Llama 3.2 Vision's tower), into its tiles, one marker.
   """
 
   def __init__(self, batch_size: int, seq_len: int | None, image_size: int, image_tokens: int,
                task: str = "vqa", max_shapes: int = 3, image_token_id: int | None = None,
-               tokenizer: str = "bytes", layout: patches.Layout | anyres.Layout | None = None,
+               tokenizer: str = "bytes",
+               layout: patches.Layout | anyres.Layout | tiles_lib.Layout | None = None,
                sizes: str = "fixed", **kwargs):
     super().__init__(batch_size, **kwargs)
     self.tokenizer = tokenizers.load(tokenizer)
@@ -207,6 +210,9 @@ class ShapeScenes(base.Source):
     if isinstance(self.layout, anyres.Layout):
       tiles, sources = self.layout.cut(scene["image"])
       image, placeholders = [(self.normalise(tiles), sources)], len(sources)
+    elif isinstance(self.layout, tiles_lib.Layout):
+      tiles, ratio = self.layout.cut(scene["image"])
+      image = [(self.normalise(tiles), ratio)]
     prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * placeholders
               + self.tokenizer.encode(question + " " if question else ""))
     return {"image": image, "prompt": prompt,

@@ -1,17 +1,12 @@
-"""HuggingFace safetensors <-> mmjax: ViT, CLIP and SigLIP towers, GPT-2, Llama, LLaVA.
+"""HuggingFace safetensors <-> mmjax: ViT, CLIP and SigLIP towers, GPT-2, Llama, LLaVA,
+and (through mmjax.interop.mllama) Llama 3.2 Vision.
 
-One table per architecture lists, for every HuggingFace tensor (by its name on
-disk), the mmjax parameter paths it becomes and the two conversions, so import
-and export cannot drift apart. The mmjax config is derived from `config.json`;
-a field mmjax cannot reproduce is an error naming it. Neither direction needs
-torch or transformers: tensors are read and written with safetensors.
-
-Layout conventions: torch Linear weights are [out, in], mmjax kernels [in, out];
-attention kernels are split into heads, [D, N, H] in and [N, H, D] out; conv
-kernels are [D, 3, p, p] in torch and [p, p, 3, D] here.
+Each architecture's table (mmjax.interop.tables) lists every HuggingFace
+tensor and the mmjax parameters it becomes. The mmjax config is derived from
+`config.json`; a field mmjax cannot reproduce is an error naming it. Neither
+direction needs torch or transformers: tensors are read and written with
+safetensors.
 """
-from collections.abc import Callable
-import dataclasses
 import json
 import os
 import re
@@ -25,6 +20,10 @@ from safetensors.numpy import save_file
 
 from mmjax import lora
 from mmjax import models
+from mmjax.interop import mllama
+from mmjax.interop.tables import (Entry, activation, attention, conv, dense,
+                                  fused_qkv, heads_out, linear, norm, require, reshaped,
+                                  rope_config, rope_fields, same)
 from mmjax.models import lm
 from mmjax.models import vit
 
@@ -32,109 +31,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja")
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One HuggingFace tensor <-> one or more mmjax parameters."""
-  hf: str
-  paths: tuple[str, ...]  # "/"-joined mmjax parameter paths
-  to_mmjax: Callable  # hf array -> tuple of mmjax arrays
-  to_hf: Callable  # tuple of mmjax arrays -> hf array
-
-
-def same(hf, path):
-  return Entry(hf, (path,), lambda t: (t,), lambda a: a[0])
-
-
-def linear(hf, path):  # torch [out, in] <-> [in, out]
-  return Entry(hf, (path,), lambda t: (t.T,), lambda a: a[0].T)
-
-
-def reshaped(hf, path, shape, hf_shape=(-1,)):
-  return Entry(hf, (path,), lambda t: (t.reshape(shape),), lambda a: a[0].reshape(hf_shape))
-
-
-def heads_in(hf, path, heads, head_dim):  # [N*H, D] <-> [D, N, H]
-  return Entry(hf, (path,), lambda t: (t.T.reshape(-1, heads, head_dim),),
-               lambda a: a[0].reshape(a[0].shape[0], -1).T)
-
-
-def heads_out(hf, path, heads, head_dim):  # [D, N*H] <-> [N, H, D]
-  return Entry(hf, (path,), lambda t: (t.T.reshape(heads, head_dim, -1),),
-               lambda a: a[0].reshape(heads * head_dim, -1).T)
-
-
-def fused_qkv(hf, paths, heads, head_dim, transpose):
-  """One [3D, D] (torch) or [D, 3D] (GPT-2's Conv1D) tensor <-> query/key/value [D, N, H]."""
-  def to_mmjax(t):
-    t = t.T if transpose else t  # -> [D, 3D] for matrices; biases stay [3D]
-    return tuple(part.reshape(*part.shape[:-1], heads, head_dim)
-                 for part in np.split(t, 3, axis=-1))
-
-  def to_hf(parts):
-    t = np.concatenate([p.reshape(*p.shape[:-2], -1) for p in parts], axis=-1)
-    return t.T if transpose else t
-
-  return Entry(hf, tuple(paths), to_mmjax, to_hf)
-
-
-def conv(hf, path):  # [D, 3, p, p] <-> [p, p, 3, D]
-  return Entry(hf, (path,), lambda t: (t.transpose(2, 3, 1, 0),),
-               lambda a: a[0].transpose(3, 2, 0, 1))
-
-
-def norm(hf, path, bias=True):
-  entries = [same(f"{hf}.weight", f"{path}/scale")]
-  if bias:
-    entries.append(same(f"{hf}.bias", f"{path}/bias"))
-  return entries
-
-
-def dense(hf, path, bias=True):
-  entries = [linear(f"{hf}.weight", f"{path}/kernel")]
-  if bias:
-    entries.append(same(f"{hf}.bias", f"{path}/bias"))
-  return entries
-
-
-def attention(hf, path, names, heads, kv_heads, head_dim, bias):
-  """Separate q/k/v/o projections (ViT, CLIP, SigLIP, Llama)."""
-  q, k, v, o = names
-  entries = [heads_in(f"{hf}.{q}.weight", f"{path}/query/kernel", heads, head_dim),
-             heads_in(f"{hf}.{k}.weight", f"{path}/key/kernel", kv_heads, head_dim),
-             heads_in(f"{hf}.{v}.weight", f"{path}/value/kernel", kv_heads, head_dim),
-             heads_out(f"{hf}.{o}.weight", f"{path}/out/kernel", heads, head_dim)]
-  if bias:
-    entries += [reshaped(f"{hf}.{q}.bias", f"{path}/query/bias", (heads, head_dim)),
-                reshaped(f"{hf}.{k}.bias", f"{path}/key/bias", (kv_heads, head_dim)),
-                reshaped(f"{hf}.{v}.bias", f"{path}/value/bias", (kv_heads, head_dim)),
-                same(f"{hf}.{o}.bias", f"{path}/out/bias")]
-  return entries
-
-
 # ----------------------------------------------------------------------------
 # Configs: HuggingFace config.json <-> mmjax model fields.
 # ----------------------------------------------------------------------------
 
 VISION_TYPES = ("vit", "clip_vision_model", "siglip_vision_model")
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "quick_gelu": "quick_gelu", "silu": "swiglu"}
-
-
-def _require(cfg: dict, field: str, allowed, what: str):
-  value = cfg.get(field)
-  if value not in allowed:
-    raise ValueError(f"{what}: config.json field {field!r}={value!r} is not supported "
-                     f"(mmjax handles {list(allowed)})")
-  return value
-
-
-def _activation(cfg: dict, field: str, what: str, allowed: tuple) -> str:
-  return ACTIVATIONS[_require(cfg, field, allowed, what)]
-
-
 def vit_fields(cfg: dict) -> dict:
   """ViT / CLIP / SigLIP vision config.json -> vit.Model fields."""
-  kind = _require(cfg, "model_type", VISION_TYPES, "vision tower")
+  kind = require(cfg, "model_type", VISION_TYPES, "vision tower")
   fields = dict(width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
                 mlp_dim=cfg["intermediate_size"], num_heads=cfg["num_attention_heads"],
                 patch_size=cfg["patch_size"], image_size=cfg["image_size"],
@@ -146,22 +50,22 @@ def vit_fields(cfg: dict) -> dict:
     if not cfg.get("qkv_bias", True):
       raise ValueError("vision tower: config.json field 'qkv_bias'=False is not supported")
     fields.update(pool="cls", norm_eps=cfg.get("layer_norm_eps", 1e-12),
-                  mlp_activation=_activation(cfg, "hidden_act", "ViT", ("gelu",)))
+                  mlp_activation=activation(cfg, "hidden_act", "ViT", ("gelu",)))
   elif kind == "clip_vision_model":
     fields.update(pool="cls", pre_norm=True, patch_bias=False,
                   norm_eps=cfg.get("layer_norm_eps", 1e-5),
-                  mlp_activation=_activation(cfg, "hidden_act", "CLIP", ("quick_gelu", "gelu")))
+                  mlp_activation=activation(cfg, "hidden_act", "CLIP", ("quick_gelu", "gelu")))
   else:
     fields.update(pool="map" if cfg.get("vision_use_head", True) else "gap",
                   norm_eps=cfg.get("layer_norm_eps", 1e-6),
-                  mlp_activation=_activation(cfg, "hidden_act", "SigLIP",
+                  mlp_activation=activation(cfg, "hidden_act", "SigLIP",
                                              ("gelu_pytorch_tanh", "gelu")))
   return fields
 
 
 def lm_fields(cfg: dict) -> dict:
   """GPT-2 / Llama config.json -> lm.Model fields."""
-  kind = _require(cfg, "model_type", ("gpt2", "llama"), "language model")
+  kind = require(cfg, "model_type", ("gpt2", "llama"), "language model")
   if kind == "gpt2":
     for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
       if cfg.get(flag):
@@ -172,29 +76,20 @@ def lm_fields(cfg: dict) -> dict:
                 num_heads=cfg["n_head"], mlp_dim=cfg.get("n_inner") or 4 * cfg["n_embd"],
                 vocab_size=cfg["vocab_size"], max_len=cfg["n_positions"],
                 norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
-                mlp_activation=_activation(cfg, "activation_function", "GPT-2",
+                mlp_activation=activation(cfg, "activation_function", "GPT-2",
                                            ("gelu_new", "gelu")),
                 tie_embeddings=cfg.get("tie_word_embeddings", True))
   for flag in ("attention_bias", "mlp_bias"):
     if cfg.get(flag):
       raise ValueError(f"Llama: config.json field {flag!r}=True is not supported")
-  _activation(cfg, "hidden_act", "Llama", ("silu",))
-  rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-  theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-  kind = rope.get("rope_type", rope.get("type", "default"))
-  if kind not in ("default", "linear", "llama3"):
-    raise ValueError(f"Llama: config.json field 'rope_parameters.rope_type'={kind!r} is not "
-                     "supported (mmjax handles ['default', 'linear', 'llama3'])")
-  scaling = None if kind == "default" else {"rope_type": kind, **{
-      k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                           "original_max_position_embeddings") if k in rope}}
+  activation(cfg, "hidden_act", "Llama", ("silu",))
   heads = cfg["num_attention_heads"]
   return dict(flavour="llama", width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
               num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
               head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
               mlp_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-              max_len=cfg.get("max_position_embeddings", 2048), rope_theta=float(theta),
-              rope_scaling=scaling, norm_eps=cfg.get("rms_norm_eps", 1e-6),
+              max_len=cfg.get("max_position_embeddings", 2048),
+              **rope_fields(cfg, "Llama"), norm_eps=cfg.get("rms_norm_eps", 1e-6),
               tie_embeddings=cfg.get("tie_word_embeddings", False))
 
 
@@ -209,7 +104,7 @@ def mmjax_config(cfg: dict) -> dict:
   if kind in ("gpt2", "llama"):
     return {"family": "lm", "model": lm_fields(cfg)}
   if kind in ("llava", "llava_next"):
-    strategy = _require(cfg, "vision_feature_select_strategy",
+    strategy = require(cfg, "vision_feature_select_strategy",
                         ("default", "full") if kind == "llava" else ("default",), "LLaVA")
     layer = cfg.get("vision_feature_layer", -2)
     if not isinstance(layer, int) or layer == 0:
@@ -218,7 +113,7 @@ def mmjax_config(cfg: dict) -> dict:
     # HF's hidden_states[0] is the embeddings and hidden_states[i + 1] block i's output, which
     # mmjax calls block_i: counted from the end they agree, from the start they are one apart.
     layer = layer - 1 if layer > 0 else layer
-    _require(cfg, "projector_hidden_act", ("gelu",), "LLaVA")
+    require(cfg, "projector_hidden_act", ("gelu",), "LLaVA")
     if not cfg.get("multimodal_projector_bias", True):
       raise ValueError("LLaVA: config.json field 'multimodal_projector_bias'=False is not "
                        "supported")
@@ -231,8 +126,10 @@ def mmjax_config(cfg: dict) -> dict:
     if kind == "llava_next":  # AnyRes: tiles on a grid of pinpoints, a newline per grid row
       fields["grid_pinpoints"] = tuple(tuple(p) for p in cfg["image_grid_pinpoints"])
     return {"family": "early_fusion", "model": fields}
+  if kind == "mllama":
+    return mllama.mmjax_config(cfg)
   raise ValueError(f"config.json field 'model_type'={kind!r} is not supported; mmjax imports "
-                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava', 'llava_next']}")
+                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava', 'llava_next', 'mllama']}")
 
 
 # ----------------------------------------------------------------------------
@@ -343,6 +240,8 @@ def table(hf_config: dict, mm_config: dict) -> list[Entry]:
     return vit_table(fields, kind)
   if kind in ("gpt2", "llama"):
     return lm_table(fields, hf="" if kind == "gpt2" else "model.")
+  if kind == "mllama":
+    return mllama.table(fields)
   # LLaVA (and LLaVA-NeXT) as written by transformers' save_pretrained.
   newline = [same("image_newline", "image_newline")] if kind == "llava_next" else []
   return [*vit_table(fields["vit"], hf_config["vision_config"]["model_type"], "vision_tower.",
@@ -363,6 +262,7 @@ ALIASES = (("vision_tower.vision_model.", "vision_tower."),
            ("model.multi_modal_projector.", "multi_modal_projector."),
            ("model.language_model.", "language_model.model."),
            ("model.image_newline", "image_newline"),
+           ("model.vision_model.", "vision_model."),
            ("lm_head.", "language_model.lm_head."),
            ("vision_model.", ""))
 
@@ -466,8 +366,11 @@ def hf_config(config: dict) -> dict:
                 vision_feature_select_strategy="default" if fields.get("drop_cls", True)
                 else "full", multimodal_projector_bias=True,
                 tie_word_embeddings=text.get("tie_word_embeddings", False))
-  raise ValueError(f"HuggingFace export covers the vit, lm and early_fusion families; "
-                   f"family {family!r} exports its towers (tools/export_hf.py writes them)")
+  if family == "deep_fusion" and mllama.is_mllama(fields):
+    return mllama.hf_config(fields)
+  raise ValueError(f"HuggingFace export covers the vit, lm and early_fusion families and Llama "
+                   f"3.2 Vision; family {family!r} exports its towers (tools/export_hf.py "
+                   "writes them)")
 
 
 def _vision_config(fields: dict, classes) -> dict:
@@ -519,7 +422,7 @@ def _lm_config(fields: dict) -> dict:
                 tie_word_embeddings=m.tie_embeddings)
   if (m.positions, m.norm, m.mlp_activation, m.use_bias) != ("rope", "rmsnorm", "swiglu", False):
     raise ValueError("Llama export needs RoPE, RMSNorm, SwiGLU and no biases")
-  rope = {"rope_theta": m.rope_theta, **(m.rope_scaling or {"rope_type": "default"})}
+  rope = rope_config(m)
   return dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=m.width,
               num_hidden_layers=m.depth, num_attention_heads=m.num_heads,
               num_key_value_heads=m.num_kv_heads or m.num_heads,

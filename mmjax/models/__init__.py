@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from mmjax.models import deep_fusion
 from mmjax.models import early_fusion
 from mmjax.models import lm
+from mmjax.models import tiled_vit
 from mmjax.models import vit
 
 FAMILIES = {"lm": lm, "vit": vit, "early_fusion": early_fusion, "deep_fusion": deep_fusion}
@@ -47,18 +48,26 @@ def abstract_params(family: str, fields: Mapping) -> dict:
     inputs = (jnp.zeros((1, size, size, 3)),)
   else:  # parameter shapes do not depend on the text's length or the images' contents
     inputs = (jnp.zeros((1, 8), jnp.int32),)
-    if family in IMAGE_TEXT:
-      size = image_size(family, fields)
+    vision = _vision(family, fields) if family in IMAGE_TEXT else None
+    if isinstance(vision, tiled_vit.Model):
+      N, size = vision.max_tiles, vision.image_size
+      inputs += (tiled_vit.Tiles(pixels=jnp.zeros((1, 1, N, size, size, 3)),
+                                 aspect_ratio_ids=jnp.ones((1, 1), jnp.int32),
+                                 tile_mask=jnp.ones((1, 1, N), bool)),)
+    elif vision is not None:
+      size = vision.image_size
       inputs += (jnp.zeros((1, 1, size, size, 3)),)
   return jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *inputs)["params"]
 
 
 def towers(family: str, fields: Mapping, key: str = "config.model") -> dict[str, tuple[str, dict]]:
-  """The plain ViTs and LMs a model is made of: config key -> (family, fields)."""
+  """The vision towers and LMs a model is made of: config key -> (kind, fields); kind is a
+  family ("vit", "lm") or "tiled" (tiled_vit, Llama 3.2 Vision's)."""
   check_family(family)
   fields = _fields(fields)
   if family in IMAGE_TEXT:
-    return {f"{key}.vit": ("vit", fields["vit"]), f"{key}.lm": ("lm", fields["lm"])}
+    return {f"{key}.vit": (fields.get("vision_tower", "vit"), fields["vit"]),
+            f"{key}.lm": ("lm", fields["lm"])}
   return {key: (family, fields)}
 
 
@@ -70,12 +79,12 @@ SIZES = ("width", "depth", "num_heads", "mlp_dim", "vocab_size", "max_len", "num
 def check(family: str, fields: Mapping, key: str = "config.model"):
   """One-line errors naming the config key, raised before anything is built or compiled."""
   for where, (kind, tower_fields) in towers(family, fields, key).items():
-    tower = build(kind, tower_fields)
+    tower = tiled_vit.Model(**tower_fields) if kind == "tiled" else build(kind, tower_fields)
     for name in SIZES:
       size = getattr(tower, name, None)
       if size is not None and size < 1:
         raise ValueError(f"{where}.{name} must be >= 1, got {size}")
-    if (kind == "vit" or not tower.head_dim) and tower.width % tower.num_heads:
+    if (kind != "lm" or not tower.head_dim) and tower.width % tower.num_heads:
       raise ValueError(f"{where}.num_heads={tower.num_heads} does not divide "
                        f"{where}.width={tower.width}")
     if kind == "lm" and tower.num_kv_heads and tower.num_heads % tower.num_kv_heads:
@@ -91,7 +100,9 @@ def language_fields(family: str, fields: Mapping) -> dict:
 
 def _vision(family: str, fields: Mapping) -> nn.Module:
   fields = _fields(fields)
-  return vit.Model(**(fields["vit"] if family in IMAGE_TEXT else fields))
+  if family in IMAGE_TEXT:
+    return deep_fusion.VISION_TOWERS[fields.get("vision_tower", "vit")](**fields["vit"])
+  return vit.Model(**fields)
 
 
 def image_size(family: str, fields: Mapping) -> int:
@@ -106,7 +117,7 @@ def patch_size(family: str, fields: Mapping) -> int:
 
 def has_cls(family: str, fields: Mapping) -> bool:
   """Whether the ViT prepends a cls token to each image's patches (and so needs its slot)."""
-  return _vision(family, fields).pool == "cls"
+  return getattr(_vision(family, fields), "pool", None) == "cls"
 
 
 def placeholders_per_image(family: str, fields: Mapping, image_size: int) -> int:

@@ -14,10 +14,17 @@ reaches them. Before chosen LM blocks sits a gated cross-attention block:
 
 The gates start at 0, so at initialisation the model IS the plain LM. Each
 image is marked in the text by one `image_token_id` token; a text position
-sees the images marked at or before it ("previous") or only the latest one
-("latest", Flamingo's choice). Rows that see no image (text before the first
-image, samples without images) get exactly zero (`has_media`), as in Llama
-3.2 Vision. Image resolution changes R, never the text length.
+sees the images marked at or before it ("previous"), only the latest one
+("latest", Flamingo's choice), or the latest run of adjacent markers
+("latest_run", Llama 3.2 Vision's). Rows that see no image (text before the
+first image, samples without images) get exactly zero (`has_media`); with
+media_free_rows="all_keys" they attend to every key and only their MLP branch
+is zeroed, as transformers' Llama 3.2 Vision does. Image resolution changes R,
+never the text length.
+
+vision_tower="tiled" reads `tiled_vit.Tiles` (Llama 3.2 Vision's tiles and
+aspect-ratio ids) with `tiled_vit.Model`: R = every tile slot's tokens, and
+the keys of tiles an image does not use are never attended to.
 
 Parameters: "vit" and "lm" are exactly `vit.Model`'s and `lm.Model`'s;
 "adapter", "resampler" and "xattn_<i>" (before LM block i) are new.
@@ -34,10 +41,13 @@ import jax.numpy as jnp
 
 from mmjax.models import layers
 from mmjax.models import lm as lm_lib
+from mmjax.models import tiled_vit
 from mmjax.models import vit as vit_lib
 
-MEDIA_ATTENTION = ("previous", "latest")
+MEDIA_ATTENTION = ("previous", "latest", "latest_run")
+MEDIA_FREE_ROWS = ("zero", "all_keys")
 GATES = ("scalar", "channel")
+VISION_TOWERS = {"vit": vit_lib.Model, "tiled": tiled_vit.Model}
 
 
 class PerceiverResampler(nn.Module):
@@ -91,6 +101,7 @@ class GatedCrossAttention(nn.Module):
   qk_norm: bool
   gate: str  # "scalar" or "channel"
   dtype: jnp.dtype
+  media_free_rows: str = "zero"  # or "all_keys"; see the module docstring
 
   @nn.compact
   def __call__(self, x: jax.Array, visual: jax.Array | layers.KVCache,
@@ -102,6 +113,9 @@ class GatedCrossAttention(nn.Module):
     """
     if self.gate not in GATES:
       raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+    if self.media_free_rows not in MEDIA_FREE_ROWS:
+      raise ValueError(f"media_free_rows must be one of {MEDIA_FREE_ROWS}, got "
+                       f"{self.media_free_rows!r}")
     D = x.shape[-1]
     gate_shape = () if self.gate == "scalar" else (D,)
     gate_axes = () if self.gate == "scalar" else ("embed",)
@@ -109,14 +123,18 @@ class GatedCrossAttention(nn.Module):
         nn.initializers.zeros, gate_axes), gate_shape))
     mlp_gate = jnp.tanh(self.param("mlp_gate", layers.partitioned(
         nn.initializers.zeros, gate_axes), gate_shape))
-    has_media = jnp.any(media, axis=-1, keepdims=True).astype(x.dtype)  # [B, T, 1]
+    has_media = jnp.any(media, axis=-1, keepdims=True)  # [B, T, 1]
+    attn_rows = has_media.astype(x.dtype)
+    if self.media_free_rows == "all_keys":
+      media, attn_rows = media | ~has_media, 1.0
 
     y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
     y, cache = layers.Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
-        kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="attn",
-    )(y, visual, mask=layers.Mask(explicit=media))
-    x = x + (attn_gate * y * has_media).astype(x.dtype)
+        qk_norm_eps=self.norm_eps, kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
+        name="attn")(y, visual, mask=layers.Mask(explicit=media))
+    x = x + (attn_gate * y * attn_rows).astype(x.dtype)
+    has_media = has_media.astype(x.dtype)
     y = layers.Norm(self.norm, self.norm_eps, name="mlp_norm")(x)
     y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=False,
                    kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="mlp")(y)
@@ -127,7 +145,7 @@ class GatedCrossAttention(nn.Module):
 class Model(nn.Module):
   """Flamingo-style vision-language model."""
 
-  vit: dict  # vit.Model(**vit), e.g. {"variant": "B/16", "pool": "none"}
+  vit: dict  # the vision tower's fields, e.g. {"variant": "B/16", "pool": "none"}
   lm: dict  # lm.Model(**lm); must not scan its layers (cross blocks sit between them)
   image_token_id: int  # one per image in the text, where the image appears
   cross_layers: tuple[int, ...] = ()  # LM blocks with a cross block before them; () = every Nth
@@ -135,14 +153,19 @@ class Model(nn.Module):
   adapter_layers: int = 2  # Dense layers from the ViT width into the LM width
   resampler_latents: int | None = None  # R; None: no resampler, R = number of ViT tokens
   resampler_depth: int = 2
-  media_attention: str = "previous"  # or "latest" (Flamingo)
+  media_attention: str = "previous"  # or "latest" (Flamingo), "latest_run" (Llama 3.2 Vision)
+  media_free_rows: str = "zero"  # or "all_keys" (transformers' Llama 3.2 Vision)
+  vision_tower: str = "vit"  # or "tiled": tiled_vit.Model (Llama 3.2 Vision's)
   gate: str = "scalar"  # or "channel": one tanh gate per width channel
   qk_norm: bool = False
   cross_kv_heads: int | None = None  # None: the LM's num_kv_heads
   dtype: jnp.dtype = jnp.float32  # compute dtype of every part
 
   def setup(self):
-    self.vision = vit_lib.Model(**{"dtype": self.dtype, **self.vit}, name="vit")
+    if self.vision_tower not in VISION_TOWERS:
+      raise ValueError(f"vision_tower must be one of {sorted(VISION_TOWERS)}, got "
+                       f"{self.vision_tower!r}")
+    self.vision = VISION_TOWERS[self.vision_tower](**{"dtype": self.dtype, **self.vit}, name="vit")
     self.language = lm_lib.Model(**{"dtype": self.dtype, **self.lm}, name="lm")
     if self.language.scan_layers:
       raise ValueError("deep fusion needs lm.scan_layers=False: cross-attention blocks sit "
@@ -162,13 +185,15 @@ class Model(nn.Module):
         num_kv_heads=self.cross_kv_heads or self.language.num_kv_heads,
         mlp_dim=self.language.mlp_dim, norm=self.language.norm,
         norm_eps=self.language.norm_eps, mlp_activation=self.language.mlp_activation,
-        qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype, name=f"xattn_{i}")
+        qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype,
+        media_free_rows=self.media_free_rows, name=f"xattn_{i}")
                   for i in self.cross_at}
 
-  def __call__(self, tokens: jax.Array, images: jax.Array | vit_lib.Patches | None, *,
+  def __call__(self, tokens: jax.Array,
+               images: jax.Array | vit_lib.Patches | tiled_vit.Tiles | None, *,
                positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """tokens: int[B, T]; images: float[B, I, H, W, 3], Patches or None -> (logits
+    """tokens: int[B, T]; images: float[B, I, H, W, 3], Patches, Tiles or None -> (logits
     float32[B, T, V], aux).
 
     aux: "img/features" (encode_images), "xattn/gate_<i>" the tanh gates, "hidden".
@@ -183,12 +208,23 @@ class Model(nn.Module):
                                     segment_ids=segment_ids)
     return logits, {"img/features": visual, **aux}
 
-  def encode_images(self, images: jax.Array | vit_lib.Patches) -> jax.Array:
+  def encode_images(self, images: jax.Array | vit_lib.Patches | tiled_vit.Tiles) -> jax.Array:
     """Visual tokens, computed from the images alone (the text plays no part).
 
-    images float[B, I, H, W, 3] -> float[B, I, R, D]; Patches -> float[B, P, D]
-    (one per patch slot), or float[B, M * R, D] with the resampler.
+    images float[B, I, H, W, 3] or Tiles -> float[B, I, R, D]; Patches ->
+    float[B, P, D] (one per patch slot), or float[B, M * R, D] with the resampler.
     """
+    if isinstance(images, tiled_vit.Tiles) != (self.vision_tower == "tiled"):
+      raise ValueError(f"a {self.vision_tower!r} vision tower cannot read "
+                       f"{type(images).__name__}")
+    if isinstance(images, tiled_vit.Tiles):
+      features, _ = self.vision(images)
+      visual = self.adapter(features)
+      if self.resampler_latents:
+        B, I = features.shape[:2]
+        visual = self.resampler(visual.reshape(B * I, *visual.shape[2:]))
+        visual = visual.reshape(B, I, *visual.shape[1:])
+      return visual.astype(self.dtype)
     if isinstance(images, vit_lib.Patches):
       _, vit_aux = self.vision(images)
       visual = self.adapter(vit_aux["features"])
@@ -209,6 +245,12 @@ class Model(nn.Module):
                   visual: jax.Array) -> tuple[jax.Array, jax.Array]:
     """encode_images' tokens as cross-attention keys float[B, S, D], with the index of each
     key's image in its row, int[S] or int[B, S] (vit.PADDING: no image's, never seen)."""
+    if isinstance(images, tiled_vit.Tiles) and not self.resampler_latents:
+      B, I, R, D = visual.shape
+      N = images.tile_mask.shape[-1]
+      used = jnp.repeat(images.tile_mask, R // N, axis=-1)  # [B, I, R]: the key's tile is used
+      key_image = jnp.where(used, jnp.arange(I)[:, None], vit_lib.PADDING)
+      return visual.reshape(B, I * R, D), key_image.reshape(B, I * R)
     if not isinstance(images, vit_lib.Patches):
       B, I, R, D = visual.shape
       return visual.reshape(B, I * R, D), jnp.repeat(jnp.arange(I), R)
@@ -257,13 +299,14 @@ def media_mask(is_marker: jax.Array, key_image: jax.Array, rule: str,
   is_marker: bool[B, T], True where an image is marked; image k of a row is
   its k-th marker. key_image: int[S] or int[B, S], the image of each key
   (`Model.visual_keys`). -> bool[B, T, S]. "previous": images marked at or
-  before t; "latest": only the last of them. With segment_ids (packed
-  examples), a position sees only the images marked inside its own example.
+  before t; "latest": only the last of them; "latest_run": the last run of
+  adjacent markers. With segment_ids (packed examples), a position sees only
+  the images marked inside its own example.
   """
   B = is_marker.shape[0]
-  seen = jnp.cumsum(is_marker, axis=1)  # [B, T]: images marked at or before t
+  seen, oldest = media_window(is_marker, rule)
   key_image = jnp.broadcast_to(key_image, (B, key_image.shape[-1]))[:, None, :]  # [B, 1, S]
-  visible = visible_images(seen, key_image, rule)  # [B, T, S]
+  visible = visible_images(seen, oldest, key_image)  # [B, T, S]
   if segment_ids is not None:
     marks_key = is_marker[..., None] & (seen[..., None] - 1 == key_image)  # [B, T, S]
     key_segment = jnp.sum(marks_key * segment_ids[..., None], axis=1)  # [B, S]
@@ -271,17 +314,48 @@ def media_mask(is_marker: jax.Array, key_image: jax.Array, rule: str,
   return visible
 
 
-def visible_images(seen: jax.Array, image: jax.Array, rule: str) -> jax.Array:
-  """Whether a position that has seen `seen` image markers may attend to image `image`.
+def media_window(is_marker: jax.Array, rule: str) -> tuple[jax.Array, jax.Array]:
+  """The images each position may see, as a window [oldest, seen) of image indices.
 
-  seen: int[B, ...]; image: image indices broadcastable against seen[..., None]
-  (int[S], or int[B, S] with seen int[B]) -> bool[B, ..., S].
+  is_marker: bool[B, T] -> (seen, oldest): int32[B, T] each; seen counts the
+  markers at or before t. Decoding continues the window with `next_window`.
   """
+  seen = jnp.cumsum(is_marker, axis=1, dtype=jnp.int32)
+  after_marker = jnp.pad(is_marker[:, :-1], ((0, 0), (1, 0)))
+  return seen, oldest_image(seen, is_marker, after_marker, None, rule)
+
+
+def next_window(seen: jax.Array, oldest: jax.Array, after_marker: jax.Array,
+                is_marker: jax.Array, rule: str) -> tuple[jax.Array, jax.Array]:
+  """One more token: the window of the position before it (int32[B] each), whether that
+  position was a marker and whether this one is (bool[B]) -> (seen, oldest) here."""
+  seen = seen + is_marker
+  return seen, oldest_image(seen, is_marker, after_marker, oldest, rule)
+
+
+def oldest_image(seen: jax.Array, is_marker: jax.Array, after_marker: jax.Array,
+                 before: jax.Array | None, rule: str) -> jax.Array:
+  """The first image of the window, from the markers (a sequence when `before` is None,
+  else one step after the window whose oldest image was `before`)."""
   if rule == "previous":
-    return image < seen[..., None]
+    return jnp.zeros_like(seen)
   if rule == "latest":
-    return image == seen[..., None] - 1
+    return jnp.maximum(seen - 1, 0)
+  if rule == "latest_run":  # a marker that follows no marker starts a run
+    starts = jnp.where(is_marker & ~after_marker, seen - 1, 0)
+    if before is None:
+      return jax.lax.cummax(starts, axis=1)
+    return jnp.maximum(starts, before)
   raise ValueError(f"media_attention must be one of {MEDIA_ATTENTION}, got {rule!r}")
+
+
+def visible_images(seen: jax.Array, oldest: jax.Array, image: jax.Array) -> jax.Array:
+  """Whether a position whose window is [oldest, seen) may attend to image `image`.
+
+  seen, oldest: int[B, ...]; image: image indices broadcastable against
+  seen[..., None] (int[S], or int[B, S] with seen int[B]) -> bool[B, ..., S].
+  """
+  return (image < seen[..., None]) & (image >= oldest[..., None])
 
 
 def gate_values(params: dict) -> dict[str, jax.Array]:

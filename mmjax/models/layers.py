@@ -465,6 +465,7 @@ class Attention(nn.Module):
   head_dim: int | None = None  # None: width // num_heads
   use_bias: bool = False
   qk_norm: bool = False  # RMSNorm over the head dim of q and k
+  qk_norm_eps: float = 1e-6
   rope_theta: float | None = None  # None: the caller handles positions
   rope_scaling: dict | None = None  # see rope_frequencies
   attention_impl: str = "xla"  # or "auto", "cudnn", "splash"
@@ -497,7 +498,7 @@ class Attention(nn.Module):
 
     q = proj("query", N, x)
     if self.qk_norm:
-      q = RMSNorm(name="query_norm")(q)
+      q = RMSNorm(self.qk_norm_eps, name="query_norm")(q)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if self.rope_theta is not None:
@@ -510,7 +511,7 @@ class Attention(nn.Module):
       k = proj("key", K, context)
       v = proj("value", K, context)
       if self.qk_norm:
-        k = RMSNorm(name="key_norm")(k)
+        k = RMSNorm(self.qk_norm_eps, name="key_norm")(k)
       if self.rope_theta is not None:
         if kv_positions is None:
           kv_positions = positions if kv is None else jnp.broadcast_to(

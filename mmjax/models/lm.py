@@ -58,11 +58,12 @@ class Embedder(nn.Module):
   vocab_size: int
   width: int
   dtype: jnp.dtype
+  extra_tokens: int = 0  # rows past the vocabulary: embedded, never predicted
 
   def setup(self):
     self.embedding = self.param(
         "embedding", layers.partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
-        (self.vocab_size, self.width), jnp.float32)
+        (self.vocab_size + self.extra_tokens, self.width), jnp.float32)
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """tokens: int[B, T] -> float[B, T, D]."""
@@ -70,7 +71,8 @@ class Embedder(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x: float[B, T, D] -> float32[B, T, V]: scores against every embedding, as nn.Embed.attend."""
-    return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), self.embedding.astype(self.dtype),
+    table = self.embedding[:self.vocab_size]
+    return jnp.einsum("BTD,VD->BTV", x.astype(self.dtype), table.astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
 
@@ -124,6 +126,7 @@ class _Model(nn.Module):
   mlp_dim: int
   flavour: str = "gpt2"  # or "llama"; sets the defaults of the fields below
   vocab_size: int = 50257
+  extra_tokens: int = 0  # embedded, never predicted: Llama 3.2 Vision's 8 rows past the vocabulary
   max_len: int = 1024  # learned positions' table size; RoPE models only check it
   num_kv_heads: int | None = None  # None: = num_heads
   head_dim: int | None = None  # None: width // num_heads
@@ -143,7 +146,7 @@ class _Model(nn.Module):
   def setup(self):
     if self.positions not in ("learned", "rope"):
       raise ValueError(f"LM positions must be 'learned' or 'rope', got {self.positions!r}")
-    self.embedder = Embedder(self.vocab_size, self.width, self.dtype)
+    self.embedder = Embedder(self.vocab_size, self.width, self.dtype, self.extra_tokens)
     if self.positions == "learned":
       self.pos_embedding = self.param(
           "pos_embedding", layers.partitioned(nn.initializers.normal(0.01), (None, "embed")),

@@ -88,13 +88,14 @@ class Block(nn.Module):
   norm_eps: float
   attention_impl: str
   dtype: jnp.dtype
+  attn_bias: bool = True  # Llama 3.2 Vision's tower has none
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: layers.Mask) -> jax.Array:
     """x: float[B, P, D] -> float[B, P, D]."""
     y = layers.Norm("layernorm", self.norm_eps, name="attn_norm")(x)
     y, _ = layers.Attention(
-        num_heads=self.num_heads, use_bias=True, attention_impl=self.attention_impl,
+        num_heads=self.num_heads, use_bias=self.attn_bias, attention_impl=self.attention_impl,
         dtype=self.dtype, name="attn")(y, mask=mask)
     x = layers.constrain(x + y.astype(x.dtype))
     y = layers.Norm("layernorm", self.norm_eps, name="mlp_norm")(x)
