@@ -10,6 +10,10 @@ pretrained towers (mmjax/towers.py) and defaults to "flamingo":
 "tiny-native" is "tiny" reading scenes of varied sizes and aspect ratios (16 to
 64 px a side) at their own resolution: each row packs whole examples until its
 128 patch slots or 256 tokens are full (mmjax/data/patches.py).
+
+"llama-3.2-11b-vision" is Llama-3.2-11B-Vision's shape (its config.json), for
+dry runs and as the layout tools/import_hf.py gives its checkpoint: a tiled
+ViT-H/14 (4 tiles of 560 px), 8 cross-attention blocks among 32 Llama blocks.
 """
 import ml_collections
 
@@ -17,14 +21,19 @@ from configs import common
 
 STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
 EXTRAS = ("tiny-native",)  # variants of the tiny backbone
+MLLAMA_11B = "llama-3.2-11b-vision"
+LLAMA_3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 SUFFIX = common.stages_suffix(STAGES)
 
 
 def variants() -> list[str]:
-  return [*common.BACKBONES, *EXTRAS]
+  return [*common.BACKBONES, *EXTRAS, MLLAMA_11B]
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg.partition(",")[0] == MLLAMA_11B:
+    return mllama_11b(arg.partition(",")[2])
   native = arg.startswith("tiny-native")
   config = common.fusion_config(arg, family="deep_fusion", stages=STAGES,
                                 pretrained_stage="flamingo", extras=EXTRAS)
@@ -56,4 +65,25 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # width): at absolute coordinates position answers fell to chance (0.197; 0.425 overall).
     config.model.vit.posemb_coords = "fractional"
     config.batch_size = 3
+  return config
+
+
+def mllama_11b(stage: str) -> ml_collections.ConfigDict:
+  """Llama-3.2-11B-Vision (transformers' MllamaForConditionalGeneration), bfloat16, full remat."""
+  config = common.fusion_config(f"pretrained,{stage or 'all'}", family="deep_fusion",
+                                stages=STAGES, pretrained_stage="all")
+  run = dict(attention_impl="auto", remat_policy="full")
+  config.model = ml_collections.ConfigDict(dict(
+      vit=dict(width=1280, depth=32, global_depth=8, mlp_dim=5120, num_heads=16, patch_size=14,
+               image_size=560, max_tiles=4, feature_layers=(3, 7, 15, 23, 30), **run),
+      lm=dict(flavour="llama", width=4096, depth=32, num_heads=32, num_kv_heads=8, head_dim=128,
+              mlp_dim=14336, vocab_size=128256, extra_tokens=8, max_len=131072,
+              rope_theta=500000.0, rope_scaling=LLAMA_3_ROPE, norm_eps=1e-5,
+              tie_embeddings=False, **run),
+      vision_tower="tiled", image_token_id=128256, adapter_layers=1,
+      cross_layers=(3, 7, 11, 15, 19, 23, 27, 31),  # its layers 3, 8, ..., 38 of 40
+      media_attention="latest_run", media_free_rows="all_keys", gate="scalar", qk_norm=True,
+      dtype="bfloat16"))
+  config.data.seq_len = 512
+  config.batch_size = 8
   return config

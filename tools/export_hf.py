@@ -4,10 +4,11 @@
 
 DIR is a training workdir (its newest checkpoint is used) or a directory from
 tools/import_hf.py. "hf" writes config.json + model.safetensors that
-transformers' from_pretrained loads (ViT, CLIP, SigLIP, GPT-2, Llama, LLaVA),
-plus the run's tokenizer: the files of its tokenizer's folder (a pretrained tower's
-or an import's), or for byte-level runs a tokenizer.json with the same ids. A deep-fusion
-model has no HuggingFace class: OUT/vision and OUT/language get its towers,
+transformers' from_pretrained loads (ViT, CLIP, SigLIP, GPT-2, Llama, LLaVA,
+Llama 3.2 Vision), plus the run's tokenizer: the files of its tokenizer's folder (a
+pretrained tower's or an import's), or for byte-level runs a tokenizer.json with the same
+ids. Other deep-fusion models have no HuggingFace class: OUT/vision and OUT/language get
+their towers,
 and OUT/model.safetensors all its weights named by their mmjax paths
 ("xattn_3/attn/query/kernel", ...). "params" writes mmjax_config.json and an
 Orbax params-only checkpoint. A LoRA run's adapters are merged into their
@@ -23,6 +24,7 @@ from mmjax import console
 from mmjax import models
 from mmjax.data import tokenizers
 from mmjax.interop import hf
+from mmjax.interop import mllama
 from mmjax.models import lm
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or import directory.")
@@ -54,7 +56,7 @@ def main(argv):
     print(f"wrote mmjax_config.json and params/ to {out}")
     return
   language = models.language_fields(config["family"], config["model"])
-  if config["family"] == "deep_fusion":
+  if config["family"] == "deep_fusion" and not mllama.is_mllama(config["model"]):
     hf.save_flat(os.path.join(out, "model.safetensors"), params)
     with open(os.path.join(out, "mmjax_config.json"), "w") as f:
       json.dump(config, f, indent=2)
