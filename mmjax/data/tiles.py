@@ -16,7 +16,6 @@ import dataclasses
 import math
 
 import numpy as np
-from PIL import Image
 
 from mmjax.models import tiled_vit
 
@@ -51,9 +50,11 @@ def fitted_size(size: tuple[int, int], rows: int, columns: int, tile: int) -> tu
 def image_tiles(image: np.ndarray, tile: int, max_tiles: int, mean=CLIP_MEAN,
                 std=CLIP_STD) -> tuple[np.ndarray, int]:
   """uint8[H, W, 3] -> (float32[n, tile, tile, 3] normalised tiles, aspect_ratio_id)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (the GPU image may lack Pillow)
   rows, columns = canvas(image.shape[:2], tile, max_tiles)
   height, width = fitted_size(image.shape[:2], rows, columns, tile)
-  resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+  with Image.fromarray(image) as picture:
+    resized = np.asarray(picture.resize((width, height), Image.Resampling.BILINEAR))
   padded = np.zeros((rows * tile, columns * tile, 3), np.float32)
   padded[:height, :width] = resized
   # Black padding is normalised with the image, as the reference pads before normalising.
