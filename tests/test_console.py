@@ -228,7 +228,8 @@ def test_help_and_the_config_listings(tmp_path):
   assert listed.returncode == 0
   for file, variants in (("lm.py", "tiny, gpt2-124m, llama-1b, llama-7b"),
                          ("early_fusion.py", "tiny, base, pretrained, tiny-anyres"),
-                         ("deep_fusion.py", "tiny, base, pretrained, tiny-native, llama-3.2-11b-vision")):
+                         ("deep_fusion.py",
+                          "tiny, base, pretrained, tiny-native, llama-3.2-11b-vision")):
     text = listed.stdout.split(f"configs/{file}:", 1)[1]
     assert text.splitlines()[1] == f"  variants: {variants}"
   printed = subprocess.run(train(tmp_path, "lm.py:tiny", ["total_steps=50"], "--print_config"),

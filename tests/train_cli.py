@@ -5,24 +5,11 @@ import pathlib
 import subprocess
 import sys
 
-from configs import common
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-# The default generated scenes, fewer of them: a run reads a few hundred at most, and building
-# the configs' 50,000 cost a test minutes (once per image size a session).
-FEW_SCENES = {"data.train_size": 512, "data.eval_size": 128}
 
 
 def command(workdir, config: str, overrides: dict) -> list[str]:
   """The train.py command line for configs/<config> with --config.key=value overrides."""
-  try:
-    data = common.load(config).get("data") or {}
-  except (ValueError, ImportError):  # a mistake the test wants train.py to report
-    data = {}
-  if overrides.get("data.name", data.get("name")) == "tfds_scenes":
-    overrides = {**FEW_SCENES, **overrides}
   return [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / config}",
           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 

@@ -26,7 +26,8 @@ vision_tower="tiled" reads `tiled_vit.Tiles` (Llama 3.2 Vision's tiles and
 aspect-ratio ids) with `tiled_vit.Model`: R = every tile slot's tokens, and
 the keys of tiles an image does not use are never attended to.
 
-Parameters: "vit" and "lm" are exactly `vit.Model`'s and `lm.Model`'s;
+Parameters: "vit" and "lm" are exactly the vision tower's (`vit.Model`'s or
+`tiled_vit.Model`'s) and `lm.Model`'s;
 "adapter", "resampler" and "xattn_<i>" (before LM block i) are new.
 
 Images at their own sizes come as `vit.Patches` (patches of each row's images
