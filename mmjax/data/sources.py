@@ -100,7 +100,8 @@ def _scenes(config: Config, split: str, common: dict, *, in_memory: bool) -> bas
                                  placeholders_per_image(config), layout=layout(config),
                                  sizes=data.get("scene_sizes", "fixed"), **fields)
   from mmjax.data import pipeline  # pylint: disable=g-import-not-at-top
-  tiled = layout(config) if isinstance(layout(config), tiles.Layout) else None
+  native = layout(config)
+  tiled = native if isinstance(native, tiles.Layout) else None
   return pipeline.TfdsScenes(config.batch_size, data.seq_len, image_size(config),
                              placeholders_per_image(config), data_dir=data.data_dir,
                              train_size=data.train_size, eval_size=data.eval_size,

@@ -154,11 +154,10 @@ def language_table(fields: dict, cross_layers: tuple[int, ...], hf: str = "langu
        *norm(f"{hf}model.norm", f"{mm}final_norm", bias=False)]
   if not fields.get("tie_embeddings", False):
     e.append(linear(f"{hf}lm_head.weight", f"{mm}head/kernel"))
+  mlp = lambda b, p: [e for n in ("gate", "up", "down")
+                      for e in dense(f"{b}.mlp.{n}_proj", f"{p}/mlp/{n}", bias=False)]
   layer = 0
   for block in range(fields["depth"]):
-    mlp = lambda b, p: [*dense(f"{b}.mlp.gate_proj", f"{p}/mlp/gate", bias=False),
-                        *dense(f"{b}.mlp.up_proj", f"{p}/mlp/up", bias=False),
-                        *dense(f"{b}.mlp.down_proj", f"{p}/mlp/down", bias=False)]
     if block in cross_layers:
       b, p = f"{hf}model.layers.{layer}", f"xattn_{block}"
       e += [*norm(f"{b}.input_layernorm", f"{p}/attn_norm", bias=False),

@@ -125,6 +125,6 @@ def rope_fields(cfg: dict, what: str) -> dict:
 
 
 def rope_config(fields) -> dict:
-  """lm.Model's RoPE fields (a model or a dict) -> config.json's rope_parameters."""
+  """An lm.Model's RoPE fields -> config.json's rope_parameters."""
   theta, scaling = fields.rope_theta, fields.rope_scaling
   return {"rope_theta": theta, **(scaling or {"rope_type": "default"})}

@@ -91,15 +91,19 @@ class Model(nn.Module):
   dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
 
   @property
+  def tokens_per_tile(self) -> int:
+    """P: a tile's cls token and patches."""
+    return 1 + (self.image_size // self.patch_size) ** 2
+
+  @property
   def tokens_per_image(self) -> int:
-    """N * P: the visual tokens of one image (cls and patches of every tile slot)."""
-    return self.max_tiles * (1 + (self.image_size // self.patch_size) ** 2)
+    """N * P: the visual tokens of one image (every tile slot's)."""
+    return self.max_tiles * self.tokens_per_tile
 
   @property
   def slots_per_image(self) -> int:
     """N * Q: the tokens the blocks run over for one image, padding slots included."""
-    return self.max_tiles * -(-self.tokens_per_image // self.max_tiles // SLOT_MULTIPLE
-                               ) * SLOT_MULTIPLE
+    return self.max_tiles * -(-self.tokens_per_tile // SLOT_MULTIPLE) * SLOT_MULTIPLE
 
   @property
   def features_dim(self) -> int:
