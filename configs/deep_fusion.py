@@ -14,26 +14,44 @@ pretrained towers (mmjax/towers.py) and defaults to "flamingo":
 "llama-3.2-11b-vision" is Llama-3.2-11B-Vision's shape (its config.json), for
 dry runs and as the layout tools/import_hf.py gives its checkpoint: a tiled
 ViT-H/14 (4 tiles of 560 px), 8 cross-attention blocks among 32 Llama blocks.
+"idefics-9b" is IDEFICS-9B's (the open Flamingo): a CLIP ViT-H/14 at 224 px, a
+6-layer Perceiver resampler to 64 latents, a cross block before every 4th of
+LLaMA-7B's 32 blocks.
 """
 import ml_collections
 
 from configs import common
+from mmjax.interop import idefics
 
 STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
 EXTRAS = ("tiny-native",)  # variants of the tiny backbone
 MLLAMA_11B = "llama-3.2-11b-vision"
+IDEFICS_9B = "idefics-9b"
+# HuggingFaceM4/idefics-9b's config.json, as far as the model's shape goes.
+IDEFICS_9B_JSON = dict(
+    model_type="idefics", vocab_size=32000, additional_vocab_size=2, hidden_size=4096,
+    intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, hidden_act="silu",
+    rms_norm_eps=1e-6, max_position_embeddings=2048, cross_layer_interval=4, alpha_type="float",
+    qk_layer_norms=False, use_resampler=True, tie_word_embeddings=False,
+    perceiver_config=dict(resampler_n_latents=64, resampler_depth=6, resampler_n_heads=16,
+                          resampler_head_dim=96, qk_layer_norms_perceiver=False),
+    vision_config=dict(embed_dim=1280, image_size=224, intermediate_size=5120,
+                       num_attention_heads=16, num_hidden_layers=32, patch_size=14,
+                       hidden_act="gelu"))
 LLAMA_3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 SUFFIX = common.stages_suffix(STAGES)
 
 
 def variants() -> list[str]:
-  return [*common.BACKBONES, *EXTRAS, MLLAMA_11B]
+  return [*common.BACKBONES, *EXTRAS, MLLAMA_11B, IDEFICS_9B]
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg.partition(",")[0] == MLLAMA_11B:
     return mllama_11b(arg.partition(",")[2])
+  if arg.partition(",")[0] == IDEFICS_9B:
+    return idefics_9b(arg.partition(",")[2])
   native = arg.startswith("tiny-native")
   config = common.fusion_config(arg, family="deep_fusion", stages=STAGES,
                                 pretrained_stage="flamingo", extras=EXTRAS)
@@ -84,6 +102,21 @@ def mllama_11b(stage: str) -> ml_collections.ConfigDict:
       cross_layers=(3, 7, 11, 15, 19, 23, 27, 31),  # its layers 3, 8, ..., 38 of 40
       media_attention="latest_run", media_free_rows="all_keys", gate="scalar", qk_norm=True,
       dtype="bfloat16"))
+  config.data.seq_len = 512
+  config.batch_size = 8
+  return config
+
+
+def idefics_9b(stage: str) -> ml_collections.ConfigDict:
+  """IDEFICS-9B (transformers' IdeficsForVisionText2Text) as tools/import_hf.py lays it out,
+  bfloat16, full remat."""
+  config = common.fusion_config(f"pretrained,{stage or 'all'}", family="deep_fusion",
+                                stages=STAGES, pretrained_stage="all")
+  fields = idefics.mmjax_config(IDEFICS_9B_JSON)["model"]
+  run = dict(attention_impl="auto", remat_policy="full")
+  fields["vit"].update(run)
+  fields["lm"].update(run)
+  config.model = ml_collections.ConfigDict(dict(fields, dtype="bfloat16"))
   config.data.seq_len = 512
   config.batch_size = 8
   return config

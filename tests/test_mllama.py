@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-from safetensors.numpy import load_file
 import torch
 import transformers
 from transformers.models.mllama import image_processing_pil_mllama
@@ -30,6 +29,7 @@ from mmjax.data import tiles as tiles_lib
 from mmjax.interop import hf
 from mmjax.models import deep_fusion
 from mmjax.models import tiled_vit
+import hf_parity
 import train_cli
 
 RTOL = 1e-4  # max |mmjax - transformers| / max |transformers|
@@ -54,12 +54,7 @@ def mllama(tmp_path_factory):
                                      image_token_index=IMAGE)
   torch.manual_seed(0)
   model = transformers.MllamaForConditionalGeneration(config).eval()
-  with torch.no_grad():  # transformers starts every gate at 0: open them, and move the norms
-    for name, param in model.named_parameters():
-      if "gate" in name:
-        param.uniform_(-1, 1)
-      elif "embedding" in name or "norm" in name:
-        param.add_(0.1 * torch.randn_like(param))
+  hf_parity.open_gates(model, "gate")
   path = str(tmp_path_factory.mktemp("mllama") / "hf")
   model.save_pretrained(path)
 
@@ -126,25 +121,21 @@ def test_logits_match_transformers(mllama):
     theirs = model(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
   logits, _ = models.build("deep_fusion", config["model"]).apply({"params": params},
                                                                   *ours(inputs, images))
-  error = np.abs(np.asarray(logits) - theirs).max() / np.abs(theirs).max()
+  error = hf_parity.relative_error(logits, theirs)
   assert error < RTOL, f"relative error {error:.2e}"
   # The inputs reach what a wrong rule would get wrong: Flamingo's rows (zeroed where no
   # image is seen) and Flamingo's "latest" image differ from transformers by far more.
   for wrong in (dict(media_free_rows="zero"), dict(media_attention="latest")):
     other, _ = models.build("deep_fusion", {**config["model"], **wrong}).apply(
         {"params": params}, *ours(inputs, images))
-    assert np.abs(np.asarray(other) - theirs).max() / np.abs(theirs).max() > 10 * RTOL, wrong
+    assert hf_parity.relative_error(other, theirs) > 10 * RTOL, wrong
 
 
 def test_export_round_trip_is_bit_identical(mllama, tmp_path):
   model, path, inputs, _ = mllama
   config, params = hf.load(path)
   hf.save(str(tmp_path), config, params)
-  original, exported = (load_file(os.path.join(d, "model.safetensors")) for d in (path, tmp_path))
-  assert sorted(exported) == sorted(original)
-  for name, tensor in original.items():
-    assert exported[name].dtype == tensor.dtype and exported[name].shape == tensor.shape, name
-    np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+  hf_parity.assert_same_tensors(path, str(tmp_path))
   with open(os.path.join(tmp_path, "config.json")) as f:
     assert json.load(f)["text_config"]["cross_attention_layers"] == [1, 3]
   reloaded = transformers.MllamaForConditionalGeneration.from_pretrained(str(tmp_path)).eval()

@@ -5,7 +5,7 @@
 DIR is a training workdir (its newest checkpoint is used) or a directory from
 tools/import_hf.py. "hf" writes config.json + model.safetensors that
 transformers' from_pretrained loads (ViT, CLIP, SigLIP, GPT-2, Llama, LLaVA,
-Llama 3.2 Vision), plus the run's tokenizer: the files of its tokenizer's folder (a
+Llama 3.2 Vision, IDEFICS), plus the run's tokenizer: the files of its tokenizer's folder (a
 pretrained tower's or an import's), or for byte-level runs a tokenizer.json with the same
 ids. Other deep-fusion models have no HuggingFace class: OUT/vision and OUT/language get
 their towers,
@@ -24,6 +24,7 @@ from mmjax import console
 from mmjax import models
 from mmjax.data import tokenizers
 from mmjax.interop import hf
+from mmjax.interop import idefics
 from mmjax.interop import mllama
 from mmjax.models import lm
 
@@ -56,7 +57,8 @@ def main(argv):
     print(f"wrote mmjax_config.json and params/ to {out}")
     return
   language = models.language_fields(config["family"], config["model"])
-  if config["family"] == "deep_fusion" and not mllama.is_mllama(config["model"]):
+  if config["family"] == "deep_fusion" and not (mllama.is_mllama(config["model"])
+                                                or idefics.is_idefics(config["model"])):
     hf.save_flat(os.path.join(out, "model.safetensors"), params)
     with open(os.path.join(out, "mmjax_config.json"), "w") as f:
       json.dump(config, f, indent=2)

@@ -1,5 +1,5 @@
 """HuggingFace safetensors <-> mmjax: ViT, CLIP and SigLIP towers, GPT-2, Llama, LLaVA,
-and (through mmjax.interop.mllama) Llama 3.2 Vision.
+and (through mmjax.interop.mllama and mmjax.interop.idefics) Llama 3.2 Vision and IDEFICS.
 
 Each architecture's table (mmjax.interop.tables) lists every HuggingFace
 tensor and the mmjax parameters it becomes. The mmjax config is derived from
@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from mmjax import lora
 from mmjax import models
+from mmjax.interop import idefics
 from mmjax.interop import mllama
 from mmjax.interop.tables import (Entry, activation, attention, conv, dense,
                                   fused_qkv, heads_out, linear, norm, require, reshaped,
@@ -128,8 +129,10 @@ def mmjax_config(cfg: dict) -> dict:
     return {"family": "early_fusion", "model": fields}
   if kind == "mllama":
     return mllama.mmjax_config(cfg)
+  if kind == "idefics":
+    return idefics.mmjax_config(cfg)
   raise ValueError(f"config.json field 'model_type'={kind!r} is not supported; mmjax imports "
-                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava', 'llava_next', 'mllama']}")
+                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava', 'llava_next', 'mllama', 'idefics']}")
 
 
 # ----------------------------------------------------------------------------
@@ -242,6 +245,9 @@ def table(hf_config: dict, mm_config: dict) -> list[Entry]:
     return lm_table(fields, hf="" if kind == "gpt2" else "model.")
   if kind == "mllama":
     return mllama.table(fields)
+  if kind == "idefics":
+    return [*vit_table(fields["vit"], "clip_vision_model", "model.vision_model.", "vit/"),
+            *idefics.table(fields)]
   # LLaVA (and LLaVA-NeXT) as written by transformers' save_pretrained.
   newline = [same("image_newline", "image_newline")] if kind == "llava_next" else []
   return [*vit_table(fields["vit"], hf_config["vision_config"]["model_type"], "vision_tower.",
@@ -313,13 +319,15 @@ def load(hf_dir: str, shardings=None) -> tuple[dict, dict]:
   params, handles = {}, {}
   try:
     for entry in table(hf_config, config):
-      if entry.hf not in lookup:
-        raise ValueError(f"{hf_dir}: tensor {entry.hf!r} is missing from the safetensors files")
-      file, name = lookup[entry.hf]
-      if file not in handles:
-        handles[file] = safe_open(file, "flax").__enter__()
-      tensor = np.asarray(handles[file].get_tensor(name), np.float32)
-      for path, value in zip(entry.paths, entry.to_mmjax(tensor)):
+      tensors = []
+      for wanted in entry.names:
+        if wanted not in lookup:
+          raise ValueError(f"{hf_dir}: tensor {wanted!r} is missing from the safetensors files")
+        file, name = lookup[wanted]
+        if file not in handles:
+          handles[file] = safe_open(file, "flax").__enter__()
+        tensors.append(np.asarray(handles[file].get_tensor(name), np.float32))
+      for path, value in zip(entry.paths, entry.to_mmjax(*tensors)):
         target = _get(shardings, path) if shardings is not None else None
         # From the host straight into its shards: no device ever holds the whole tensor.
         _set(params, path, jax.device_put(np.asarray(value, np.float32), target))
@@ -368,9 +376,11 @@ def hf_config(config: dict) -> dict:
                 tie_word_embeddings=text.get("tie_word_embeddings", False))
   if family == "deep_fusion" and mllama.is_mllama(fields):
     return mllama.hf_config(fields)
-  raise ValueError(f"HuggingFace export covers the vit, lm and early_fusion families and Llama "
-                   f"3.2 Vision; family {family!r} exports its towers (tools/export_hf.py "
-                   "writes them)")
+  if family == "deep_fusion" and idefics.is_idefics(fields):
+    return idefics.hf_config(fields)
+  raise ValueError(f"HuggingFace export covers the vit, lm and early_fusion families, Llama "
+                   f"3.2 Vision and IDEFICS (deep fusion with model.adapter_layers=0); family "
+                   f"{family!r} exports its towers (tools/export_hf.py writes them)")
 
 
 def _vision_config(fields: dict, classes) -> dict:
@@ -443,7 +453,9 @@ def save(out_dir: str, config: dict, params: dict, tokenizer=None) -> dict:
   tensors = {}
   for entry in table(hf, mmjax_config(hf)):
     values = tuple(np.asarray(jax.device_get(_get(params, p)), np.float32) for p in entry.paths)
-    tensors[entry.hf] = np.ascontiguousarray(entry.to_hf(values))
+    written = entry.to_hf(values)
+    for name, tensor in zip(entry.names, written if isinstance(entry.hf, tuple) else (written,)):
+      tensors[name] = np.ascontiguousarray(tensor)
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -489,7 +501,8 @@ def _adapter_entries(config: dict, kernels: list[str]) -> dict[str, tuple[Entry,
   """mmjax kernel path -> (its HuggingFace entry, its number of input axes), for kernels HF
   stores as one [out, in] matrix of their flattened axes (Llama's projections, LLaVA's LM);
   any other is an error naming it."""
-  entries = {e.paths[0]: e for e in table(hf_config(config), config) if len(e.paths) == 1}
+  entries = {e.paths[0]: e for e in table(hf_config(config), config)
+             if len(e.paths) == 1 and isinstance(e.hf, str)}
   shapes = _kernels(config)
   found = {}
   for path in kernels:
@@ -541,8 +554,8 @@ def load_adapter(adapter_dir: str, config: dict) -> tuple[dict, dict]:
   if (settings.get("peft_type") != "LORA" or settings.get("use_dora")
       or settings.get("use_rslora")):
     raise ValueError(f"{adapter_dir}/adapter_config.json: only plain LoRA adapters are read")
-  by_name = {_module_name(e.hf): e.paths[0]
-             for e in table(hf_config(config), config) if len(e.paths) == 1}
+  by_name = {_module_name(e.hf): e.paths[0] for e in table(hf_config(config), config)
+             if len(e.paths) == 1 and isinstance(e.hf, str)}
   with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "np") as f:
     tensors = {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}
   names = sorted({key.rsplit(".lora_", 1)[0] for key in tensors})

@@ -16,11 +16,16 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One HuggingFace tensor <-> one or more mmjax parameters."""
-  hf: str
+  """One HuggingFace tensor <-> one or more mmjax parameters (or, with a tuple of names,
+  several HuggingFace tensors <-> one parameter)."""
+  hf: str | tuple[str, ...]
   paths: tuple[str, ...]  # "/"-joined mmjax parameter paths
-  to_mmjax: Callable  # hf array -> tuple of mmjax arrays
-  to_hf: Callable  # tuple of mmjax arrays -> hf array
+  to_mmjax: Callable  # hf array(s) -> tuple of mmjax arrays
+  to_hf: Callable  # tuple of mmjax arrays -> hf array (a tuple of them for a tuple of names)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return self.hf if isinstance(self.hf, tuple) else (self.hf,)
 
 
 def same(hf, path):
@@ -57,6 +62,20 @@ def fused_qkv(hf, paths, heads, head_dim, transpose):
     return t.T if transpose else t
 
   return Entry(hf, tuple(paths), to_mmjax, to_hf)
+
+
+def split_rows(hf: tuple[str, str], path, rows: int, transpose=False):
+  """Two torch tensors whose rows continue one another (IDEFICS' decoupled vocabulary: the
+  base rows, then the additional ones) <-> one parameter ([V, D], or [D, V] transposed)."""
+  def to_mmjax(base, extra):
+    table = np.concatenate([base, extra], axis=0)
+    return (table.T if transpose else table,)
+
+  def to_hf(a):
+    table = a[0].T if transpose else a[0]
+    return table[:rows], table[rows:]
+
+  return Entry(tuple(hf), (path,), to_mmjax, to_hf)
 
 
 def conv(hf, path):  # [D, 3, p, p] <-> [p, p, 3, D]

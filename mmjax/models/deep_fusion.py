@@ -19,8 +19,14 @@ sees the images marked at or before it ("previous"), only the latest one
 ("latest_run", Llama 3.2 Vision's). Rows that see no image (text before the
 first image, samples without images) get exactly zero (`has_media`); with
 media_free_rows="all_keys" they attend to every key and only their MLP branch
-is zeroed, as transformers' Llama 3.2 Vision does. Image resolution changes R,
-never the text length.
+is zeroed, as transformers' Llama 3.2 Vision does; with "mlp_only" their
+attention branch is zeroed and their MLP branch kept, as IDEFICS does. Image
+resolution changes R, never the text length.
+
+IDEFICS (the open Flamingo) is this model with adapter_layers=0 (its cross
+blocks project keys and values from the ViT width), the CLIP tower's last
+block read with its cls token (vision_layer=-1, drop_cls=False), its
+resampler's options and media_free_rows="mlp_only".
 
 vision_tower="tiled" reads `tiled_vit.Tiles` (Llama 3.2 Vision's tiles and
 aspect-ratio ids) with `tiled_vit.Model`: R = every tile slot's tokens, and
@@ -46,7 +52,7 @@ from mmjax.models import tiled_vit
 from mmjax.models import vit as vit_lib
 
 MEDIA_ATTENTION = ("previous", "latest", "latest_run")
-MEDIA_FREE_ROWS = ("zero", "all_keys")
+MEDIA_FREE_ROWS = ("zero", "all_keys", "mlp_only")
 GATES = ("scalar", "channel")
 VISION_TOWERS = {"vit": vit_lib.Model, "tiled": tiled_vit.Model}
 
@@ -57,8 +63,11 @@ class PerceiverResampler(nn.Module):
   num_latents: int
   depth: int
   num_heads: int
-  mlp_dim: int
   dtype: jnp.dtype
+  mlp_dim: int | None = None  # None: 4 x the width it reads
+  head_dim: int | None = None  # None: width // num_heads (IDEFICS sets its own)
+  mlp_activation: str = "gelu"  # IDEFICS': "relu"
+  query_norm: bool = True  # a norm of its own for the queries; False: the latents' (IDEFICS')
 
   @nn.compact
   def __call__(self, x: jax.Array, membership: jax.Array | None = None) -> jax.Array:
@@ -80,13 +89,14 @@ class PerceiverResampler(nn.Module):
       context = jnp.concatenate([layers.Norm("layernorm", 1e-5, name=f"context_norm_{i}")(x),
                                  layers.Norm("layernorm", 1e-5, name=f"latent_norm_{i}")(y)],
                                 axis=1).astype(self.dtype)
-      query = layers.Norm("layernorm", 1e-5, name=f"query_norm_{i}")(y)
-      attended, _ = layers.Attention(num_heads=self.num_heads, dtype=self.dtype,
-                                     name=f"attn_{i}")(query, context, mask=mask)
+      query = (layers.Norm("layernorm", 1e-5, name=f"query_norm_{i}")(y) if self.query_norm
+               else context[:, P:])
+      attended, _ = layers.Attention(num_heads=self.num_heads, head_dim=self.head_dim,
+                                     dtype=self.dtype, name=f"attn_{i}")(query, context, mask=mask)
       y = y + attended.astype(y.dtype)
       h = layers.Norm("layernorm", 1e-5, name=f"mlp_norm_{i}")(y)
-      y = y + layers.Mlp(self.mlp_dim, activation="gelu", use_bias=False, dtype=self.dtype,
-                         name=f"mlp_{i}")(h).astype(y.dtype)
+      y = y + layers.Mlp(self.mlp_dim or 4 * D, activation=self.mlp_activation, use_bias=False,
+                         dtype=self.dtype, name=f"mlp_{i}")(h).astype(y.dtype)
     return layers.Norm("layernorm", 1e-5, name="final_norm")(y)
 
 
@@ -102,7 +112,7 @@ class GatedCrossAttention(nn.Module):
   qk_norm: bool
   gate: str  # "scalar" or "channel"
   dtype: jnp.dtype
-  media_free_rows: str = "zero"  # or "all_keys"; see the module docstring
+  media_free_rows: str = "zero"  # or "all_keys", "mlp_only"; see the module docstring
 
   @nn.compact
   def __call__(self, x: jax.Array, visual: jax.Array | layers.KVCache,
@@ -125,9 +135,11 @@ class GatedCrossAttention(nn.Module):
     mlp_gate = jnp.tanh(self.param("mlp_gate", layers.partitioned(
         nn.initializers.zeros, gate_axes), gate_shape))
     has_media = jnp.any(media, axis=-1, keepdims=True)  # [B, T, 1]
-    attn_rows = has_media.astype(x.dtype)
+    attn_rows = mlp_rows = has_media.astype(x.dtype)
     if self.media_free_rows == "all_keys":
       media, attn_rows = media | ~has_media, 1.0
+    elif self.media_free_rows == "mlp_only":
+      mlp_rows = 1.0
 
     y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
     y, cache = layers.Attention(
@@ -135,11 +147,10 @@ class GatedCrossAttention(nn.Module):
         qk_norm_eps=self.norm_eps, kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
         name="attn")(y, visual, mask=layers.Mask(explicit=media))
     x = x + (attn_gate * y * attn_rows).astype(x.dtype)
-    has_media = has_media.astype(x.dtype)
     y = layers.Norm(self.norm, self.norm_eps, name="mlp_norm")(x)
     y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=False,
                    kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="mlp")(y)
-    x = x + (mlp_gate * y * has_media).astype(x.dtype)
+    x = x + (mlp_gate * y * mlp_rows).astype(x.dtype)
     return layers.constrain(x), {"attn_gate": attn_gate, "mlp_gate": mlp_gate, "cache": cache}
 
 
@@ -151,15 +162,19 @@ class Model(nn.Module):
   image_token_id: int  # one per image in the text, where the image appears
   cross_layers: tuple[int, ...] = ()  # LM blocks with a cross block before them; () = every Nth
   cross_every: int = 4  # N when cross_layers is empty: blocks N-1, 2N-1, ...
-  adapter_layers: int = 2  # Dense layers from the ViT width into the LM width
+  adapter_layers: int = 2  # Dense layers from the ViT width into the LM width; 0: none (IDEFICS)
+  vision_layer: int | None = None  # None: the final normed ViT tokens; i: block i's output
+  drop_cls: bool = True  # drop the cls token (when the ViT has one); IDEFICS keeps it
   resampler_latents: int | None = None  # R; None: no resampler, R = number of ViT tokens
   resampler_depth: int = 2
+  resampler_options: dict | None = None  # more PerceiverResampler fields (IDEFICS' head_dim...)
   media_attention: str = "previous"  # or "latest" (Flamingo), "latest_run" (Llama 3.2 Vision)
-  media_free_rows: str = "zero"  # or "all_keys" (transformers' Llama 3.2 Vision)
+  media_free_rows: str = "zero"  # or "all_keys" (transformers' Llama 3.2 Vision), "mlp_only" (IDEFICS)
   vision_tower: str = "vit"  # or "tiled": tiled_vit.Model (Llama 3.2 Vision's)
   gate: str = "scalar"  # or "channel": one tanh gate per width channel
   qk_norm: bool = False
   cross_kv_heads: int | None = None  # None: the LM's num_kv_heads
+  additional_vocab: int = 0  # IDEFICS: its checkpoint keeps the last N token ids' rows apart
   dtype: jnp.dtype = jnp.float32  # compute dtype of every part
 
   def setup(self):
@@ -176,11 +191,14 @@ class Model(nn.Module):
     bad = [i for i in self.cross_at if not 0 <= i < depth]
     if bad:
       raise ValueError(f"cross_layers {bad} outside the LM's blocks 0..{depth - 1}")
-    self.adapter = layers.Projector(width, self.adapter_layers, dtype=self.dtype, name="adapter")
+    if self.adapter_layers:
+      self.adapter = layers.Projector(width, self.adapter_layers, dtype=self.dtype,
+                                      name="adapter")
     if self.resampler_latents:
-      self.resampler = PerceiverResampler(
-          self.resampler_latents, self.resampler_depth, self.language.num_heads,
-          4 * width, self.dtype, name="resampler")
+      self.resampler = PerceiverResampler(**{
+          "num_latents": self.resampler_latents, "depth": self.resampler_depth,
+          "num_heads": self.language.num_heads, "dtype": self.dtype,
+          **(self.resampler_options or {})}, name="resampler")
     self.xattn = {i: GatedCrossAttention(
         num_heads=self.language.num_heads,
         num_kv_heads=self.cross_kv_heads or self.language.num_kv_heads,
@@ -220,7 +238,7 @@ class Model(nn.Module):
                        f"{type(images).__name__}")
     if isinstance(images, tiled_vit.Tiles):
       features, _ = self.vision(images)
-      visual = self.adapter(features)
+      visual = self.project(features)
       if self.resampler_latents:
         B, I = features.shape[:2]
         visual = self.resampler(visual.reshape(B * I, *visual.shape[2:]))
@@ -228,19 +246,28 @@ class Model(nn.Module):
       return visual.astype(self.dtype)
     if isinstance(images, vit_lib.Patches):
       _, vit_aux = self.vision(images)
-      visual = self.adapter(vit_aux["features"])
+      visual = self.project(self.vit_features(vit_aux))
       if self.resampler_latents:
         visual = self.resampler(visual, images.membership() & ~images.is_cls[..., None])
       return visual.astype(self.dtype)
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
-    features = vit_aux["features"]
-    if self.vision.pool == "cls":
+    features = self.vit_features(vit_aux)
+    if self.drop_cls and self.vision.pool == "cls":
       features = features[:, 1:]
-    visual = self.adapter(features)
+    visual = self.project(features)
     if self.resampler_latents:
       visual = self.resampler(visual)
     return visual.reshape(B, I, *visual.shape[1:]).astype(self.dtype)
+
+  def vit_features(self, vit_aux: dict) -> jax.Array:
+    if self.vision_layer is None:
+      return vit_aux["features"]
+    return vit_aux[f"block_{self.vision_layer % self.vision.depth}"]
+
+  def project(self, features: jax.Array) -> jax.Array:
+    """Into the LM width (IDEFICS' cross blocks read the ViT width: no adapter)."""
+    return self.adapter(features) if self.adapter_layers else features
 
   def visual_keys(self, images: jax.Array | vit_lib.Patches,
                   visual: jax.Array) -> tuple[jax.Array, jax.Array]:

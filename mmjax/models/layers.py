@@ -27,7 +27,7 @@ Initializer = Callable[..., jax.Array]
 
 ACT_AXES = ("act_batch", "act_len", "act_embed")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 
 # cuDNN's fused attention rejects lengths such as 197 or 577 ("Unsupported sequence length"):
@@ -539,7 +539,7 @@ class Mlp(nn.Module):
   """Feed-forward block: GELU variants (two matrices) or SwiGLU (three)."""
 
   hidden_dim: int
-  activation: str = "gelu"  # or "gelu_tanh" (GPT-2), "quick_gelu" (CLIP), "swiglu" (Llama)
+  activation: str = "gelu"  # or "gelu_tanh" (GPT-2), "quick_gelu" (CLIP), "relu", "swiglu" (Llama)
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   out_init: Initializer | None = None  # None: kernel_init
@@ -566,6 +566,8 @@ class Mlp(nn.Module):
       hidden = nn.gelu(up, approximate=True)
     elif self.activation == "quick_gelu":
       hidden = up * nn.sigmoid(1.702 * up)
+    elif self.activation == "relu":
+      hidden = nn.relu(up)
     else:
       raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
     return dense("down", D, ("mlp", "embed"), self.out_init or self.kernel_init)(hidden)
