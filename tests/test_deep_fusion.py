@@ -254,6 +254,33 @@ def test_resampler_channel_gates_and_gqa():
                                 lm_logits(params, tokens))
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_attention_sink_lets_the_output_count_matching_keys(sink):
+  """Without a sink a cross-attention's softmax averages the image keys: showing every key
+  twice changes nothing, so three matching shapes read as one. With the learned sink key the
+  image keys' share of the attention grows with their number, and the output with it."""
+  block = deep_fusion.GatedCrossAttention(
+      num_heads=2, num_kv_heads=None, mlp_dim=16, norm="rmsnorm", norm_eps=1e-6,
+      mlp_activation="swiglu", qk_norm=False, gate="scalar", dtype=jnp.float32,
+      attention_sink=sink)
+  x = jax.random.normal(jax.random.key(0), (1, 3, 8))
+  visual = jax.random.normal(jax.random.key(1), (1, 4, 8))
+  media = jnp.array([[[False] * 4, [True] * 4, [True] * 4]])  # row 0 sees no image
+  params = nn.unbox(block.init(jax.random.key(2), x, visual, media))["params"]
+  params = {**params, "attn_gate": jnp.array(1.0), "mlp_gate": jnp.array(0.0)}
+  assert ("sink" in params) == sink
+  once, aux = block.apply({"params": params}, x, visual, media)
+  twice, _ = block.apply({"params": params}, x, jnp.concatenate([visual, visual], axis=1),
+                         jnp.concatenate([media, media], axis=-1))
+  branch = np.abs(np.asarray(once - x))[0, 1:].max()  # the gated attention's contribution
+  moved = np.abs(np.asarray(twice - once))[0, 1:].max() / branch
+  assert (moved > 1e-3) if sink else (moved < 1e-6), moved
+  np.testing.assert_array_equal(once[0, 0], x[0, 0])  # no image seen: nothing added, sink or not
+  # Decoding reads the keys and values projected once (the sink's among them): same output.
+  cached, _ = block.apply({"params": params}, x, aux["cache"], media)
+  np.testing.assert_allclose(cached, once, rtol=1e-6, atol=1e-6)
+
+
 def test_configuration_errors():
   tokens, images = jnp.array([[1, IMG]]), random_images(jax.random.key(0), 1, 1)
   with pytest.raises(ValueError, match="lm.scan_layers=False"):

@@ -113,6 +113,7 @@ class GatedCrossAttention(nn.Module):
   gate: str  # "scalar" or "channel"
   dtype: jnp.dtype
   media_free_rows: str = "zero"  # or "all_keys", "mlp_only"; see the module docstring
+  attention_sink: bool = False  # a learned key every row that sees an image may attend to
 
   @nn.compact
   def __call__(self, x: jax.Array, visual: jax.Array | layers.KVCache,
@@ -120,7 +121,7 @@ class GatedCrossAttention(nn.Module):
     """x: float[B, T, D]; visual: float[B, S, D]; media: bool[B, T, S] -> (float[B, T, D], aux).
 
     visual may also be aux["cache"] of an earlier call: the visual keys and
-    values, projected once per image when decoding.
+    values, projected once per image when decoding (with the sink's first).
     """
     if self.gate not in GATES:
       raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
@@ -135,6 +136,16 @@ class GatedCrossAttention(nn.Module):
     mlp_gate = jnp.tanh(self.param("mlp_gate", layers.partitioned(
         nn.initializers.zeros, gate_axes), gate_shape))
     has_media = jnp.any(media, axis=-1, keepdims=True)  # [B, T, 1]
+    if self.attention_sink:
+      # Without it the softmax runs over the image keys alone and averages them: three matching
+      # shapes read as one. A key to put the rest of the attention on keeps how much matched.
+      if not isinstance(visual, layers.KVCache):  # a cache holds the projected sink already
+        sink = self.param("sink", layers.partitioned(nn.initializers.normal(0.02),
+                                                     (None, "embed")), (1, visual.shape[-1]))
+        visual = jnp.concatenate(
+            [jnp.broadcast_to(sink.astype(visual.dtype), (visual.shape[0], *sink.shape)),
+             visual], axis=1)
+      media = jnp.concatenate([has_media, media], axis=-1)  # [B, T, 1 + S]
     attn_rows = mlp_rows = has_media.astype(x.dtype)
     if self.media_free_rows == "all_keys":
       media, attn_rows = media | ~has_media, 1.0
@@ -173,6 +184,7 @@ class Model(nn.Module):
   vision_tower: str = "vit"  # or "tiled": tiled_vit.Model (Llama 3.2 Vision's)
   gate: str = "scalar"  # or "channel": one tanh gate per width channel
   qk_norm: bool = False
+  attention_sink: bool = False  # a learned null key in every cross block (counting)
   cross_kv_heads: int | None = None  # None: the LM's num_kv_heads
   additional_vocab: int = 0  # IDEFICS: its checkpoint keeps the last N token ids' rows apart
   dtype: jnp.dtype = jnp.float32  # compute dtype of every part
@@ -205,7 +217,8 @@ class Model(nn.Module):
         mlp_dim=self.language.mlp_dim, norm=self.language.norm,
         norm_eps=self.language.norm_eps, mlp_activation=self.language.mlp_activation,
         qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype,
-        media_free_rows=self.media_free_rows, name=f"xattn_{i}")
+        media_free_rows=self.media_free_rows, attention_sink=self.attention_sink,
+        name=f"xattn_{i}")
                   for i in self.cross_at}
 
   def __call__(self, tokens: jax.Array,
