@@ -13,13 +13,17 @@ BACKBONES = {
     # where things are in 3000 steps (position answers at chance instead of ~70%).
     # width and depth are gpt2-tiny's, named so the command line can change them (the
     # counting recipe, configs/vit.py:tiny-scenes, takes width 128).
-    "tiny": dict(vit=dict(variant="mu/8", image_size=32, pool="none", posemb="sincos2d"),
-                 lm=dict(variant="gpt2-tiny", width=64, depth=2, vocab_size=320, max_len=128),
+    "tiny": dict(vit=dict(variant="mu/8", image_size=32, pool="none", posemb="sincos2d",
+                          remat_policy="none"),
+                 lm=dict(variant="gpt2-tiny", width=64, depth=2, vocab_size=320, max_len=128,
+                         remat_policy="none", scan_layers=False),
                  dtype="float32"),
     # The benchmark pair for accelerators: ViT-B/16 at 224 px + GPT-2 124M, bfloat16 compute,
     # cuDNN or splash attention where the mask allows.
-    "base": dict(vit=dict(variant="B/16", image_size=224, pool="none", attention_impl="auto"),
-                 lm=dict(variant="gpt2-124m", attention_impl="auto"), dtype="bfloat16"),
+    "base": dict(vit=dict(variant="B/16", image_size=224, pool="none", attention_impl="auto",
+                          remat_policy="none"),
+                 lm=dict(variant="gpt2-124m", attention_impl="auto", remat_policy="none",
+                         scan_layers=False), dtype="bfloat16"),
     # Two pretrained towers, --config.towers.vision=DIR and --config.towers.language=DIR
     # (mmjax/towers.py): their configs give the shapes; only how they run is set here.
     "pretrained": dict(vit=dict(attention_impl="auto", remat_policy="none"),

@@ -62,6 +62,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       media_attention="previous",  # or "latest"
       gate="scalar",  # or "channel"
       qk_norm=False,  # RMS-normed cross-attention queries and keys (Llama-3.2-Vision's)
+      attention_sink=False,  # a learned null key in each cross block (see README, Counting)
   ))
   if arg.partition(",")[0] in ("tiny", *EXTRAS):
     # The best recipe of tools/showcase.py's ablations (3 seeds each, README): a gate per

@@ -208,10 +208,16 @@ def make_generate(model: nn.Module, sampling: Sampling, prefix_lm: bool = False)
   summed model log-probabilities float32[B] of the generated tokens. Jit it;
   its shapes are static. prefix_lm: see `prefill`.
   """
+  if isinstance(model, deep_fusion.Model):
+    model, decoding_params = deep_fusion.for_decoding(model)
+  else:
+    decoding_params = lambda params: params
   if sampling.method == "beam":
-    return _beam_search(model, sampling, prefix_lm)
+    search = _beam_search(model, sampling, prefix_lm)
+    return lambda params, *args: search(decoding_params(params), *args)
 
   def generate(params, tokens, lengths, images, rng):
+    params = decoding_params(params)
     B, T = tokens.shape
     N = sampling.max_new_tokens
     logits, state = prefill(model, params, tokens, lengths, images, T + N, prefix_lm)

@@ -1,4 +1,5 @@
 """Tests that define deep fusion: closed gates, media masks, zero rows, resolutions, packing."""
+import functools
 import math
 
 from flax import linen as nn
@@ -281,10 +282,54 @@ def test_attention_sink_lets_the_output_count_matching_keys(sink):
   np.testing.assert_allclose(cached, once, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fields,packed", [(dict(), False),  # a cross block before each block
+                                           (dict(cross_layers=(1,), attention_sink=True), True)])
+def test_scanned_lm_gives_the_same_logits_and_gradients(fields, packed):
+  """lm.scan_layers=True runs [cross block + k LM blocks] groups as one loop: the same model
+  as the unrolled one, on params converted by stack_layers (and back by unstack_layers)."""
+  unrolled = make(**fields, vit={**VIT, "variant": "mu/4"})
+  scanned = make(**fields, vit={**VIT, "variant": "mu/4"}, lm={**LM, "scan_layers": True,
+                                                              "remat_policy": "full"})
+  tokens = jnp.array([[1, IMG, 5, 6, IMG, 7], [2, 3, IMG, 7, 3, 3]])
+  rng = np.random.default_rng(0)
+  if packed:
+    images = vit.Patches(*(jnp.asarray(x) for x in patch_lib.pack(
+        [[rng.standard_normal((8, 16, 3)), rng.standard_normal((12, 4, 3))],
+         [rng.standard_normal((16, 16, 3))]], 4, slots=24, max_images=2, cls=False).values()))
+  else:
+    images = random_images(jax.random.key(1), 2, 2)
+  params = open_gates(nn.unbox(unrolled.init(jax.random.key(0), tokens, images))["params"], 0.5)
+  cross_at, depth = unrolled.bind({"params": params}).cross_at, 2
+  stacked = deep_fusion.stack_layers(params, cross_at, depth)
+  shapes = jax.eval_shape(lambda: nn.unbox(scanned.init(jax.random.key(0), tokens, images)))
+  assert jax.tree.structure(shapes["params"]) == jax.tree.structure(stacked)
+  assert jax.tree.map(jnp.shape, shapes["params"]) == jax.tree.map(jnp.shape, stacked)
+
+  def loss(model, p):
+    logits, _ = model.apply({"params": p}, tokens, images)
+    return jnp.mean(jnp.square(logits)), logits
+
+  (want, want_logits), want_grads = jax.value_and_grad(loss, 1, has_aux=True)(unrolled, params)
+  (got, got_logits), got_grads = jax.value_and_grad(loss, 1, has_aux=True)(scanned, stacked)
+  scale = float(jnp.max(jnp.abs(want_logits)))
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5 * scale)
+  got_grads = deep_fusion.unstack_layers(got_grads, cross_at, depth)
+  grad_scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
+  for path, g in jax.tree_util.tree_flatten_with_path(want_grads)[0]:
+    mine = functools.reduce(lambda t, k: t[k.key], path, got_grads)
+    np.testing.assert_allclose(mine, g, atol=1e-5 * grad_scale, err_msg=jax.tree_util.keystr(path))
+  assert float(jnp.max(jnp.abs(want_grads["xattn_1"]["attn"]["query"]["kernel"]))) > 0
+  # Decoding runs it unscanned, on the params unstacked again.
+  decoding, unstack = deep_fusion.for_decoding(scanned)
+  assert not decoding.lm["scan_layers"] and deep_fusion.for_decoding(unrolled)[0] is unrolled
+  jax.tree.map(np.testing.assert_array_equal, unstack(stacked), params)
+
+
 def test_configuration_errors():
   tokens, images = jnp.array([[1, IMG]]), random_images(jax.random.key(0), 1, 1)
-  with pytest.raises(ValueError, match="lm.scan_layers=False"):
-    make(lm={**LM, "scan_layers": True}).init(jax.random.key(0), tokens, images)
+  with pytest.raises(ValueError, match="evenly spaced"):
+    make(lm={**LM, "depth": 3, "scan_layers": True}, cross_layers=(0, 1)).init(
+        jax.random.key(0), tokens, images)
   with pytest.raises(ValueError, match=r"cross_layers \[5\] outside the LM's blocks 0..1"):
     make(cross_layers=(5,)).init(jax.random.key(0), tokens, images)
   with pytest.raises(ValueError, match="gate must be one of"):

@@ -42,6 +42,8 @@ slots (or M * R resampler latents, R per image), and each text position
 attends only to the patches of the images it may see, so mixed sizes cost only
 the patches they have.
 """
+from collections.abc import Callable
+
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
@@ -169,7 +171,7 @@ class Model(nn.Module):
   """Flamingo-style vision-language model."""
 
   vit: dict  # the vision tower's fields, e.g. {"variant": "B/16", "pool": "none"}
-  lm: dict  # lm.Model(**lm); must not scan its layers (cross blocks sit between them)
+  lm: dict  # lm.Model(**lm); scanned (scan_layers) with evenly spaced cross_layers
   image_token_id: int  # one per image in the text, where the image appears
   cross_layers: tuple[int, ...] = ()  # LM blocks with a cross block before them; () = every Nth
   cross_every: int = 4  # N when cross_layers is empty: blocks N-1, 2N-1, ...
@@ -195,11 +197,8 @@ class Model(nn.Module):
                        f"{self.vision_tower!r}")
     self.vision = VISION_TOWERS[self.vision_tower](**{"dtype": self.dtype, **self.vit}, name="vit")
     self.language = lm_lib.Model(**{"dtype": self.dtype, **self.lm}, name="lm")
-    if self.language.scan_layers:
-      raise ValueError("deep fusion needs lm.scan_layers=False: cross-attention blocks sit "
-                       "between the LM blocks")
     depth, width = self.language.depth, self.language.width
-    self.cross_at = self.cross_layers or tuple(range(self.cross_every - 1, depth, self.cross_every))
+    self.cross_at = cross_positions(self.cross_layers, self.cross_every, depth)
     bad = [i for i in self.cross_at if not 0 <= i < depth]
     if bad:
       raise ValueError(f"cross_layers {bad} outside the LM's blocks 0..{depth - 1}")
@@ -211,15 +210,25 @@ class Model(nn.Module):
           "num_latents": self.resampler_latents, "depth": self.resampler_depth,
           "num_heads": self.language.num_heads, "dtype": self.dtype,
           **(self.resampler_options or {})}, name="resampler")
-    self.xattn = {i: GatedCrossAttention(
-        num_heads=self.language.num_heads,
-        num_kv_heads=self.cross_kv_heads or self.language.num_kv_heads,
-        mlp_dim=self.language.mlp_dim, norm=self.language.norm,
-        norm_eps=self.language.norm_eps, mlp_activation=self.language.mlp_activation,
-        qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype,
-        media_free_rows=self.media_free_rows, attention_sink=self.attention_sink,
-        name=f"xattn_{i}")
-                  for i in self.cross_at}
+    if self.language.scan_layers:
+      self.group_size, self.cross_offset = scan_groups(self.cross_at, depth)
+      # Only creates the stacked parameters ("xattn", a leading axis over the cross blocks):
+      # run_language scans them with the LM's stacked blocks, a group at a time.
+      self.xattn_stack = nn.scan(
+          GatedCrossAttention, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast), length=len(self.cross_at),
+          metadata_params={nn.PARTITION_NAME: "layers"})(**self.cross_fields(), name="xattn")
+    else:
+      self.xattn = {i: GatedCrossAttention(**self.cross_fields(), name=f"xattn_{i}")
+                    for i in self.cross_at}
+
+  def cross_fields(self) -> dict:
+    return dict(num_heads=self.language.num_heads,
+                num_kv_heads=self.cross_kv_heads or self.language.num_kv_heads,
+                mlp_dim=self.language.mlp_dim, norm=self.language.norm,
+                norm_eps=self.language.norm_eps, mlp_activation=self.language.mlp_activation,
+                qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype,
+                media_free_rows=self.media_free_rows, attention_sink=self.attention_sink)
 
   def __call__(self, tokens: jax.Array,
                images: jax.Array | vit_lib.Patches | tiled_vit.Tiles | None, *,
@@ -315,6 +324,10 @@ class Model(nn.Module):
     """
     if mask is None:
       mask = layers.Mask(causal=True, segment_ids=segment_ids)
+    if self.language.scan_layers:
+      if caches is not None:
+        raise ValueError("decoding runs deep fusion unscanned: see deep_fusion.for_decoding")
+      return self.run_scanned(self.language.embed_tokens(tokens), visual, media, mask, positions)
     aux, cross_caches = {}, []
 
     def cross_block(i: int, x: jax.Array) -> jax.Array:
@@ -331,6 +344,92 @@ class Model(nn.Module):
         self.language.embed_tokens(tokens), mask=mask, positions=positions, caches=caches,
         before_block=cross_block)
     return logits, {**aux, **lm_aux, "cross_caches": cross_caches}
+
+
+  def run_scanned(self, x: jax.Array, visual: jax.Array, media: jax.Array, mask: layers.Mask,
+                  positions: jax.Array | None) -> tuple[jax.Array, dict]:
+    """run_language with the LM scanned: one loop over groups of [k LM blocks with a cross
+    block before the one at cross_offset]; the LM's blocks stay stacked as a scanned LM
+    stacks them ("lm/blocks", [depth, ...]) and the cross blocks as "xattn" [n, ...]."""
+    lm = self.language
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    x = lm.add_positions(x, positions)
+    if self.is_initializing():  # creates both stacks' parameters
+      lm.scanned_blocks(x, mask, positions, None)
+      self.xattn_stack(x, visual, media)
+    params = nn.unbox(self.variables["params"])  # boxed while initialising
+    n, k, o = len(self.cross_at), self.group_size, self.cross_offset
+    blocks = jax.tree.map(lambda a: a.reshape(n, k, *a.shape[1:]), params["lm"]["blocks"])
+    # Unbound (parent=None): applied to each group's slice of the stacks.
+    block = lm_lib.Block(**lm.block_fields(), parent=None)
+    cross = GatedCrossAttention(**self.cross_fields(), parent=None)
+
+    def group(x, group_params):
+      block_params, cross_params = group_params
+      for j in range(k):
+        if j == o:
+          x, _ = cross.apply({"params": cross_params}, x, visual, media)
+        x, _ = block.apply({"params": jax.tree.map(lambda a, j=j: a[j], block_params)},
+                           x, mask, positions, None)
+      return x, None
+
+    policy = lm.block_remat_policy
+    if policy != "none":
+      group = jax.checkpoint(group, policy=layers.REMAT_POLICIES[policy], prevent_cse=False)
+    x, _ = jax.lax.scan(group, x, (blocks, params["xattn"]))
+    x = lm.final_norm(x)
+    gates = {f"xattn/{kind}_{i}": jnp.tanh(params["xattn"][f"{gate}_gate"][g])
+             for g, i in enumerate(self.cross_at) for kind, gate in (("gate", "attn"),
+                                                                      ("mlp_gate", "mlp"))}
+    return lm.logits(x), {**gates, "hidden": x}
+
+
+def cross_positions(cross_layers: tuple[int, ...], cross_every: int, depth: int
+                    ) -> tuple[int, ...]:
+  """The LM blocks with a cross block before them."""
+  return tuple(cross_layers) or tuple(range(cross_every - 1, depth, cross_every))
+
+
+def for_decoding(model: Model) -> tuple[Model, Callable[[dict], dict]]:
+  """Decoding keeps a self-attention cache per LM block and a cross cache per cross block, so
+  it runs unscanned: -> (the model unscanned, its params from the scanned ones). A model
+  that is not scanned comes back as it is."""
+  language = lm_lib.Model(**model.lm)
+  if not language.scan_layers:
+    return model, lambda params: params
+  at = cross_positions(model.cross_layers, model.cross_every, language.depth)
+  return (model.clone(lm={**model.lm, "scan_layers": False}),
+          lambda params: unstack_layers(params, at, language.depth))
+
+
+def scan_groups(cross_at: tuple[int, ...], depth: int) -> tuple[int, int]:
+  """Evenly spaced cross blocks -> (k LM blocks a group, the block of a group a cross block
+  precedes); anything else cannot be one scanned body."""
+  n = len(cross_at)
+  k = depth // n if n else 0
+  if not n or depth % n or tuple(cross_at) != tuple(range(cross_at[0], depth, k)):
+    raise ValueError(f"a scanned deep fusion LM (lm.scan_layers=True) needs cross_layers "
+                     f"evenly spaced over its {depth} blocks (one every k, from a block below "
+                     f"k), got {tuple(cross_at)}")
+  return k, cross_at[0]
+
+
+def stack_layers(params: dict, cross_at: tuple[int, ...], depth: int) -> dict:
+  """Unscanned deep fusion params -> scanned (lm/blocks and xattn stacked)."""
+  params = {**params, "lm": lm_lib.stack_layers(params["lm"], depth)}
+  cross = [params.pop(f"xattn_{i}") for i in cross_at]
+  params["xattn"] = jax.tree.map(lambda *xs: jnp.stack(xs), *cross)
+  return params
+
+
+def unstack_layers(params: dict, cross_at: tuple[int, ...], depth: int) -> dict:
+  """Scanned deep fusion params -> unscanned; the inverse of `stack_layers`."""
+  params = {**params, "lm": lm_lib.unstack_layers(params["lm"], depth)}
+  cross = params.pop("xattn")
+  for g, i in enumerate(cross_at):
+    params[f"xattn_{i}"] = jax.tree.map(lambda x, g=g: x[g], cross)
+  return params
 
 
 def media_mask(is_marker: jax.Array, key_image: jax.Array, rule: str,
@@ -404,6 +503,10 @@ def gate_values(params: dict) -> dict[str, jax.Array]:
 
   -> {"gate/attn_<i>": ..., "gate/mlp_<i>": ...} for the blocks xattn_<i>.
   """
+  if "xattn" in params:  # scanned: the cross blocks stacked in order, named by their place
+    stacked = params["xattn"]
+    return {f"gate/{kind}_{g}": jnp.mean(jnp.abs(jnp.tanh(stacked[f"{kind}_gate"][g])))
+            for g in range(stacked["attn_gate"].shape[0]) for kind in ("attn", "mlp")}
   return {f"gate/{kind}_{name.split('_')[1]}": jnp.mean(jnp.abs(jnp.tanh(block[f"{kind}_gate"])))
           for name, block in params.items() if name.startswith("xattn_")
           for kind in ("attn", "mlp")}

@@ -151,16 +151,8 @@ class _Model(nn.Module):
       self.pos_embedding = self.param(
           "pos_embedding", layers.partitioned(nn.initializers.normal(0.01), (None, "embed")),
           (self.max_len, self.width), jnp.float32)
-    policy = SCANNED_NONE if self.scan_layers and self.remat_policy == "none" else (
-        self.remat_policy)
-    block = layers.remat(Block, policy, scanned=self.scan_layers)
-    block_fields = dict(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        mlp_dim=self.mlp_dim, norm=self.norm, norm_eps=self.norm_eps,
-        mlp_activation=self.mlp_activation, use_bias=self.use_bias,
-        rope_theta=self.rope_theta if self.positions == "rope" else None,
-        rope_scaling=self.rope_scaling, depth=self.depth,
-        attention_impl=self.attention_impl, dtype=self.dtype)
+    block = layers.remat(Block, self.block_remat_policy, scanned=self.scan_layers)
+    block_fields = self.block_fields()
     if self.scan_layers:
       self.scanned_blocks = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -176,6 +168,21 @@ class _Model(nn.Module):
           self.vocab_size, use_bias=False, dtype=self.dtype,
           dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32),
           kernel_init=layers.partitioned(nn.initializers.normal(0.02), ("embed", "vocab")))
+
+  @property
+  def block_remat_policy(self) -> str:
+    return SCANNED_NONE if self.scan_layers and self.remat_policy == "none" else (
+        self.remat_policy)
+
+  def block_fields(self) -> dict:
+    """Every block's fields (deep fusion's scanned groups build the same blocks)."""
+    return dict(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        mlp_dim=self.mlp_dim, norm=self.norm, norm_eps=self.norm_eps,
+        mlp_activation=self.mlp_activation, use_bias=self.use_bias,
+        rope_theta=self.rope_theta if self.positions == "rope" else None,
+        rope_scaling=self.rope_scaling, depth=self.depth,
+        attention_impl=self.attention_impl, dtype=self.dtype)
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None,
