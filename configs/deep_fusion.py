@@ -14,6 +14,8 @@ pretrained towers (mmjax/towers.py) and defaults to "flamingo":
 "llama-3.2-11b-vision" is Llama-3.2-11B-Vision's shape (its config.json), for
 dry runs and as the layout tools/import_hf.py gives its checkpoint: a tiled
 ViT-H/14 (4 tiles of 560 px), 8 cross-attention blocks among 32 Llama blocks.
+"llama-3.2-90b-vision" is the 90B's shape with its 80-block LM scanned (20 cross
+blocks, one every 4), for dry runs.
 "idefics-9b" is IDEFICS-9B's (the open Flamingo): a CLIP ViT-H/14 at 224 px, a
 6-layer Perceiver resampler to 64 latents, a cross block before every 4th of
 LLaMA-7B's 32 blocks.
@@ -26,6 +28,7 @@ from mmjax.interop import idefics
 STAGES = {"all": "", "flamingo": r"^(vit|lm)/"}
 EXTRAS = ("tiny-native",)  # variants of the tiny backbone
 MLLAMA_11B = "llama-3.2-11b-vision"
+MLLAMA_90B = "llama-3.2-90b-vision"
 IDEFICS_9B = "idefics-9b"
 # HuggingFaceM4/idefics-9b's config.json, as far as the model's shape goes.
 IDEFICS_9B_JSON = dict(
@@ -44,12 +47,12 @@ SUFFIX = common.stages_suffix(STAGES)
 
 
 def variants() -> list[str]:
-  return [*common.BACKBONES, *EXTRAS, MLLAMA_11B, IDEFICS_9B]
+  return [*common.BACKBONES, *EXTRAS, MLLAMA_11B, MLLAMA_90B, IDEFICS_9B]
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  if arg.partition(",")[0] == MLLAMA_11B:
-    return mllama_11b(arg.partition(",")[2])
+  if arg.partition(",")[0] in (MLLAMA_11B, MLLAMA_90B):
+    return mllama(arg.partition(",")[0], arg.partition(",")[2])
   if arg.partition(",")[0] == IDEFICS_9B:
     return idefics_9b(arg.partition(",")[2])
   native = arg.startswith("tiny-native")
@@ -87,8 +90,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   return config
 
 
-def mllama_11b(stage: str) -> ml_collections.ConfigDict:
-  """Llama-3.2-11B-Vision (transformers' MllamaForConditionalGeneration), bfloat16, full remat."""
+def mllama(variant: str, stage: str) -> ml_collections.ConfigDict:
+  """Llama-3.2-11B-Vision or -90B-Vision (transformers' MllamaForConditionalGeneration),
+  bfloat16, full remat; the 90B's 80-block LM scanned, its 20 cross blocks one every 4."""
   config = common.fusion_config(f"pretrained,{stage or 'all'}", family="deep_fusion",
                                 stages=STAGES, pretrained_stage="all")
   run = dict(attention_impl="auto", remat_policy="full")
@@ -105,6 +109,10 @@ def mllama_11b(stage: str) -> ml_collections.ConfigDict:
       dtype="bfloat16"))
   config.data.seq_len = 512
   config.batch_size = 8
+  if variant == MLLAMA_90B:
+    config.model.lm.update(width=8192, depth=80, num_heads=64, mlp_dim=28672, scan_layers=True)
+    config.model.cross_layers = tuple(range(3, 80, 4))  # its layers 3, 8, ..., 98 of 100
+    config.batch_size = 64
   return config
 
 
