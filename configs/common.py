@@ -1,4 +1,5 @@
 """Pieces every config file shares: the common keys, the optimizer, paired backbones."""
+import copy
 import difflib
 import importlib
 
@@ -27,7 +28,9 @@ BACKBONES = {
     # Two pretrained towers, --config.towers.vision=DIR and --config.towers.language=DIR
     # (mmjax/towers.py): their configs give the shapes; only how they run is set here.
     "pretrained": dict(vit=dict(attention_impl="auto", remat_policy="none"),
-                       lm=dict(attention_impl="auto", remat_policy="none"), dtype="bfloat16"),
+                       lm=dict(attention_impl="auto", remat_policy="none",
+                               scan_layers=ml_collections.config_dict.placeholder(bool)),
+                       dtype="bfloat16"),  # scan_layers None: as the LM tower is
 }
 
 
@@ -128,7 +131,7 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str], pretrained_s
   config.eval_every = 500
   config.eval_steps = 8  # x batch_size held-out questions, answered by greedy decoding
   config.optimizer.frozen = stages[stage]
-  pair = BACKBONES[backbone]
+  pair = copy.deepcopy(BACKBONES[backbone])  # a placeholder is an object: one per config
   config.model = ml_collections.ConfigDict(dict(
       vit=pair["vit"], lm=pair["lm"],
       image_token_id=tokenizers.ByteTokenizer.image_id,

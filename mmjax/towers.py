@@ -24,6 +24,7 @@ from mmjax import checkpoint
 from mmjax import models
 from mmjax.data import tokenizers
 from mmjax.interop import hf
+from mmjax.models import lm as lm_lib
 
 Config = ml_collections.ConfigDict
 
@@ -104,7 +105,7 @@ def resolve(config: Config) -> Config:
 
 def _with_run_fields(tower: dict, configured: Config, **fields) -> Config:
   """The tower's fields, with how the config runs it and `fields` over them."""
-  run = {k: v for k, v in (configured or {}).items() if k in RUN_FIELDS}
+  run = {k: v for k, v in (configured or {}).items() if k in RUN_FIELDS and v is not None}
   return Config({**tower, **run, **fields})
 
 
@@ -130,7 +131,9 @@ def load(config: Config, target: dict) -> dict:
       shape = tuple(vocab if i == axis else n for i, n in enumerate(leaf.shape))
       tower_target = _set(tower_target, path, jax.ShapeDtypeStruct(shape, leaf.dtype,
                                                                     sharding=leaf.sharding))
-    if mmjax_params is None:
+    if mmjax_params is None and name == "lm" and "blocks" in want:
+      params = _load_stacked(directory, tower_target)
+    elif mmjax_params is None:
       _, params = hf.load(directory, jax.tree.map(lambda s: s.sharding, tower_target))
     else:
       # A classifier serves as a vision tower without its head (resolve drops num_classes).
@@ -145,6 +148,20 @@ def load(config: Config, target: dict) -> dict:
       params = _set(params, path, grow(_get(params, path)))
     parts[name] = params
   return parts
+
+
+def _load_stacked(directory: str, target: dict) -> dict:
+  """A HuggingFace LM (a tensor per layer) into a scanned LM's target (blocks stacked): each
+  layer read into the shards of its slice of the stack, then stacked into the target's."""
+  shardings = jax.tree.map(lambda s: s.sharding, target)
+  depth = jax.tree.leaves(target["blocks"])[0].shape[0]
+  block = jax.tree.map(lambda s: jax.sharding.NamedSharding(
+      s.mesh, jax.sharding.PartitionSpec(*s.spec[1:])) if isinstance(
+          s, jax.sharding.NamedSharding) else s, shardings["blocks"])
+  layers = {k: v for k, v in shardings.items() if k != "blocks"}
+  layers.update({f"block_{i}": block for i in range(depth)})
+  _, params = hf.load(directory, layers)
+  return jax.jit(lambda p: lm_lib.stack_layers(p, depth), out_shardings=shardings)(params)
 
 
 def _grown_tables(want: dict, vocab: int) -> dict[str, tuple[int, int]]:

@@ -30,6 +30,7 @@ from mmjax.data import images as image_codec
 from mmjax.data import synthetic
 from mmjax.data import tokenizers
 from mmjax.interop import hf
+from mmjax.models import lm
 from mmjax.models import vit
 import train_cli
 
@@ -144,6 +145,16 @@ def assert_same(a, b):
 
 def moved(a, b) -> bool:
   return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("spec", ["deep_fusion.py:pretrained", "early_fusion.py:pretrained"])
+def test_a_huggingface_lm_tower_loads_into_a_scanned_lm(tower_dirs, spec):
+  """Scanned (model.lm.scan_layers): HF's layers are read into their slices of the stack."""
+  unrolled = initial_params(spec, overrides(tower_dirs, **{"model.lm.scan_layers": False}))
+  scanned = initial_params(spec, overrides(tower_dirs, **{"model.lm.scan_layers": True}))
+  assert jax.tree.leaves(scanned["lm"]["blocks"])[0].shape[0] == 2
+  assert_same(scanned["lm"], lm.stack_layers(unrolled["lm"], 2))
+  assert_same(scanned["vit"], unrolled["vit"])
 
 
 @pytest.mark.parametrize("saved_as", ["params export", "train.py workdir"])
