@@ -43,6 +43,7 @@ attends only to the patches of the images it may see, so mixed sizes cost only
 the patches they have.
 """
 from collections.abc import Callable
+import functools
 
 from flax import linen as nn
 import jax
@@ -361,22 +362,27 @@ class Model(nn.Module):
     params = nn.unbox(self.variables["params"])  # boxed while initialising
     n, k, o = len(self.cross_at), self.group_size, self.cross_offset
     blocks = jax.tree.map(lambda a: a.reshape(n, k, *a.shape[1:]), params["lm"]["blocks"])
-    # Unbound (parent=None): applied to each group's slice of the stacks.
+    # Unbound (parent=None): applied to each group's slice of the stacks, each block
+    # rematerialised on its own (as the LM's scanned blocks are), so the backward pass holds
+    # one block's intermediates at a time, not a whole group's.
     block = lm_lib.Block(**lm.block_fields(), parent=None)
     cross = GatedCrossAttention(**self.cross_fields(), parent=None)
+    run_block = lambda p, x: block.apply({"params": p}, x, mask, positions, None)[0]
+    run_cross = lambda p, x: cross.apply({"params": p}, x, visual, media)[0]
+    policy = lm.block_remat_policy
+    if policy != "none":
+      remat = functools.partial(jax.checkpoint, policy=layers.REMAT_POLICIES[policy],
+                                prevent_cse=False)
+      run_block, run_cross = remat(run_block), remat(run_cross)
 
     def group(x, group_params):
       block_params, cross_params = group_params
       for j in range(k):
         if j == o:
-          x, _ = cross.apply({"params": cross_params}, x, visual, media)
-        x, _ = block.apply({"params": jax.tree.map(lambda a, j=j: a[j], block_params)},
-                           x, mask, positions, None)
+          x = run_cross(cross_params, x)
+        x = run_block(jax.tree.map(lambda a, j=j: a[j], block_params), x)
       return x, None
 
-    policy = lm.block_remat_policy
-    if policy != "none":
-      group = jax.checkpoint(group, policy=layers.REMAT_POLICIES[policy], prevent_cse=False)
     x, _ = jax.lax.scan(group, x, (blocks, params["xattn"]))
     x = lm.final_norm(x)
     gates = {f"xattn/{kind}_{i}": jnp.tanh(params["xattn"][f"{gate}_gate"][g])
