@@ -350,8 +350,9 @@ class Model(nn.Module):
   def run_scanned(self, x: jax.Array, visual: jax.Array, media: jax.Array, mask: layers.Mask,
                   positions: jax.Array | None) -> tuple[jax.Array, dict]:
     """run_language with the LM scanned: one loop over groups of [k LM blocks with a cross
-    block before the one at cross_offset]; the LM's blocks stay stacked as a scanned LM
-    stacks them ("lm/blocks", [depth, ...]) and the cross blocks as "xattn" [n, ...]."""
+    block before the one at cross_offset], the blocks of a group in loops of their own (so a
+    sharded model gathers one block's weights at a time); the LM's blocks stay stacked as a
+    scanned LM stacks them ("lm/blocks", [depth, ...]) and the cross blocks as "xattn" [n, ...]."""
     lm = self.language
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -375,13 +376,15 @@ class Model(nn.Module):
                                 prevent_cse=False)
       run_block, run_cross = remat(run_block), remat(run_cross)
 
+    def blocks_of(x, block_params):  # an inner scan: one block's weights gathered at a time
+      return jax.lax.scan(lambda x, p: (run_block(p, x), None), x, block_params)[0]
+
     def group(x, group_params):
       block_params, cross_params = group_params
-      for j in range(k):
-        if j == o:
-          x = run_cross(cross_params, x)
-        x = run_block(jax.tree.map(lambda a, j=j: a[j], block_params), x)
-      return x, None
+      if o:
+        x = blocks_of(x, jax.tree.map(lambda a: a[:o], block_params))
+      x = run_cross(cross_params, x)
+      return blocks_of(x, jax.tree.map(lambda a: a[o:], block_params)), None
 
     x, _ = jax.lax.scan(group, x, (blocks, params["xattn"]))
     x = lm.final_norm(x)
