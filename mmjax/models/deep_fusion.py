@@ -183,7 +183,7 @@ class Model(nn.Module):
   resampler_depth: int = 2
   resampler_options: dict | None = None  # more PerceiverResampler fields (IDEFICS' head_dim...)
   media_attention: str = "previous"  # or "latest" (Flamingo), "latest_run" (Llama 3.2 Vision)
-  media_free_rows: str = "zero"  # or "all_keys" (transformers' Llama 3.2 Vision), "mlp_only" (IDEFICS)
+  media_free_rows: str = "zero"  # or "all_keys" (HF Llama 3.2 Vision), "mlp_only" (IDEFICS)
   vision_tower: str = "vit"  # or "tiled": tiled_vit.Model (Llama 3.2 Vision's)
   gate: str = "scalar"  # or "channel": one tanh gate per width channel
   qk_norm: bool = False
@@ -269,24 +269,19 @@ class Model(nn.Module):
       return visual.astype(self.dtype)
     if isinstance(images, vit_lib.Patches):
       _, vit_aux = self.vision(images)
-      visual = self.project(self.vit_features(vit_aux))
+      visual = self.project(vit_lib.layer_features(vit_aux, self.vision_layer, self.vision.depth))
       if self.resampler_latents:
         visual = self.resampler(visual, images.membership() & ~images.is_cls[..., None])
       return visual.astype(self.dtype)
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
-    features = self.vit_features(vit_aux)
+    features = vit_lib.layer_features(vit_aux, self.vision_layer, self.vision.depth)
     if self.drop_cls and self.vision.pool == "cls":
       features = features[:, 1:]
     visual = self.project(features)
     if self.resampler_latents:
       visual = self.resampler(visual)
     return visual.reshape(B, I, *visual.shape[1:]).astype(self.dtype)
-
-  def vit_features(self, vit_aux: dict) -> jax.Array:
-    if self.vision_layer is None:
-      return vit_aux["features"]
-    return vit_aux[f"block_{self.vision_layer % self.vision.depth}"]
 
   def project(self, features: jax.Array) -> jax.Array:
     """Into the LM width (IDEFICS' cross blocks read the ViT width: no adapter)."""

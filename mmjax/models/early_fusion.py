@@ -106,10 +106,7 @@ class Model(nn.Module):
       return jnp.where(sources == NEWLINE, newline, jnp.where(sources == PAD, 0, tokens))
     B, I = images.shape[:2]
     _, vit_aux = self.vision(images.reshape(B * I, *images.shape[2:]))
-    if self.vision_layer is None:
-      features = vit_aux["features"]
-    else:
-      features = vit_aux[f"block_{self.vision_layer % self.vision.depth}"]
+    features = vit_lib.layer_features(vit_aux, self.vision_layer, self.vision.depth)
     if self.drop_cls and self.vision.pool == "cls":
       features = features[:, 1:]
     embeddings = self.project(features)

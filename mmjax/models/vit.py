@@ -70,6 +70,12 @@ class Patches:
 PADDING = 2 ** 30  # the image index of padding slots: past any real image
 
 
+def layer_features(aux: dict, layer: int | None, depth: int) -> jax.Array:
+  """A fusion model's read of the tower: aux["features"] (the final normed tokens) for None,
+  else block `layer`'s output (negative: from the last block, -2 LLaVA's, -1 IDEFICS')."""
+  return aux["features"] if layer is None else aux[f"block_{layer % depth}"]
+
+
 def variant_fields(variant: str) -> dict:
   """"B/16" -> the ViT-B fields with patch_size=16."""
   match = re.fullmatch(r"(\w+)/(\d+)", variant)
