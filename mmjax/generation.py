@@ -105,10 +105,10 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
                      f"positions; the LM has max_len={max_len}: shorten them")
   start = (T - lengths).astype(jnp.int32)  # first real slot of each row
   slots = jnp.arange(T)
-  keys = jnp.arange(cache_len)
-  visible = keys[None, :] < T if prefix_lm else keys[None, :] <= slots[:, None]  # [T, S]
-  allowed = (keys >= start[:, None, None]) & visible[None]  # [B, T, S]
-  mask = layers.Mask(explicit=allowed)
+  # Causal over cache slots (a local layer's window counts slots, which in a row are its
+  # positions), the prompt bidirectional when prefix_lm, the left padding never seen.
+  mask = layers.Mask(causal=True, prefix_len=jnp.full((B,), T) if prefix_lm else None,
+                     explicit=jnp.arange(cache_len) >= start[:, None, None])  # [B, 1, S]
   positions = jnp.maximum(slots[None, :] - start[:, None], 0)
   state = {"start": start}
 
@@ -144,8 +144,8 @@ def extend(model: nn.Module, params, token: jax.Array, state: dict) -> tuple[jax
   end = first.end.reshape(-1)[0]  # stacked (scanned) caches carry one end per layer
   cache_len = first.k.shape[-3]
   start = state["start"]
-  mask = layers.Mask(explicit=(jnp.arange(cache_len) >= start[:, None, None])
-                     & (jnp.arange(cache_len) <= end))  # [B, 1, S]
+  mask = layers.Mask(causal=True, q_offset=end,
+                     explicit=jnp.arange(cache_len) >= start[:, None, None])  # [B, 1, S]
   positions = (end - start)[:, None]
   tokens = token[:, None]
   state = dict(state)

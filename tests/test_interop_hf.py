@@ -333,7 +333,10 @@ def test_unsupported_fields_name_the_field(tmp_path):
 def test_export_refuses_what_huggingface_cannot_hold():
   with pytest.raises(ValueError, match=r"model.posemb='sincos2d' has no HuggingFace equivalent"):
     hf.hf_config({"family": "vit", "model": {"variant": "Ti/16", "posemb": "sincos2d"}})
-  with pytest.raises(ValueError, match=r"model.pool='gap' has no HuggingFace equivalent"):
+  with pytest.raises(ValueError, match=r"model.pool='none' has no HuggingFace equivalent"):
+    hf.hf_config({"family": "vit", "model": {"variant": "Ti/16", "pool": "none"}})
+  # Pooled by averaging, a tower exports as SigLIP without its head (PaliGemma's), if it is one.
+  with pytest.raises(ValueError, match=r"SigLIP export needs model.mlp_activation='gelu_tanh'"):
     hf.hf_config({"family": "vit", "model": {"variant": "Ti/16", "pool": "gap"}})
 
 

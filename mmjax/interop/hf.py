@@ -1,5 +1,6 @@
-"""HuggingFace safetensors <-> mmjax: ViT, CLIP and SigLIP towers, GPT-2, Llama, LLaVA,
-and (through mmjax.interop.mllama and mmjax.interop.idefics) Llama 3.2 Vision and IDEFICS.
+"""HuggingFace safetensors <-> mmjax: ViT, CLIP and SigLIP towers, GPT-2, Llama, LLaVA, and
+(through the family files beside it: gemma, paligemma, mllama, idefics) Gemma and Gemma 2,
+PaliGemma 1 and 2, Llama 3.2 Vision and IDEFICS.
 
 Each architecture's table (mmjax.interop.tables) lists every HuggingFace
 tensor and the mmjax parameters it becomes. The mmjax config is derived from
@@ -20,8 +21,10 @@ from safetensors.numpy import save_file
 
 from mmjax import lora
 from mmjax import models
+from mmjax.interop import gemma
 from mmjax.interop import idefics
 from mmjax.interop import mllama
+from mmjax.interop import paligemma
 from mmjax.interop.tables import (Entry, activation, attention, conv, dense,
                                   fused_qkv, heads_out, linear, norm, require, reshaped,
                                   rope_config, rope_fields, same)
@@ -104,6 +107,13 @@ def mmjax_config(cfg: dict) -> dict:
     return {"family": "vit", "model": fields}
   if kind in ("gpt2", "llama"):
     return {"family": "lm", "model": lm_fields(cfg)}
+  if kind in gemma.TYPES:
+    if cfg.get("use_bidirectional_attention"):
+      raise ValueError("Gemma: config.json field 'use_bidirectional_attention'=True (an encoder) "
+                       "is not supported")
+    return {"family": "lm", "model": gemma.lm_fields(cfg)}
+  if kind == "paligemma":
+    return paligemma.mmjax_config(cfg, vit_fields(cfg["vision_config"]))
   if kind in ("llava", "llava_next"):
     strategy = require(cfg, "vision_feature_select_strategy",
                         ("default", "full") if kind == "llava" else ("default",), "LLaVA")
@@ -132,7 +142,7 @@ def mmjax_config(cfg: dict) -> dict:
   if kind == "idefics":
     return idefics.mmjax_config(cfg)
   raise ValueError(f"config.json field 'model_type'={kind!r} is not supported; mmjax imports "
-                   f"{[*VISION_TYPES, 'gpt2', 'llama', 'llava', 'llava_next', 'mllama', 'idefics']}")
+                   f"{[*VISION_TYPES, 'gpt2', 'llama', *gemma.TYPES, 'llava', 'llava_next', 'paligemma', 'mllama', 'idefics']}")
 
 
 # ----------------------------------------------------------------------------
@@ -243,6 +253,11 @@ def table(hf_config: dict, mm_config: dict) -> list[Entry]:
     return vit_table(fields, kind)
   if kind in ("gpt2", "llama"):
     return lm_table(fields, hf="" if kind == "gpt2" else "model.")
+  if kind in gemma.TYPES:
+    return gemma.table(fields)
+  if kind == "paligemma":
+    return [*vit_table(fields["vit"], "siglip_vision_model", "vision_tower.", "vit/"),
+            *paligemma.table(fields)]
   if kind == "mllama":
     return mllama.table(fields)
   if kind == "idefics":
@@ -354,6 +369,8 @@ def hf_config(config: dict) -> dict:
     return _vision_config(fields, classes=fields.get("num_classes"))
   if family == "lm":
     return _lm_config(fields)
+  if family == "early_fusion" and paligemma.is_paligemma(fields):
+    return paligemma.hf_config(fields, _vision_config(fields["vit"], classes=None))
   if family == "early_fusion":
     vision = _vision_config(fields["vit"], classes=None)
     if vision["model_type"] == "siglip_vision_model" or fields.get("vision_layer") is None:
@@ -391,15 +408,15 @@ def _vision_config(fields: dict, classes) -> dict:
   if m.posemb != "learn":
     raise ValueError(f"HuggingFace vision towers learn their positions: model.posemb="
                      f"{m.posemb!r} has no HuggingFace equivalent")
-  if m.pool == "map":
+  if m.pool in ("map", "gap"):  # SigLIP, with its MAP head or without (PaliGemma's tower)
     if m.mlp_activation != "gelu_tanh" or not m.patch_bias or m.pre_norm:
       raise ValueError("SigLIP export needs model.mlp_activation='gelu_tanh', a patch bias "
                        "and no pre-norm")
     return dict(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
-                hidden_act="gelu_pytorch_tanh", **common)
+                hidden_act="gelu_pytorch_tanh", vision_use_head=m.pool == "map", **common)
   if m.pool != "cls":
-    raise ValueError(f"HuggingFace vision towers have a cls token or a MAP head: model.pool="
-                     f"{m.pool!r} has no HuggingFace equivalent")
+    raise ValueError(f"HuggingFace vision towers have a cls token, a MAP head or neither "
+                     f"(SigLIP): model.pool={m.pool!r} has no HuggingFace equivalent")
   if m.pre_norm != (not m.patch_bias):
     raise ValueError("HuggingFace towers pair a pre-norm with no patch bias (CLIP) or neither "
                      f"(ViT): model.pre_norm={m.pre_norm}, model.patch_bias={m.patch_bias}")
@@ -421,6 +438,8 @@ def _vision_config(fields: dict, classes) -> dict:
 
 def _lm_config(fields: dict) -> dict:
   m = lm.Model(**fields)
+  if m.flavour in gemma.TYPES:
+    return gemma.hf_config(fields)
   if m.flavour == "gpt2":
     if (m.positions, m.norm, m.use_bias) != ("learned", "layernorm", True):
       raise ValueError("GPT-2 export needs learned positions, LayerNorm and biases")

@@ -361,7 +361,7 @@ class Model(nn.Module):
     # Unbound (parent=None): applied to each group's slice of the stacks, each block
     # rematerialised on its own (as the LM's scanned blocks are), so the backward pass holds
     # one block's intermediates at a time, not a whole group's.
-    block = lm_lib.Block(**lm.block_fields(), parent=None)
+    block = lm_lib.BLOCKS[lm.block](**lm.block_fields(), parent=None)
     cross = GatedCrossAttention(**self.cross_fields(), parent=None)
     run_block = lambda p, x: block.apply({"params": p}, x, mask, positions, None)[0]
     run_cross = lambda p, x: cross.apply({"params": p}, x, visual, media)[0]

@@ -27,8 +27,8 @@ Initializer = Callable[..., jax.Array]
 
 ACT_AXES = ("act_batch", "act_len", "act_embed")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu")
-NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu", "swiglu", "geglu")
+NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")
 
 # cuDNN's fused attention rejects lengths such as 197 or 577 ("Unsupported sequence length"):
 # the fused path pads both lengths to this multiple and masks the padded keys.
@@ -82,23 +82,33 @@ class Mask:
   kv_segment_ids: jax.Array | None = None  # int32[B, S]: defaults to segment_ids
   kv_lengths: jax.Array | None = None  # int32[B]: keys at positions >= kv_lengths are padding
   explicit: jax.Array | None = None  # bool[B, T, S]: anything else, e.g. a media mask
+  # Sliding-window (local) attention: a query sees the `window` latest keys up to itself
+  # (Gemma 2's local layers, Mistral); the prefix stays bidirectional beyond it, as in
+  # transformers. Static: kernels build their masks from it.
+  window: int | None = struct.field(pytree_node=False, default=None)
+  q_offset: jax.Array | None = None  # int32[]: the first query's key slot when decoding (cache.end)
 
   @property
   def only_causal_and_lengths(self) -> bool:
-    return self.prefix_len is None and self.segment_ids is None and self.explicit is None
+    return (self.prefix_len is None and self.segment_ids is None and self.explicit is None
+            and self.window is None)
 
   def dense(self, q_len: int, kv_len: int) -> jax.Array | None:
     """Materialises the mask as bool[B or 1, 1, T, S], or None when it allows all."""
-    q = jnp.arange(q_len)[:, None]
+    q = jnp.arange(q_len)[:, None] + (0 if self.q_offset is None else self.q_offset)
     k = jnp.arange(kv_len)[None, :]
     parts = []
     if self.causal:
       allowed = k <= q
+      if self.window is not None:
+        allowed = allowed & (k > q - self.window)
       if self.prefix_len is not None:
-        allowed = allowed | (k < self.prefix_len[:, None, None])
+        prefix = self.prefix_len[:, None, None]
+        allowed = allowed | ((k < prefix) & (q < prefix))
       parts.append(allowed)
-    elif self.prefix_len is not None:
-      raise ValueError("Mask.prefix_len needs causal=True: it relaxes a causal mask")
+    elif self.prefix_len is not None or self.window is not None:
+      raise ValueError("Mask.prefix_len and Mask.window need causal=True: they change a causal "
+                       "mask")
     if self.segment_ids is not None:
       kv_segments = self.segment_ids if self.kv_segment_ids is None else self.kv_segment_ids
       parts.append(self.segment_ids[:, :, None] == kv_segments[:, None, :])
@@ -138,7 +148,21 @@ class KVCache:
 # ----------------------------------------------------------------------------
 
 
-def attention_probs(q: jax.Array, k: jax.Array, mask: Mask) -> jax.Array:
+@struct.dataclass
+class Scores:
+  """How query-key scores are scaled before the softmax."""
+
+  query_scalar: float | None = struct.field(pytree_node=False, default=None)  # scores /
+  # sqrt(query_scalar); None: the head dim (Gemma 2's query_pre_attn_scalar may differ)
+  soft_cap: float | None = struct.field(pytree_node=False, default=None)  # scores -> soft_cap *
+  # tanh(scores / soft_cap) (Gemma 2)
+
+  def scale(self, head_dim: int) -> float:
+    return (self.query_scalar or head_dim) ** -0.5
+
+
+def attention_probs(q: jax.Array, k: jax.Array, mask: Mask, scores: Scores = Scores()
+                    ) -> jax.Array:
   """Softmax attention probabilities.
 
   q: float[B, T, N, H]; k: float[B, S, K, H] -> float32[B, K, G, T, S], where
@@ -149,7 +173,9 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: Mask) -> jax.Array:
   S, K = k.shape[1], k.shape[2]
   q = q.reshape(B, T, K, N // K, H)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-  logits = logits / math.sqrt(H)
+  logits = logits * scores.scale(H)
+  if scores.soft_cap is not None:
+    logits = scores.soft_cap * jnp.tanh(logits / scores.soft_cap)
   allowed = mask.dense(T, S)
   if allowed is None:
     return jax.nn.softmax(logits, axis=-1)
@@ -158,7 +184,8 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: Mask) -> jax.Array:
   return probs * jnp.any(allowed, axis=-1, keepdims=True)
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+                  scores: Scores = Scores()) -> jax.Array:
   """Reference attention in plain einsums.
 
   q: float[B, T, N, H]; k, v: float[B, S, K, H] -> float[B, T, N, H].
@@ -166,12 +193,13 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.A
   so text before any image gets nothing from cross-attention.
   """
   B, T, N, H = q.shape
-  probs = attention_probs(q, k, mask)
+  probs = attention_probs(q, k, mask, scores)
   out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
   return out.reshape(B, T, N, H)
 
 
-def fused_attention(q, k, v, mask: Mask, implementation: str = "cudnn") -> jax.Array:
+def fused_attention(q, k, v, mask: Mask, implementation: str = "cudnn",
+                    scores: Scores = Scores()) -> jax.Array:
   """`jax.nn.dot_product_attention` with lengths padded to what cuDNN accepts.
 
   Shapes as in `xla_attention`. Padded keys are masked through
@@ -179,8 +207,8 @@ def fused_attention(q, k, v, mask: Mask, implementation: str = "cudnn") -> jax.A
   the unpadded computation. `implementation="xla"` runs the same padding on
   any backend (the tests use it on the CPU).
   """
-  if not mask.only_causal_and_lengths:
-    raise ValueError("fused attention takes only causal and key-length masks")
+  if not mask.only_causal_and_lengths or scores.soft_cap is not None:
+    raise ValueError("fused attention takes only causal and key-length masks, no soft cap")
   B, T, S = q.shape[0], q.shape[1], k.shape[1]
   if mask.causal and T != S:
     raise ValueError(f"fused causal attention needs equal lengths, got T={T}, S={S}")
@@ -194,7 +222,7 @@ def fused_attention(q, k, v, mask: Mask, implementation: str = "cudnn") -> jax.A
   v = jnp.pad(v, ((0, 0), (0, pad_s), (0, 0), (0, 0)))
   out = jax.nn.dot_product_attention(
       q, k, v,
-      is_causal=mask.causal,
+      is_causal=mask.causal, scale=scores.scale(q.shape[-1]),
       key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
       implementation=implementation)
   return out[:, :T]
@@ -208,11 +236,12 @@ SPLASH_LENGTH_MULTIPLE = 128
 SPLASH_MIN_KEYS = 512
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
+                     scores: Scores = Scores()) -> jax.Array:
   """Pallas splash (flash) attention for TPUs: no [B, N, T, S] scores are ever stored.
 
-  Shapes as in `xla_attention`. Takes causal or full masks with segment ids
-  and key lengths (`splash_qualifies`). Lengths are padded to multiples of 128
+  Shapes as in `xla_attention`. Takes causal, local (a window) or full masks
+  with segment ids and key lengths (`splash_qualifies`), and a soft cap. Lengths are padded to multiples of 128
   and the padding masked through segment ids that match nothing real. Under a
   mesh the kernel runs per device (shard_map) over the batch, and over the
   heads where the rules split them. Off a TPU it runs in Pallas' interpreter:
@@ -236,17 +265,22 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> ja
   q_ids = jnp.pad(q_ids.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
   kv_ids = jnp.pad(kv_ids.astype(jnp.int32), ((0, 0), (0, Sp - S)), constant_values=-2)
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
-  q, k, v = pad(q / math.sqrt(H), Tp).astype(k.dtype), pad(k, Sp), pad(v, Sp)
+  q, k, v = pad(q * scores.scale(H), Tp).astype(k.dtype), pad(k, Sp), pad(v, Sp)
 
   shape = (Tp, Sp)
-  head_mask = splash_mask.CausalMask(shape) if mask.causal else splash_mask.FullMask(shape)
+  if mask.window is not None:  # the window's keys up to the query: window - 1 before it
+    head_mask = splash_mask.LocalMask(shape, window_size=(mask.window - 1, 0), offset=0)
+  elif mask.causal:
+    head_mask = splash_mask.CausalMask(shape)
+  else:
+    head_mask = splash_mask.FullMask(shape)
   block = math.gcd(Tp, Sp, 512)  # 512 where the lengths allow: fewer grid steps
   blocks = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                              block_q_dq=block, block_kv_dq=block)
   kernel = splash.make_splash_mqa(
       splash_mask.MultiHeadMask([head_mask] * G), block_sizes=blocks, head_shards=1,
-      q_seq_shards=1, interpret=target_platform() != "tpu")
+      q_seq_shards=1, attn_logits_soft_cap=scores.soft_cap, interpret=target_platform() != "tpu")
 
   def one_row(q, k, v, q_ids, kv_ids):  # q [T, n, H], k/v [S, k, H]: one example's heads here
     heads, kv_heads = q.shape[1], k.shape[1]
@@ -284,23 +318,23 @@ def target_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def cudnn_qualifies(q: jax.Array, mask: Mask, platform: str) -> bool:
+def cudnn_qualifies(q: jax.Array, mask: Mask, platform: str, scores: Scores = Scores()) -> bool:
   """Whether the cuDNN kernel can run these shapes exactly."""
   return (platform == "gpu"
           and q.dtype in (jnp.bfloat16, jnp.float16)
           and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-          and mask.only_causal_and_lengths)
+          and mask.only_causal_and_lengths and scores.soft_cap is None)
 
 
 def splash_qualifies(q: jax.Array, k: jax.Array, mask: Mask) -> bool:
-  """Whether splash attention computes this exactly: causal or full, with segment ids and key
-  lengths (a prefix-LM or explicit mask needs the XLA kernel)."""
-  return (mask.prefix_len is None and mask.explicit is None
+  """Whether splash attention computes this exactly: causal, local or full, with segment ids and
+  key lengths (a prefix-LM or explicit mask needs the XLA kernel)."""
+  return (mask.prefix_len is None and mask.explicit is None and mask.q_offset is None
           and not (mask.causal and q.shape[1] != k.shape[1]))
 
 
 def choose_attention(impl: str, q: jax.Array, k: jax.Array, mask: Mask,
-                     platform: str | None = None) -> str:
+                     platform: str | None = None, scores: Scores = Scores()) -> str:
   """The kernel `impl` runs for these inputs: "xla", "cudnn" or "splash".
 
   "auto": cuDNN on GPUs, and splash on TPUs from SPLASH_MIN_KEYS keys, where they
@@ -310,17 +344,17 @@ def choose_attention(impl: str, q: jax.Array, k: jax.Array, mask: Mask,
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
   platform = platform or target_platform()
-  if impl == "cudnn" and not cudnn_qualifies(q, mask, platform):
+  if impl == "cudnn" and not cudnn_qualifies(q, mask, platform, scores):
     raise ValueError(
         "attention_impl='cudnn' needs a GPU, bfloat16/float16 compute, head dim <= 128 "
-        f"(multiple of 8) and only causal/key-length masks; got platform "
+        f"(multiple of 8), only causal/key-length masks and no soft cap; got platform "
         f"{platform}, {q.dtype}, head dim {q.shape[-1]}. Use 'auto'.")
   if impl == "splash" and not splash_qualifies(q, k, mask):
     raise ValueError("attention_impl='splash' takes causal or full masks with segment ids and "
                      "key lengths, not a prefix-LM or explicit mask. Use 'auto'.")
   if impl != "auto":
     return impl
-  if cudnn_qualifies(q, mask, platform) and (not mask.causal
+  if cudnn_qualifies(q, mask, platform, scores) and (not mask.causal
                                                          or q.shape[1] == k.shape[1]):
     return "cudnn"
   if platform == "tpu" and splash_qualifies(q, k, mask) and k.shape[1] >= SPLASH_MIN_KEYS:
@@ -328,14 +362,15 @@ def choose_attention(impl: str, q: jax.Array, k: jax.Array, mask: Mask,
   return "xla"
 
 
-def dot_product_attention(q, k, v, mask: Mask, impl: str) -> jax.Array:
+def dot_product_attention(q, k, v, mask: Mask, impl: str, scores: Scores = Scores()
+                          ) -> jax.Array:
   """Attention by the kernel `choose_attention` picks; shapes as in `xla_attention`."""
-  kernel = choose_attention(impl, q, k, mask)
+  kernel = choose_attention(impl, q, k, mask, scores=scores)
   if kernel == "cudnn":
-    return fused_attention(q, k, v, mask)
+    return fused_attention(q, k, v, mask, scores=scores)
   if kernel == "splash":
-    return splash_attention(q, k, v, mask)
-  return xla_attention(q, k, v, mask)
+    return splash_attention(q, k, v, mask, scores)
+  return xla_attention(q, k, v, mask, scores)
 
 
 # ----------------------------------------------------------------------------
@@ -392,18 +427,22 @@ class RMSNorm(nn.Module):
   """Root-mean-square norm over the last axis, in float32."""
 
   eps: float = 1e-6
+  # Gemma stores the weight as an offset from 1 (initialised to 0) and scales by 1 + weight:
+  # kept so, an imported weight returns to its checkpoint bit for bit.
+  scale_offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)),
-                       (x.shape[-1],), jnp.float32)
+    init = nn.initializers.zeros if self.scale_offset else nn.initializers.ones
+    scale = self.param("scale", partitioned(init, ("embed",)), (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale).astype(x.dtype)
+    return (x32 * (self.scale_offset + scale)).astype(x.dtype)
 
 
 def Norm(kind: str, eps: float, name: str | None = None) -> nn.Module:  # pylint: disable=invalid-name
-  """LayerNorm or RMSNorm with float32 math, scale/bias on the `embed` axis."""
+  """LayerNorm or RMSNorm (Gemma's: scaled by 1 + weight) with float32 math, scale/bias on the
+  `embed` axis."""
   if kind == "layernorm":
     return nn.LayerNorm(
         epsilon=eps, dtype=jnp.float32, name=name,
@@ -411,6 +450,8 @@ def Norm(kind: str, eps: float, name: str | None = None) -> nn.Module:  # pylint
         bias_init=partitioned(nn.initializers.zeros, ("embed",)))
   if kind == "rmsnorm":
     return RMSNorm(eps=eps, name=name)
+  if kind == "gemma_rmsnorm":
+    return RMSNorm(eps=eps, scale_offset=1.0, name=name)
   raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
 
 
@@ -466,6 +507,7 @@ class Attention(nn.Module):
   use_bias: bool = False
   qk_norm: bool = False  # RMSNorm over the head dim of q and k
   qk_norm_eps: float = 1e-6
+  scores: Scores = Scores()  # the scores' scale and soft cap
   rope_theta: float | None = None  # None: the caller handles positions
   rope_scaling: dict | None = None  # see rope_frequencies
   attention_impl: str = "xla"  # or "auto", "cudnn", "splash"
@@ -526,9 +568,9 @@ class Attention(nn.Module):
 
     k, v = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype)
     if self.is_mutable_collection("intermediates"):  # asked for by mmjax/plots.py
-      probs = attention_probs(q, k, mask)
+      probs = attention_probs(q, k, mask, self.scores)
       self.sow("intermediates", "attention", probs.reshape(x.shape[0], N, *probs.shape[-2:]))
-    out = dot_product_attention(q, k, v, mask, self.attention_impl)
+    out = dot_product_attention(q, k, v, mask, self.attention_impl, self.scores)
     out = HeadProjection((D,), use_bias=self.use_bias,
                          kernel_init=self.out_init or self.kernel_init, dtype=self.dtype,
                          name="out")(out)
@@ -536,10 +578,11 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Feed-forward block: GELU variants (two matrices) or SwiGLU (three)."""
+  """Feed-forward block: GELU variants (two matrices) or gated SwiGLU / GeGLU (three)."""
 
   hidden_dim: int
-  activation: str = "gelu"  # or "gelu_tanh" (GPT-2), "quick_gelu" (CLIP), "relu", "swiglu" (Llama)
+  activation: str = "gelu"  # or "gelu_tanh" (GPT-2), "quick_gelu" (CLIP), "relu", "swiglu"
+  # (Llama), "geglu" (Gemma: the tanh GELU of the gate times the up projection)
   use_bias: bool = True
   kernel_init: Initializer = nn.initializers.xavier_uniform()
   out_init: Initializer | None = None  # None: kernel_init
@@ -557,9 +600,10 @@ class Mlp(nn.Module):
           bias_init=partitioned(nn.initializers.zeros, axes[-1:]))
 
     up = dense("up", self.hidden_dim, ("embed", "mlp"), self.kernel_init)(x)
-    if self.activation == "swiglu":
+    if self.activation in ("swiglu", "geglu"):
       gate = dense("gate", self.hidden_dim, ("embed", "mlp"), self.kernel_init)(x)
-      hidden = nn.silu(gate) * up
+      hidden = (nn.silu(gate) if self.activation == "swiglu"
+                else nn.gelu(gate, approximate=True)) * up
     elif self.activation == "gelu":
       hidden = nn.gelu(up, approximate=False)
     elif self.activation == "gelu_tanh":

@@ -1,9 +1,14 @@
-"""Decoder-only language model: GPT-2 and Llama flavours chosen by fields.
+"""Decoder-only language model: GPT-2, Llama, Gemma and Gemma 2 flavours chosen by fields.
 
 Einsum letters as in `layers`: B batch, T length, D width, V vocabulary.
 
 GPT-2: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings.
 Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied output head.
+Gemma: Llama's block with GeGLU, RMSNorm by (1 + weight), heads of their own
+size (256), multi-query attention, embeddings scaled by sqrt(width), tied.
+Gemma 2: Gemma in a `SandwichBlock` (norms before and after each branch),
+scores and logits soft-capped (tanh), local (sliding-window) layers between
+global ones.
 
 `Model` is set up (not compact) because fusion models drive it piece by piece:
 `embed_tokens` -> (splice image embeddings) -> `add_positions` -> `blocks` ->
@@ -37,6 +42,23 @@ VARIANTS = {
     "gpt2-tiny": dict(width=64, depth=2, num_heads=4, mlp_dim=256, vocab_size=512, max_len=256),
     "llama-tiny": dict(flavour="llama", width=64, depth=2, num_heads=4, num_kv_heads=2,
                        mlp_dim=192, vocab_size=512, max_len=256),
+    # Gemma-2B's shape (PaliGemma 1's LM; PaliGemma's vocabulary adds 1024 <loc> and 128 <seg>
+    # tokens: vocab_size=257216).
+    "gemma-2b": dict(flavour="gemma", width=2048, depth=18, num_heads=8, num_kv_heads=1,
+                     head_dim=256, mlp_dim=16384, vocab_size=256000, max_len=8192),
+    # Gemma-2 2B and 9B (PaliGemma 2's 3B and 10B LMs).
+    "gemma2-2b": dict(flavour="gemma2", width=2304, depth=26, num_heads=8, num_kv_heads=4,
+                      head_dim=256, mlp_dim=9216, vocab_size=256000, max_len=8192,
+                      query_scalar=256),
+    "gemma2-9b": dict(flavour="gemma2", width=3584, depth=42, num_heads=16, num_kv_heads=8,
+                      head_dim=256, mlp_dim=14336, vocab_size=256000, max_len=8192,
+                      query_scalar=256),
+    "gemma-tiny": dict(flavour="gemma", width=64, depth=2, num_heads=4, num_kv_heads=1,
+                       head_dim=32, mlp_dim=192, vocab_size=512, max_len=256),
+    # A window shorter than the test sequences, so the local layers differ from global ones.
+    "gemma2-tiny": dict(flavour="gemma2", width=64, depth=4, num_heads=4, num_kv_heads=2,
+                        head_dim=32, mlp_dim=192, vocab_size=512, max_len=256, sliding_window=8,
+                        query_scalar=24),
 }
 
 FLAVOURS = {  # fields that a flavour sets unless overridden
@@ -44,6 +66,12 @@ FLAVOURS = {  # fields that a flavour sets unless overridden
                  use_bias=True, tie_embeddings=True),
     "llama": dict(positions="rope", norm="rmsnorm", norm_eps=1e-5, mlp_activation="swiglu",
                   use_bias=False, tie_embeddings=False),
+    "gemma": dict(positions="rope", norm="gemma_rmsnorm", norm_eps=1e-6, mlp_activation="geglu",
+                  use_bias=False, tie_embeddings=True, scale_embeddings=True),
+    "gemma2": dict(block="sandwich", positions="rope", norm="gemma_rmsnorm", norm_eps=1e-6,
+                   mlp_activation="geglu", use_bias=False, tie_embeddings=True,
+                   scale_embeddings=True, attn_soft_cap=50.0, final_soft_cap=30.0,
+                   sliding_window=4096, global_every=2),
 }
 # A scanned stack keeps every residual its body makes, and XLA cannot recompute any of them
 # across iterations as it does in an unrolled stack: unremat, GPT-2 124M at 8 x 1024 tokens a
@@ -59,6 +87,7 @@ class Embedder(nn.Module):
   width: int
   dtype: jnp.dtype
   extra_tokens: int = 0  # rows past the vocabulary: embedded, never predicted
+  scale: bool = False  # multiply embeddings by sqrt(width), in the compute dtype (Gemma)
 
   def setup(self):
     self.embedding = self.param(
@@ -67,7 +96,8 @@ class Embedder(nn.Module):
 
   def encode(self, tokens: jax.Array) -> jax.Array:
     """tokens: int[B, T] -> float[B, T, D]."""
-    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+    return x * jnp.asarray(self.width ** 0.5, self.dtype) if self.scale else x
 
   def attend(self, x: jax.Array) -> jax.Array:
     """x: float[B, T, D] -> float32[B, T, V]: scores against every embedding, as nn.Embed.attend."""
@@ -77,7 +107,10 @@ class Embedder(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block. Returns (x, cache) so the same module can be scanned."""
+  """Pre-norm decoder block (GPT-2, Llama, Gemma): x + attn(norm(x)), then x + mlp(norm(x)).
+
+  Returns (x, cache) so the same module can be scanned.
+  """
 
   num_heads: int
   num_kv_heads: int | None
@@ -92,6 +125,8 @@ class Block(nn.Module):
   depth: int  # of the whole stack: scales the residual projections' init (GPT-2)
   attention_impl: str
   dtype: jnp.dtype
+  scores: layers.Scores = layers.Scores()  # the attention scores' scale and soft cap
+  window: int | None = None  # local attention over the `window` latest keys; None: global
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: layers.Mask, positions: jax.Array,
@@ -100,21 +135,52 @@ class Block(nn.Module):
 
     With a cache (decoding) `mask` spans the cache's S slots; see layers.Attention.
     """
-    init = nn.initializers.normal(0.02)
-    residual_init = nn.initializers.normal(0.02 / (2 * self.depth) ** 0.5)
-    y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
-    y, new_cache = layers.Attention(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        use_bias=self.use_bias, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
-        attention_impl=self.attention_impl,
-        kernel_init=init, out_init=residual_init, dtype=self.dtype, name="attn",
-    )(y, mask=mask, positions=positions, cache=cache)
+    y, new_cache = self.attention(self.norm_layer("attn_norm")(x), mask, positions, cache)
     x = layers.constrain(x + y.astype(x.dtype))
-    y = layers.Norm(self.norm, self.norm_eps, name="mlp_norm")(x)
-    y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=self.use_bias,
-                   kernel_init=init, out_init=residual_init, dtype=self.dtype, name="mlp")(y)
+    y = self.mlp(self.norm_layer("mlp_norm")(x))
     # Training returns no cache: scan would stack every layer's keys and values as outputs.
     return layers.constrain(x + y.astype(x.dtype)), None if cache is None else new_cache
+
+  def norm_layer(self, name: str) -> nn.Module:
+    return layers.Norm(self.norm, self.norm_eps, name=name)
+
+  def attention(self, x, mask, positions, cache):
+    if self.window is not None:
+      mask = mask.replace(window=self.window)
+    return layers.Attention(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        use_bias=self.use_bias, scores=self.scores, rope_theta=self.rope_theta,
+        rope_scaling=self.rope_scaling, attention_impl=self.attention_impl,
+        kernel_init=nn.initializers.normal(0.02), out_init=self.residual_init,
+        dtype=self.dtype, name="attn",
+    )(x, mask=mask, positions=positions, cache=cache)
+
+  def mlp(self, x):
+    return layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=self.use_bias,
+                      kernel_init=nn.initializers.normal(0.02), out_init=self.residual_init,
+                      dtype=self.dtype, name="mlp")(x)
+
+  @property
+  def residual_init(self):
+    return nn.initializers.normal(0.02 / (2 * self.depth) ** 0.5)
+
+
+class SandwichBlock(Block):
+  """Gemma 2's block: each branch normed before and after, x + norm(attn(norm(x))), then
+  x + norm(mlp(norm(x)))."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: layers.Mask, positions: jax.Array,
+               cache: layers.KVCache | None = None) -> tuple[jax.Array, layers.KVCache | None]:
+    """As Block.__call__."""
+    y, new_cache = self.attention(self.norm_layer("attn_norm")(x), mask, positions, cache)
+    x = layers.constrain(x + self.norm_layer("post_attn_norm")(y).astype(x.dtype))
+    y = self.mlp(self.norm_layer("mlp_norm")(x))
+    y = self.norm_layer("post_mlp_norm")(y)
+    return layers.constrain(x + y.astype(x.dtype)), None if cache is None else new_cache
+
+
+BLOCKS = {"pre_norm": Block, "sandwich": SandwichBlock}
 
 
 class _Model(nn.Module):
@@ -124,7 +190,8 @@ class _Model(nn.Module):
   depth: int
   num_heads: int
   mlp_dim: int
-  flavour: str = "gpt2"  # or "llama"; sets the defaults of the fields below
+  flavour: str = "gpt2"  # or "llama", "gemma", "gemma2"; sets the defaults of the fields below
+  block: str = "pre_norm"  # a key of BLOCKS: "sandwich" (Gemma 2) norms after each branch too
   vocab_size: int = 50257
   extra_tokens: int = 0  # embedded, never predicted: Llama 3.2 Vision's 8 rows past the vocabulary
   max_len: int = 1024  # learned positions' table size; RoPE models only check it
@@ -135,9 +202,16 @@ class _Model(nn.Module):
   rope_scaling: dict | None = None  # e.g. Llama 3.1's {"rope_type": "llama3", ...}
   norm: str = "layernorm"  # or "rmsnorm"
   norm_eps: float = 1e-5
-  mlp_activation: str = "gelu_tanh"  # or "swiglu", "gelu"
+  mlp_activation: str = "gelu_tanh"  # or "swiglu", "geglu", "gelu"
   use_bias: bool = True
   tie_embeddings: bool = True
+  scale_embeddings: bool = False  # token embeddings x sqrt(width) (Gemma)
+  query_scalar: float | None = None  # attention scores / sqrt(this); None: head_dim
+  attn_soft_cap: float | None = None  # attention scores -> cap * tanh(scores / cap) (Gemma 2)
+  final_soft_cap: float | None = None  # output logits -> cap * tanh(logits / cap) (Gemma 2)
+  sliding_window: int | None = None  # local layers attend to the window's latest keys only
+  global_every: int = 1  # with a window: layer i is global when (i + 1) % global_every == 0
+  # (Gemma 2: 2, local and global alternate; 1: every layer global; 0: none)
   scan_layers: bool = False  # one scanned block (faster compiles) or depth unrolled ones
   remat_policy: str = "none"  # or a key of layers.REMAT_POLICIES; scanned, "none" is SCANNED_NONE
   attention_impl: str = "xla"  # or "auto", "cudnn", "splash"
@@ -146,20 +220,23 @@ class _Model(nn.Module):
   def setup(self):
     if self.positions not in ("learned", "rope"):
       raise ValueError(f"LM positions must be 'learned' or 'rope', got {self.positions!r}")
-    self.embedder = Embedder(self.vocab_size, self.width, self.dtype, self.extra_tokens)
+    if self.block not in BLOCKS:
+      raise ValueError(f"LM block must be one of {sorted(BLOCKS)}, got {self.block!r}")
+    self.embedder = Embedder(self.vocab_size, self.width, self.dtype, self.extra_tokens,
+                             self.scale_embeddings)
     if self.positions == "learned":
       self.pos_embedding = self.param(
           "pos_embedding", layers.partitioned(nn.initializers.normal(0.01), (None, "embed")),
           (self.max_len, self.width), jnp.float32)
-    block = layers.remat(Block, self.block_remat_policy, scanned=self.scan_layers)
-    block_fields = self.block_fields()
+    block = layers.remat(BLOCKS[self.block], self.block_remat_policy, scanned=self.scan_layers)
     if self.scan_layers:
       self.scanned_blocks = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast, nn.broadcast, 0), length=self.depth,
-          metadata_params={nn.PARTITION_NAME: "layers"})(**block_fields, name="blocks")
+          metadata_params={nn.PARTITION_NAME: "layers"})(**self.block_fields(), name="blocks")
     else:
-      self.blocks = [block(**block_fields, name=f"block_{i}") for i in range(self.depth)]
+      self.blocks = [block(**self.block_fields(i), name=f"block_{i}")
+                     for i in range(self.depth)]
     self.final_norm = layers.Norm(self.norm, self.norm_eps)
     if not self.tie_embeddings:
       # Multiplied in the compute dtype, summed and returned in float32, as the tied head does:
@@ -174,9 +251,21 @@ class _Model(nn.Module):
     return SCANNED_NONE if self.scan_layers and self.remat_policy == "none" else (
         self.remat_policy)
 
-  def block_fields(self) -> dict:
-    """Every block's fields (deep fusion's scanned groups build the same blocks)."""
+  def window(self, layer: int) -> int | None:
+    """The attention window of block `layer`; None: global."""
+    is_global = self.global_every and (layer + 1) % self.global_every == 0
+    return None if self.sliding_window is None or is_global else self.sliding_window
+
+  def block_fields(self, layer: int | None = None) -> dict:
+    """Block `layer`'s fields; None: every block's, the same for all (a scanned stack:
+    the LM's, deep fusion's groups)."""
+    windows = {self.window(i) for i in range(self.depth)}
+    if layer is None and len(windows) > 1:
+      raise ValueError("an LM whose local and global layers alternate (Gemma 2) runs its blocks "
+                       "unrolled: set lm.scan_layers=False")
     return dict(
+        window=self.window(layer) if layer is not None else windows.pop(),
+        scores=layers.Scores(self.query_scalar, self.attn_soft_cap),
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, norm=self.norm, norm_eps=self.norm_eps,
         mlp_activation=self.mlp_activation, use_bias=self.use_bias,
@@ -251,9 +340,10 @@ class _Model(nn.Module):
 
   def logits(self, x: jax.Array) -> jax.Array:
     """x: float[B, T, D] normed hidden states -> float32[B, T, V]."""
-    if self.tie_embeddings:
-      return self.embedder.attend(x)
-    return self.head(x)
+    logits = self.embedder.attend(x) if self.tie_embeddings else self.head(x)
+    if self.final_soft_cap is not None:
+      logits = self.final_soft_cap * jnp.tanh(logits / self.final_soft_cap)
+    return logits
 
 
 def Model(variant: str | None = None, **overrides) -> _Model:  # pylint: disable=invalid-name
