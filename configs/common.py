@@ -222,6 +222,9 @@ def image_text_data(max_shapes: int = 2) -> ml_collections.ConfigDict:
       scene_sizes="fixed",
       resize="bilinear",  # user images to image_size: or "bicubic", "lanczos", "box", "nearest"
       **pixels(),
+      # PaliGemma's layout (early fusion; scenes, coco_captions): image, BOS, the prompt and
+      # "\n" read both ways (a prefix-LM), then the answer, causal, with the loss.
+      prefix_lm=False,
       seq_len=ml_collections.config_dict.placeholder(int)))  # None: the task's longest example
 
 

@@ -2,7 +2,9 @@
 
 `configs/hf.py:/path/from/import_hf,lora` fine-tunes through LoRA adapters
 on the LM's projections (and the projector of a LLaVA in full; the
-cross-attention blocks' projections of a deep fusion model too).
+cross-attention blocks' projections of a deep fusion model too; a PaliGemma's
+adapters alone). A PaliGemma reads its data in its own layout
+(config.data.prefix_lm: image, BOS, prompt both ways, the answer causal).
 
 The family and model fields come from the import's mmjax_config.json, and the
 run starts from its params/. The data is the family's default (synthetic, byte
@@ -18,6 +20,7 @@ import os
 import ml_collections
 
 from configs import common
+from mmjax.interop import paligemma
 
 
 SUFFIX = "DIR,lora: LoRA on the LM's projections (and a LLaVA projector in full), the rest frozen"
@@ -46,9 +49,13 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
     if imported["family"] == "deep_fusion":  # and the cross-attention blocks' projections
       config.optimizer.lora.targets += "|" + common.projections(blocks=r"xattn_\d+")
     config.optimizer.frozen = "^(?!projector/)"
+    if imported["family"] == "early_fusion" and paligemma.is_paligemma(model):
+      config.optimizer.frozen = "."  # the adapters alone (the Colab recipe; all of it PEFT)
   if imported["family"] == "lm":
     config.data = common.text_data(seq_len=min(128, model["max_len"]))
     return config
   config.data = common.image_data() if imported["family"] == "vit" else common.image_text_data()
   config.data.update(common.pixels(**imported.get("pixels", {})))
+  if imported["family"] == "early_fusion" and paligemma.is_paligemma(model):
+    config.data.prefix_lm = True  # as PaliGemma was trained: image + prompt both ways
   return config

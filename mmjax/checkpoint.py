@@ -153,6 +153,8 @@ def model_files(directory: str) -> tuple[dict, str, str | None, str]:
       config["template"] = sources.SOURCES[data["name"]].template
     if data.get("max_patches"):  # trained on images at their own sizes
       config["max_patches"] = data["max_patches"]
+    if data.get("prefix_lm"):  # trained on PaliGemma's layout
+      config["prefix_lm"] = True
     adapters = lora.settings(ml_collections.ConfigDict(run_config.get("optimizer", {})))
     if adapters is not None:
       config["lora"] = adapters.to_dict()
@@ -191,7 +193,7 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
   -> ({"family", "model", "pixels": {"mean", "std"} when images were
   normalised, "template": how the training data laid out a prompt, "lora": the run's
   optimizer.lora when it trained adapters, "max_patches": when it read images at their own
-  sizes}, params (adapters merged into their kernels
+  sizes, "prefix_lm": when it read PaliGemma's layout}, params (adapters merged into their kernels
   unless merge_adapters=False), the tokenizer: the run's config.data.tokenizer, the
   import's tokenizer file, or "bytes").
   """

@@ -81,6 +81,9 @@ def topology_devices(topology: str, slices: int = 1) -> list[jax.Device]:
   settings = dict(num_slices=slices) if slices > 1 else {}
   if chip.megacore:  # one device per chip, and the hosts' 2x2x1 chips as in a real pod
     settings.update(chip_config_name="megacore", chips_per_host_bounds=(2, 2, 1))
+  elif len(shape) == 2 and shape[0] * shape[1] < 4:  # a host of fewer chips than 2x2 (a Colab
+    settings.update(chips_per_host_bounds=(*shape, 1))  # TPU, v5litepod-1): libtpu's default
+    # host is 2x2 and cannot lay out a smaller slice
   try:
     return topologies.get_topology_desc(topology_name=name, platform="tpu", **settings).devices
   except jax.errors.JaxRuntimeError as e:

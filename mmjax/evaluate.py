@@ -83,7 +83,7 @@ class Generative:
     self.max_references = source.max_references
     generate = generation.make_generate(model, generation.Sampling(
         method="greedy", max_new_tokens=self.answer_len, eos_id=self.tokenizer.eos_id,
-        pad_id=self.tokenizer.pad_id))
+        pad_id=self.tokenizer.pad_id), prefix_lm=source.prefix_lm)
     batch = sharding.batch_sharding(mesh)
     self.generate = jax.jit(
         # merge: the state's parameters -> the model's (LoRA factors into their kernels).

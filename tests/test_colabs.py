@@ -10,7 +10,8 @@ PICTURES = {"quickstart": 3}  # charts the notebook must show (loss curves, answ
 
 
 def test_every_notebook_is_tested():
-  assert {p.stem for p in NOTEBOOKS} == {"quickstart", "bring_your_weights", "scale"}
+  assert {p.stem for p in NOTEBOOKS} == {"quickstart", "bring_your_weights", "scale",
+                                         "finetune_paligemma"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

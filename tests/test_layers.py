@@ -99,6 +99,20 @@ class TestKernels:
     np.testing.assert_allclose(layers.xla_attention(q, k, v, mask),
                                naive_attention(q, k, v, allowed), atol=1e-5)
 
+  def test_window_mask_by_hand(self):
+    # A local layer's mask: causal within the window's 2 latest keys, a prefix of 3 both ways
+    # beyond it (transformers' rule for PaliGemma 2); decoding: the query at cache slot 4.
+    mask = layers.Mask(causal=True, window=2, prefix_len=jnp.array([3]))
+    expected = np.array([[1, 1, 1, 0, 0, 0],
+                         [1, 1, 1, 0, 0, 0],
+                         [1, 1, 1, 0, 0, 0],
+                         [0, 0, 1, 1, 0, 0],
+                         [0, 0, 0, 1, 1, 0],
+                         [0, 0, 0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(mask.dense(6, 6)[0, 0], expected)
+    decoding = layers.Mask(causal=True, window=2, q_offset=jnp.array(4))
+    np.testing.assert_array_equal(decoding.dense(1, 6)[0, 0], [[0, 0, 0, 1, 1, 0]])
+
   def test_fully_masked_query_gets_zero(self):
     q, k, v = random_qkv(jax.random.key(1))
     explicit = jnp.ones((2, 5, 7), bool).at[0, 2].set(False)
@@ -133,17 +147,21 @@ class TestKernels:
       ("tpu", jnp.bfloat16, dict(causal=True, prefix=True), 512, 512, 8, "xla"),
       ("tpu", jnp.bfloat16, dict(explicit=True), 512, 512, 8, "xla"),
       ("tpu", jnp.bfloat16, dict(causal=True), 7, 512, 8, "xla"),
+      ("tpu", jnp.bfloat16, dict(causal=True, window=128, soft_cap=True), 512, 512, 8, "splash"),
+      ("gpu", jnp.bfloat16, dict(causal=True, window=4), 6, 6, 8, "xla"),  # cuDNN: no windows
+      ("gpu", jnp.bfloat16, dict(causal=True, soft_cap=True), 6, 6, 8, "xla"),  # nor soft caps
   ])
   def test_auto_chooses_by_platform_and_mask(self, platform, dtype, mask, T, S, H, kernel):
     q, k, _ = random_qkv(jax.random.key(3), B=2, T=T, S=S, H=H, dtype=dtype)
+    scores = layers.Scores(soft_cap=50.0 if mask.get("soft_cap") else None)
     mask = layers.Mask(
-        causal=mask.get("causal", False),
+        causal=mask.get("causal", False), window=mask.get("window"),
         segment_ids=jnp.ones((2, T), jnp.int32) if mask.get("segments") else None,
         kv_lengths=jnp.array([S, 4]) if mask.get("kv_lengths") else None,
         prefix_len=jnp.array([2, 3]) if mask.get("prefix") else None,
         explicit=jnp.ones((2, T, S), bool) if mask.get("explicit") else None)
-    assert layers.choose_attention("auto", q, k, mask, platform) == kernel
-    assert layers.choose_attention("xla", q, k, mask, platform) == "xla"
+    assert layers.choose_attention("auto", q, k, mask, platform, scores) == kernel
+    assert layers.choose_attention("xla", q, k, mask, platform, scores) == "xla"
 
   def test_the_target_platform_is_the_meshs(self):
     # A TPU slice compiled from this CPU host: "auto" must pick the TPU's kernel.
@@ -155,24 +173,27 @@ class TestKernels:
     with jax.set_mesh(mesh):
       assert layers.target_platform() == "tpu"
 
-  @pytest.mark.parametrize("mask_kwargs,T,S", [
-      (dict(causal=True), 200, 200),
-      (dict(causal=True, segment_ids=[[1] * 80 + [2] * 100 + [0] * 20, [1] * 200]), 200, 200),
-      (dict(kv_lengths=[150, 70]), 70, 150),
+  @pytest.mark.parametrize("mask_kwargs,T,S,scores", [
+      (dict(causal=True), 200, 200, layers.Scores()),
+      (dict(causal=True, segment_ids=[[1] * 80 + [2] * 100 + [0] * 20, [1] * 200]), 200, 200,
+       layers.Scores()),
+      (dict(kv_lengths=[150, 70]), 70, 150, layers.Scores()),
+      # Gemma 2's local layers: a window inside a block of 128, its scale and soft cap.
+      (dict(causal=True, window=50), 200, 200, layers.Scores(query_scalar=24, soft_cap=0.5)),
   ])
-  def test_splash_matches_xla_with_gradients(self, mask_kwargs, T, S):
+  def test_splash_matches_xla_with_gradients(self, mask_kwargs, T, S, scores):
     # Pallas' interpreter runs the TPU kernel here: padding to 128, segment ids (0 = packing
     # padding, which attends only to itself), key lengths and GQA (4 query heads, 2 kv heads).
     q, k, v = random_qkv(jax.random.key(5), T=T, S=S, N=4, K=2, H=64)
-    mask = layers.Mask(**{n: jnp.asarray(a) if n != "causal" else a
+    mask = layers.Mask(**{n: jnp.asarray(a) if n not in ("causal", "window") else a
                           for n, a in mask_kwargs.items()})
     weights = jax.random.normal(jax.random.key(6), q.shape)
 
     def loss(impl, q, k, v):
-      return jnp.sum(layers.dot_product_attention(q, k, v, mask, impl) * weights)
+      return jnp.sum(layers.dot_product_attention(q, k, v, mask, impl, scores) * weights)
 
-    out = layers.dot_product_attention(q, k, v, mask, "splash")
-    expected = layers.xla_attention(q, k, v, mask)
+    out = layers.dot_product_attention(q, k, v, mask, "splash", scores)
+    expected = layers.xla_attention(q, k, v, mask, scores)
     np.testing.assert_allclose(out, expected, atol=1e-5 * float(jnp.abs(expected).max()))
     grads = jax.grad(functools.partial(loss, "splash"), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2))(q, k, v)

@@ -21,6 +21,8 @@ import transformers
 
 from mmjax import generation
 from mmjax import models
+from mmjax.data import images as images_lib
+from mmjax.data import tokenizers as tokenizers_lib
 from mmjax.interop import hf
 import hf_parity
 
@@ -239,3 +241,90 @@ def test_unsupported_fields_name_the_field(paligemma):
     hf.mmjax_config({**config, "projection_dim": 7})
   with pytest.raises(ValueError, match="use_bidirectional_attention"):
     hf.mmjax_config({**text, "use_bidirectional_attention": True})
+
+
+
+def byte_tokenizer(directory) -> str:
+  """A tokenizer.json of bytes (no merges) with Gemma's <pad> <eos> <bos> and PaliGemma's
+  <image>, a pair typed 0 (prefix) and 1 (suffix) as Gemma's tokenizer types them."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  model = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+  model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                            use_regex=False)
+  model.decoder = tokenizers.decoders.ByteLevel()
+  model.add_special_tokens([tokenizers.AddedToken(t, special=True)
+                            for t in ("<pad>", "<eos>", "<bos>", "<image>")])
+  model.post_processor = tokenizers.processors.TemplateProcessing(single="$A:0",
+                                                                  pair="$A:0 $B:1")
+  model.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>",
+               "eos_token": "<eos>", "pad_token": "<pad>"}, f)
+  return os.path.join(directory, "tokenizer.json")
+
+
+def test_inputs_match_paligemma_processor(tmp_path):
+  """PaliGemmaProcessor's input_ids, token types and pixels; mmjax's layout
+  (tokenizers.encode_prefix_lm, images.from_bytes + normalise) gives the same."""
+  from transformers.models.siglip import image_processing_pil_siglip  # pylint: disable=g-import-not-at-top
+  path = byte_tokenizer(str(tmp_path))
+  image_processor = image_processing_pil_siglip.SiglipImageProcessorPil(
+      size={"height": SIZE, "width": SIZE})
+  image_processor.image_seq_length = P
+  processor = transformers.PaliGemmaProcessor(
+      image_processor=image_processor,
+      tokenizer=transformers.PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<bos>",
+                                                     eos_token="<eos>", pad_token="<pad>"))
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 17), (28, 60))]
+  prompts, answers = ["caption en", "answer en what is it?"], ["a cat on a mat", "two dogs"]
+  theirs = processor(images=images, text=prompts, suffix=answers, padding="longest",
+                     return_tensors="np")
+  mine = tokenizers_lib.load(path)
+  for b in range(2):
+    ids, loss = tokenizers_lib.encode_prefix_lm(prompts[b], answers[b], [mine.image_id] * P,
+                                                mine)
+    real = theirs["attention_mask"][b].astype(bool)
+    np.testing.assert_array_equal(theirs["input_ids"][b][real], ids)
+    np.testing.assert_array_equal(theirs["token_type_ids"][b][real], loss)
+    pixels = images_lib.normalise(images_lib.from_bytes(images[b], SIZE, resize="bicubic"),
+                                  0.5, 0.5)
+    np.testing.assert_allclose(pixels, theirs["pixel_values"][b].transpose(1, 2, 0), atol=1e-5)
+  assert processor.image_token_id == mine.image_id
+
+
+def test_scenes_in_paligemma_layout():
+  """data.prefix_lm: image tokens, BOS, the question (a caption's "caption en") and "\\n", read
+  both ways up to prefix_len; the loss from the answer's first token on."""
+  from mmjax.data import synthetic  # pylint: disable=g-import-not-at-top
+  source = synthetic.ShapeScenes(8, None, 16, P, task="mixed", prefix_lm=True)
+  batch = source.batch(0)
+  tokenizer = source.tokenizer
+  assert batch["prefix_len"].shape == (8,) and batch["prefix_len"].dtype == np.int32
+  kinds = set()
+  for b, prefix in enumerate(batch["prefix_len"]):
+    tokens, weights = batch["tokens"][b], batch["loss_weights"][b]
+    assert (tokens[:P] == tokenizer.image_id).all() and tokens[P] == tokenizer.bos_id
+    assert tokens[prefix - 1] == ord("\n")
+    prompt = tokenizer.decode(tokens[P + 1:prefix - 1])
+    kinds.add("caption" if prompt == tokenizers_lib.CAPTION_PREFIX else "question")
+    assert not weights[:prefix - 1].any() and weights[prefix - 1] == 1  # target: the answer's
+  assert kinds == {"caption", "question"}
+
+
+def test_prefix_lm_data_is_checked_before_reading():
+  from configs import early_fusion  # pylint: disable=g-import-not-at-top
+  from mmjax.data import sources  # pylint: disable=g-import-not-at-top
+  config = early_fusion.get_config("paligemma2-3b-224,lora")
+  spec = sources.batch_spec(config)
+  assert spec["prefix_len"].shape == (config.batch_size,)
+  assert spec["tokens"].shape == (config.batch_size, 256 + 64)
+  for key, value, message in (("name", "llava", "lays out a prompt and its answer"),
+                              ("pack", 2, "one example a row")):
+    bad = early_fusion.get_config("paligemma2-3b-224")
+    bad.data[key] = value
+    bad.data.json = bad.data.image_dir = "x"
+    with pytest.raises(ValueError, match=message):
+      sources.check(bad)

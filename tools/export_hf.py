@@ -4,8 +4,8 @@
 
 DIR is a training workdir (its newest checkpoint is used) or a directory from
 tools/import_hf.py. "hf" writes config.json + model.safetensors that
-transformers' from_pretrained loads (ViT, CLIP, SigLIP, GPT-2, Llama, LLaVA,
-Llama 3.2 Vision, IDEFICS), plus the run's tokenizer: the files of its tokenizer's folder (a
+transformers' from_pretrained loads (ViT, CLIP, SigLIP, GPT-2, Llama, Gemma,
+Gemma 2, LLaVA, PaliGemma 1 and 2, Llama 3.2 Vision, IDEFICS), plus the run's tokenizer: the files of its tokenizer's folder (a
 pretrained tower's or an import's), or for byte-level runs a tokenizer.json with the same
 ids. Other deep-fusion models have no HuggingFace class: OUT/vision and OUT/language get
 their towers,

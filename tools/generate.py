@@ -13,7 +13,9 @@ images without an "<image>" in the template go first. The default is the
 layout of the run's training data: "<image>{prompt} " for the generated
 scenes, LLaVA-1.5's "USER: <image>\n{prompt} ASSISTANT:" for LLaVA data and
 LLaVA imports; a prompt with its own "<image>" markers places its images
-itself. Text is tokenized as the model was trained (the run's
+itself. A PaliGemma (an import, or a run with config.data.prefix_lm) reads
+its images, BOS, the prompt and "\n" both ways, as its processor lays them out
+("caption en", "answer en what is on the table?", "detect cat"). Text is tokenized as the model was trained (the run's
 config.data.tokenizer, a pretrained language tower's, an import's) unless
 --tokenizer says otherwise; images are read with Pillow, made RGB, resized
 to the model's resolution (or, for a run trained with config.data.max_patches,
@@ -119,17 +121,22 @@ def main(argv):
   elif any(r.get("images") for r in requests):
     raise ValueError(f"a {config['family']} model takes no images")
   template = _TEMPLATE.value or config.get("template", "{prompt}")
-  prompts = [tokenizers.encode_prompt(r["prompt"], len(r.get("images", [])), template,
-                                      image_ids[b] if config["model"].get("grid_pinpoints")
-                                      else image_ids, tokenizer)
-             for b, r in enumerate(requests)]
+  if config.get("prefix_lm"):  # PaliGemma: the images, BOS, the prompt and "\n", read both ways
+    prompts = [tokenizers.encode_prefix_lm(r["prompt"], None,
+                                           image_ids * len(r.get("images", [])), tokenizer)[0]
+               for r in requests]
+  else:
+    prompts = [tokenizers.encode_prompt(r["prompt"], len(r.get("images", [])), template,
+                                        image_ids[b] if config["model"].get("grid_pinpoints")
+                                        else image_ids, tokenizer)
+               for b, r in enumerate(requests)]
   tokens, lengths = generation.left_pad(prompts, tokenizer.pad_id)
   sampling = generation.Sampling(
       method=_METHOD.value, max_new_tokens=_MAX_NEW_TOKENS.value, eos_id=tokenizer.eos_id,
       pad_id=tokenizer.pad_id, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
       top_p=_TOP_P.value, beam_size=_BEAM_SIZE.value)
-  out = jax.jit(generation.make_generate(model, sampling))(params, tokens, lengths, images,
-                                                       jax.random.key(_SEED.value))
+  out = jax.jit(generation.make_generate(model, sampling, config.get("prefix_lm", False)))(
+      params, tokens, lengths, images, jax.random.key(_SEED.value))
   out = jax.device_get(out)
   for b, request in enumerate(requests):
     answer = tokenizer.decode(out["tokens"][b][:out["lengths"][b]])

@@ -28,6 +28,7 @@ from mmjax import models
 from mmjax import sharding
 from mmjax.data import tokenizers
 from mmjax.interop import hf
+from mmjax.interop import paligemma
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "config.json + *.safetensors directory.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the mmjax import to.")
@@ -71,7 +72,9 @@ def main(argv):
       settings = json.load(f)
     if "image_mean" in settings:
       config["pixels"] = {"mean": settings["image_mean"], "std": settings["image_std"]}
-  if config["family"] == "early_fusion":  # a LLaVA: prompts as it was trained on them
+  if config["family"] == "early_fusion" and paligemma.is_paligemma(config["model"]):
+    config["prefix_lm"] = True  # prompts as PaliGemma reads them (tokenizers.encode_prefix_lm)
+  elif config["family"] == "early_fusion":  # a LLaVA: prompts as it was trained on them
     config["template"] = tokenizers.LLAVA_TEMPLATE
   os.makedirs(_OUT.value, exist_ok=True)
   with open(os.path.join(_OUT.value, "mmjax_config.json"), "w") as f:

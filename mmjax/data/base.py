@@ -8,6 +8,8 @@ Every source (config.data.name, built by `mmjax.data.sources.build`):
   tokenizer                               how its text was turned into ids
   image_mean, image_std                   how its pixels were normalised
   num_classes                             classification sources: labels are below it
+  prefix_lm                               token sources: each row's prompt (image, BOS,
+                                          question) is read both ways, batch["prefix_len"]
 
 Sources of held-out prompts, which the generative evaluator answers and scores,
 have a non-empty `example_types` and also:
@@ -33,6 +35,7 @@ class Source:
   example_types: tuple[str, ...] = ()  # non-empty: held-out prompts with answers to score
   max_references: int = 1
   num_classes: int | None = None
+  prefix_lm: bool = False
 
   def __init__(self, batch_size: int, seed: int = 0, split: str = "train",
                process_index: int = 0, process_count: int = 1,

@@ -150,7 +150,8 @@ class RecordSource(base.Source):
 
   def __init__(self, batch_size: int, seq_len: int, *, tokenizer: str = "bytes", pack: int = 1,
                max_images: int = 0, image_size: int = 0, resize: str = "bilinear",
-               layout: patches.Layout | anyres.Layout | None = None, **kwargs):
+               layout: patches.Layout | anyres.Layout | None = None, prefix_lm: bool = False,
+               **kwargs):
     super().__init__(batch_size, **kwargs)
     if pack < 1:
       raise ValueError(f"config.data.pack must be >= 1, got {pack}")
@@ -161,6 +162,8 @@ class RecordSource(base.Source):
     self.max_images = max_images
     self.image_size = image_size
     self.layout = layout
+    # PaliGemma's layout (tokenizers.encode_prefix_lm): batch["prefix_len"], one example a row.
+    self.prefix_lm = prefix_lm
     self.tokenizer = tokenizers.load(tokenizer)
     self.counts = collections.Counter()
     self.image_ids: list[int] = []  # the ids that stand for one image (sources with images)
@@ -282,6 +285,9 @@ class RecordSource(base.Source):
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_weights": weights[:, 1:]}
     if self.pack > 1 or isinstance(self.layout, patches.Layout):
       batch.update(segment_ids=segment_ids[:, :-1], positions=positions[:, :-1])
+    if self.prefix_lm:  # the tokens before the first the loss is on: read both ways
+      batch["prefix_len"] = np.array([(e[0].loss + [1]).index(1) if e else 0 for e in rows],
+                                     np.int32)
     if self.max_images and self.layout is not None:
       batch.update(self.layout.pack([[image for e in examples for image in e.images]
                                      for examples in rows]))
@@ -400,7 +406,8 @@ class LlavaConversations(RecordSource):
 
 class CocoCaptions(RecordSource):
   """Captioned images: BOS, the image's placeholders (or marker; AnyRes: as many as its size
-  needs), a caption, EOS; loss on the caption.
+  needs), a caption, EOS; loss on the caption. prefix_lm (PaliGemma): the placeholders, BOS,
+  "caption en\n", then the caption and EOS.
 
   Each epoch draws one of the image's captions (seeded by the record's global
   position). Held-out examples carry every caption as references for BLEU/CIDEr.
@@ -415,7 +422,7 @@ class CocoCaptions(RecordSource):
     super().__init__(batch_size, seq_len, max_images=1, **kwargs)
     self.image_ids = [image_token_id] * image_tokens
     # The longest prompt (an AnyRes image may take fewer placeholders than image_tokens).
-    self.prompt = [self.tokenizer.bos_id] + self.image_ids
+    self.prompt = self._prompt(self.image_ids)
     if seq_len <= len(self.prompt) + 1:
       raise ValueError(f"config.data.seq_len={seq_len} leaves no room for a caption after "
                        f"{image_tokens} image tokens")
@@ -430,10 +437,16 @@ class CocoCaptions(RecordSource):
     rng = np.random.default_rng((self.seed, base.SPLITS[self.split], position))
     return record["captions"][rng.integers(len(record["captions"]))].decode()
 
+  def _prompt(self, placeholders: list[int]) -> list[int]:
+    if self.prefix_lm:
+      return tokenizers.encode_prefix_lm(tokenizers.CAPTION_PREFIX, None, placeholders,
+                                         self.tokenizer)[0]
+    return [self.tokenizer.bos_id] + placeholders
+
   def example(self, record: dict, position: int) -> Example:
     caption = self.tokenizer.encode(self._caption(record, position)) + [self.tokenizer.eos_id]
     image = self.image(record["images"][0])
-    prompt = [self.tokenizer.bos_id] + self.placeholders(image)
+    prompt = self._prompt(self.placeholders(image))
     return Example(record["id"].decode(), prompt + caption,
                    [0] * len(prompt) + [1] * len(caption), [image])
 
@@ -452,7 +465,7 @@ class CocoCaptions(RecordSource):
       captions = [c.decode() for c in record["captions"]]
       image = self.image(record["images"][0])
       rows.append({"image": [image] if self.layout else self.normalise(image)[None],
-                   "prompt": [self.tokenizer.bos_id] + self.placeholders(image), "question": "",
+                   "prompt": self._prompt(self.placeholders(image)), "question": "",
                    "answer": captions[0], "references": captions[:self.max_references],
                    "type": "caption"})
     return rows

@@ -93,7 +93,7 @@ def _tokens(data: Config) -> dict:
 def _scenes(config: Config, split: str, common: dict, *, in_memory: bool) -> base.Source:
   data = config.data
   fields = dict(task=data.task, max_shapes=data.max_shapes,
-                tokenizer=data.get("tokenizer", "bytes"),
+                tokenizer=data.get("tokenizer", "bytes"), prefix_lm=data.get("prefix_lm", False),
                 image_token_id=config.model.image_token_id, **common)
   if in_memory:
     return synthetic.ShapeScenes(config.batch_size, data.seq_len, image_size(config),
@@ -122,7 +122,7 @@ def _annotated(config: Config, split: str, common: dict) -> base.Source:
       image_size=image_size(config), image_tokens=placeholders_per_image(config),
       image_token_id=config.model.image_token_id, data_dir=data.data_dir,
       resize=data.get("resize", "bilinear"), layout=layout(config), **images, **_tokens(data),
-      **common)
+      prefix_lm=data.get("prefix_lm", False), **common)
 
 
 def _image_folder(config: Config, split: str, common: dict) -> base.Source:
@@ -159,6 +159,7 @@ def _tfds(config: Config, split: str, common: dict) -> base.Source:
 
 
 IMAGE_TEXT = models.IMAGE_TEXT
+PREFIX_LM = ("shapes", "tfds_scenes", "coco_captions")  # sources of (prompt, answer) pairs
 SCENES_TEMPLATE = "<image>{prompt} "  # the image, the question, a space: then the answer
 SOURCES = {
     "arithmetic": Entry(("lm",), lambda config, split, common: synthetic.ArithmeticText(
@@ -197,6 +198,8 @@ def check(config: Config):
       raise ValueError(f"config.data.{key} must be set for config.data.name={data.name!r}")
   if config.family == "early_fusion" and config.model.get("grid_pinpoints"):
     _check_anyres(config)
+  if data.get("prefix_lm"):
+    _check_prefix_lm(config)
   if data.get("max_patches"):
     if config.family != "deep_fusion" or not entry.own_sizes:
       raise ValueError("config.data.max_patches (images at their own size, packed) feeds deep "
@@ -238,6 +241,19 @@ def check(config: Config):
 def _own_sizes() -> str:
   """The sources that can keep each image's size, as an error message names them."""
   return " or ".join(repr(name) for name, e in SOURCES.items() if e.own_sizes)
+
+
+def _check_prefix_lm(config: Config):
+  data = config.data
+  if config.family != "early_fusion":
+    raise ValueError(f"config.data.prefix_lm (PaliGemma's layout) feeds early fusion, not "
+                     f"{config.family}")
+  if data.name not in PREFIX_LM:
+    raise ValueError(f"config.data.prefix_lm lays out a prompt and its answer: data.name "
+                     f"{' or '.join(map(repr, PREFIX_LM))}, not {data.name!r}")
+  if data.get("pack", 1) > 1 or data.get("max_patches") or config.model.get("grid_pinpoints"):
+    raise ValueError("config.data.prefix_lm reads one example a row, images of one size: unset "
+                     "data.pack, data.max_patches and model.grid_pinpoints")
 
 
 def _check_anyres(config: Config):
@@ -300,6 +316,8 @@ def batch_spec(config: Config) -> dict[str, jax.ShapeDtypeStruct]:
   pack = data.get("pack", 1)
   if pack > 1 or isinstance(native, patches.Layout):
     spec.update(segment_ids=text, positions=text)
+  if data.get("prefix_lm"):
+    spec["prefix_len"] = jax.ShapeDtypeStruct((B,), np.int32)
   if native:
     spec.update({k: jax.ShapeDtypeStruct(shape, dtype)
                  for k, (shape, dtype) in native.spec(B).items()})

@@ -87,6 +87,9 @@ class ShapeScenes(base.Source):
 
   Each sample is [BOS] + image_tokens placeholders + question bytes + " ", then
   the answer (or caption) + [EOS], with the loss on the answer and EOS only.
+  prefix_lm (PaliGemma): the placeholders, [BOS], the question (a caption's:
+  "caption en") and "\n", read both ways (batch["prefix_len"] int32[B]), then the
+  answer + [EOS].
 
   sizes "varied" draws each image's height and width from image_size / 2 to
   2 x image_size (aspect ratios up to 4:1); in a dense batch it is then
@@ -104,7 +107,7 @@ class ShapeScenes(base.Source):
                task: str = "vqa", max_shapes: int = 3, image_token_id: int | None = None,
                tokenizer: str = "bytes",
                layout: patches.Layout | anyres.Layout | tiles_lib.Layout | None = None,
-               sizes: str = "fixed", **kwargs):
+               sizes: str = "fixed", prefix_lm: bool = False, **kwargs):
     super().__init__(batch_size, **kwargs)
     self.tokenizer = tokenizers.load(tokenizer)
     if task not in TASKS:
@@ -120,6 +123,7 @@ class ShapeScenes(base.Source):
     self.image_token_id = self.tokenizer.image_id if image_token_id is None else image_token_id
     self.layout = layout
     self.sizes = sizes
+    self.prefix_lm = prefix_lm  # PaliGemma's layout (tokenizers.encode_prefix_lm), prefix_len
     # Inputs exclude the final EOS.
     needed = max(prompt + answer for prompt, answer in self._longest_texts())
     self.seq_len = seq_len or needed * (layout.max_images if layout else 1)
@@ -142,7 +146,8 @@ class ShapeScenes(base.Source):
     image = 1 + self.image_tokens  # BOS + placeholders
     question = (image + self._most_tokens("how many squares are there? "),
                 self._most_tokens("bottom right"))
-    caption = (image, self._most_tokens(", ".join(["a yellow circle bottom right"]
+    task_prefix = self._most_tokens(tokenizers.CAPTION_PREFIX + "\n") if self.prefix_lm else 0
+    caption = (image + task_prefix, self._most_tokens(", ".join(["a yellow circle bottom right"]
                                                    * self.max_shapes)) + 1)
     return {"vqa": [question], "caption": [caption], "mixed": [question, caption]}[self.task]
 
@@ -213,8 +218,13 @@ class ShapeScenes(base.Source):
     elif isinstance(self.layout, tiles_lib.Layout):
       tiles, ratio = self.layout.cut(scene["image"])
       image = [(self.normalise(tiles), ratio)]
-    prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * placeholders
-              + self.tokenizer.encode(question + " " if question else ""))
+    if self.prefix_lm:
+      prompt, _ = tokenizers.encode_prefix_lm(question or tokenizers.CAPTION_PREFIX, None,
+                                              [self.image_token_id] * placeholders,
+                                              self.tokenizer)
+    else:
+      prompt = ([self.tokenizer.bos_id] + [self.image_token_id] * placeholders
+                + self.tokenizer.encode(question + " " if question else ""))
     return {"image": image, "prompt": prompt,
             "question": question, "answer": answer, "type": kind}
 
@@ -231,6 +241,8 @@ class ShapeScenes(base.Source):
     loss_from = [len(e["prompt"]) - 1 for e in examples]  # the first target is the answer's
     images = ({"images": np.stack([e["image"] for e in examples])} if self.layout is None
               else self.layout.pack([e["image"] for e in examples]))
+    if self.prefix_lm:  # the image and the prompt, read both ways
+      images["prefix_len"] = np.array([len(e["prompt"]) for e in examples], np.int32)
     return {**images, **_shift(rows, self.seq_len, self.tokenizer.pad_id, loss_from)}
 
   def packed_batch(self, step: int) -> dict[str, np.ndarray]:

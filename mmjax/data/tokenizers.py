@@ -224,6 +224,21 @@ def encode_conversation(turns: list[dict], tokenizer, image_ids: list[int] | lis
   return ids, mask
 
 
+# PaliGemma's task prefix for captions (big_vision's "caption en"): what a prefix-LM caption
+# prompt says.
+CAPTION_PREFIX = "caption en"
+
+
+def encode_prefix_lm(prompt: str, answer: str | None, image_ids: list[int], tokenizer
+                     ) -> tuple[list[int], list[int]]:
+  """PaliGemma's layout -> (token ids, loss mask): the image's ids, BOS, the prompt and "\n"
+  (the prefix, read both ways, no loss), then the answer and EOS (the suffix, causal, the
+  loss on it), as transformers' PaliGemmaProcessor writes input_ids and token_type_ids.
+  answer None: the prefix alone (a prompt to generate from)."""
+  prefix = list(image_ids) + [tokenizer.bos_id] + tokenizer.encode(prompt + "\n")
+  suffix = [] if answer is None else tokenizer.encode(answer) + [tokenizer.eos_id]
+  return prefix + suffix, [0] * len(prefix) + [1] * len(suffix)
+
 
 def encode_prompt(prompt: str, num_images: int, template: str,
                   image_ids: list[int] | list[list[int]], tokenizer) -> list[int]:
