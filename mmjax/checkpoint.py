@@ -74,7 +74,7 @@ class Checkpointer:
     checkpoint written on another mesh or device count restores onto this one.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
-    for step in steps:
+    for n, step in enumerate(steps):
       step_dir = os.path.join(self.directory, str(step))
       if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
         log.warning("checkpoint step %d (%s) is incomplete (no commit marker); "
@@ -88,6 +88,9 @@ class Checkpointer:
         log.warning("checkpoint step %d (%s) is unreadable (%s: %s); falling back to an "
                         "older step", step, step_dir, type(e).__name__, str(e).splitlines()[0])
         continue
+      if n:
+        log.warning("resuming from checkpoint step %d, not the newer %s (unreadable, above)",
+                    step, steps[:n])
       return restored["state"], restored["data"], step
     if steps:
       raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {steps}); "
@@ -122,6 +125,24 @@ class Checkpointer:
 FSDP_OVER_ALL_DEVICES = {"data": 1, "fsdp": -1, "tensor": 1}
 
 
+def complete_steps(checkpoints: str) -> list[int]:
+  """The steps under a checkpoints/ directory with their commit marker, newest first."""
+  names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+  return sorted((int(n) for n in names
+                 if n.isdigit() and os.path.exists(os.path.join(checkpoints, n, COMMIT_MARKER))),
+                reverse=True)
+
+
+def resume_point(workdir: str) -> str:
+  """What the same command run again resumes from, in words."""
+  checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  steps = complete_steps(checkpoints)
+  if not steps:
+    return "no checkpoint is complete yet: the same command on every process starts at step 0"
+  return (f"the same command on every process resumes from checkpoint step {steps[0]} "
+          f"({checkpoints}/{steps[0]})")
+
+
 def model_files(directory: str) -> tuple[dict, str, str | None, str]:
   """Where read_model finds a model, its parameters left unread: a training workdir (its newest
   committed checkpoint) or a params-only export -> (the config read_model returns, before
@@ -135,9 +156,7 @@ def model_files(directory: str) -> tuple[dict, str, str | None, str]:
     tokenizer = tokenizer_file(directory) or "bytes"
   else:
     checkpoints = os.path.abspath(os.path.join(directory, "checkpoints"))
-    steps = sorted((int(s) for s in (os.listdir(checkpoints) if os.path.isdir(checkpoints) else [])
-                    if s.isdigit() and os.path.exists(os.path.join(checkpoints, s, COMMIT_MARKER))),
-                   reverse=True)
+    steps = complete_steps(checkpoints)
     if not steps:
       raise FileNotFoundError(f"{directory} has neither mmjax_config.json nor a complete "
                               "checkpoints/<step>")

@@ -21,6 +21,7 @@ import numpy as np
 
 from mmjax import checkpoint
 from mmjax import console
+from mmjax import distributed
 from mmjax import dry_run
 from mmjax import evaluate
 from mmjax import lora
@@ -63,15 +64,22 @@ def validate_loop(config: ml_collections.ConfigDict):
 
 class Preemption:
   """Turns SIGTERM and Ctrl-C (SIGINT) into a request to checkpoint and stop, agreed by every
-  process. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+  process. A second Ctrl-C stops at once (KeyboardInterrupt).
+
+  With several processes JAX's preemption service takes SIGTERM (a maintenance event on one
+  host) and the processes agree, through the coordination service, on the next step at which
+  all of them save and stop; Ctrl-C is agreed at logging steps.
+  """
 
   NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
   def __init__(self):
     self.received = None  # the first signal's name
+    self.synced = distributed.preemption_synced()
     # Only the flag is set here: an exception raised at an arbitrary point (inside a callback
     # from XLA, say) can be swallowed there, and the run would go on.
-    self.previous = {s: signal.signal(s, self._handle) for s in self.NAMES}  # restored on exit
+    self.previous = {s: signal.signal(s, self._handle) for s in self.NAMES
+                     if not (self.synced and s == signal.SIGTERM)}  # restored on exit
 
   def _handle(self, signum, frame):
     del frame
@@ -82,10 +90,14 @@ class Preemption:
       log.warning("%s: saving a checkpoint after this step, then stopping%s", self.received,
                   " (Ctrl-C again: stop now)" if signum == signal.SIGINT else "")
 
-  def should_stop(self, sync: bool) -> bool:
-    """With several processes the flags are combined, only when `sync` (a logging step)."""
+  def should_stop(self, step: int, sync: bool) -> bool:
+    """With several processes the Ctrl-C flags are combined only when `sync` (a logging step);
+    a SIGTERM anywhere stops every process at the step the preemption service agrees on."""
     if jax.process_count() == 1:
       return self.received is not None
+    if self.synced and multihost_utils.reached_preemption_sync_point(step):
+      self.received = self.received or "SIGTERM"
+      return True
     if not sync:
       return False
     return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
@@ -140,6 +152,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer = checkpoint.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
                                            keep_every=config.checkpoint.keep_every,
                                            async_save=config.checkpoint.async_save)
+    # A lost process ends every other one with a line saying where a restart resumes.
+    distributed.resume_from(lambda: checkpoint.resume_point(workdir))
     restored = checkpointer.restore_latest(run.abstract_state)
     if restored:
       state, data_state, start = restored
@@ -250,7 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           writer.write(step, scalars)
           progress.log(step, scalars)
           last, tic, steps_since, items = scalars, time.perf_counter(), 0, 0.0
-        preempted = preemption.should_stop(sync=log_now)
+        preempted = preemption.should_stop(step, sync=log_now)
         if ((config.checkpoint_every and step % config.checkpoint_every == 0)
             or step == config.total_steps or preempted):
           _check_finite(state, config.nan_policy)
@@ -261,6 +275,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           log.warning("stopped at step %d after %s; checkpoint saved, the same command resumes "
                       "there", step, stopped_by)
           break
+    except jax.errors.JaxRuntimeError as e:
+      if jax.process_count() > 1:  # a peer's connection dropped mid-collective
+        distributed.collective_failed(e)
+      raise
     finally:
       prefetcher.shutdown(cancel_futures=True)
       progress.close()

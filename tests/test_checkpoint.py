@@ -77,6 +77,49 @@ def test_corrupt_latest_falls_back(tmp_path, caplog):
   assert "checkpoint step 2" in caplog.text and "unreadable" in caplog.text
 
 
+def truncate_array_files(step_dir):
+  for path in (step_dir / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 64 and "metadata" not in path.name.lower():
+      path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def remove_manifests(step_dir):  # OCDBT's index of where each array's bytes are
+  for path in (step_dir / "state").rglob("manifest.ocdbt"):
+    path.unlink()
+
+
+def empty_step(step_dir):
+  step_dir.parent.joinpath("3").mkdir()  # a newer step folder with nothing in it
+
+
+@pytest.mark.parametrize("breakage,newest,expected", [
+    (truncate_array_files, 2, 1), (remove_manifests, 2, 1), (empty_step, 3, 2)],
+                         ids=["truncated", "no_manifest", "empty_step"])
+def test_broken_newest_step_falls_back_naming_both_steps(tmp_path, caplog, breakage, newest,
+                                                         expected):
+  """What a half-written save on shared storage leaves: restore warns, naming the step it skips
+  and the one it resumes from, and never starts from step 0 while an older step is readable."""
+  directory = saved(tmp_path, [1, 2])
+  breakage(directory / "2")
+  state, data_state, step = restore(tmp_path)
+  assert step == expected and data_state == {"next_step": expected + 1}
+  np.testing.assert_array_equal(state["params"]["dense"]["kernel"], float(expected))
+  assert f"checkpoint step {newest}" in caplog.text
+  assert f"resuming from checkpoint step {expected}, not the newer {[newest]}" in caplog.text
+
+
+def test_missing_tree_metadata_still_restores_exactly(tmp_path):
+  # Orbax's tree metadata files gone, the arrays and their index intact: the model gives the
+  # tree, so the step restores, bit for bit.
+  directory = saved(tmp_path, [1, 2])
+  for path in (directory / "2" / "state").rglob("*metadata*"):
+    if path.is_file():
+      path.unlink()
+  state, _, step = restore(tmp_path)
+  assert step == 2
+  np.testing.assert_array_equal(state["params"]["dense"]["kernel"], 2.0)
+
+
 def test_all_unrestorable_is_an_error(tmp_path):
   directory = saved(tmp_path, [1])
   os.remove(directory / "1" / checkpoint.COMMIT_MARKER)

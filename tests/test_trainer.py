@@ -3,7 +3,6 @@ import importlib
 import json
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from mmjax import sharding
@@ -23,6 +21,7 @@ from mmjax.data import sources
 from mmjax.models import lm
 from mmjax.models import vit
 import train_cli
+from train_cli import final_params
 
 
 def config_for(name: str, arg: str = "tiny", **overrides):
@@ -35,18 +34,6 @@ def config_for(name: str, arg: str = "tiny", **overrides):
 
 def losses(rows):
   return [r["loss"] for r in rows if "loss" in r]
-
-
-def final_params(workdir) -> dict:
-  directory = pathlib.Path(workdir) / "checkpoints"
-  step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-  path = directory / str(step) / "state"
-  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as ckpt:
-    saved = ckpt.metadata(path).item_metadata.tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one_device),
-                          saved)
-    return jax.device_get(ckpt.restore(path, target)["params"])
 
 
 def assert_trees_equal(a, b):
@@ -388,30 +375,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, run_train):
   assert logged == sorted(set(logged)) and logged[-1] == 300  # continued, not restarted
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def run_two_processes(workdir, overrides, config="lm.py:tiny"):
-  port = free_port()
-  processes = [subprocess.Popen(
-      train_cli.command(workdir, config, {
-          **overrides, "distributed.coordinator_address": f"127.0.0.1:{port}",
-          "distributed.num_processes": 2, "distributed.process_id": i}),
-      env=train_cli.env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
-  for p in processes:
-    _, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-  return train_cli.read_metrics(workdir)
-
-
 def test_a_missing_process_is_a_line_within_the_join_timeout(tmp_path):
   started = time.time()
   result = subprocess.run(train_cli.command(tmp_path, "lm.py:tiny", {
-      "distributed.coordinator_address": f"127.0.0.1:{free_port()}",
+      "distributed.coordinator_address": f"127.0.0.1:{train_cli.free_port()}",
       "distributed.num_processes": 2, "distributed.process_id": 0,
       "distributed.join_timeout_s": 3}), env=train_cli.env(1), capture_output=True, text=True,
                           timeout=120)
@@ -429,9 +396,9 @@ def test_two_processes_match_one_and_resume(tmp_path, run_train):
   short = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint_every": 10,
            "optimizer.warmup_steps": 3, "optimizer.decay_steps": 30}
   single = run_train(tmp_path / "single", "lm.py:tiny", {**short, "total_steps": 30})
-  run_two_processes(tmp_path / "two", short)
+  train_cli.run_processes(tmp_path / "two", "lm.py:tiny", short)
   # Resume the two-process run from its step-20 checkpoint and go on to 30.
-  two = run_two_processes(tmp_path / "two", {**short, "total_steps": 30})
+  two = train_cli.run_processes(tmp_path / "two", "lm.py:tiny", {**short, "total_steps": 30})
   assert [r["step"] for r in two] == [5, 10, 15, 20, 25, 30]
   np.testing.assert_allclose(losses(two), losses(single), rtol=2e-5)
   # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into ~1e-6 moves.
@@ -443,7 +410,7 @@ def test_two_processes_train_lora_over_an_int8_base_as_one(tmp_path, run_train):
   overrides = {"total_steps": 10, "log_every": 5, "eval_every": 0, "checkpoint_every": 10,
                "optimizer.lora.base_dtype": "int8"}
   single = run_train(tmp_path / "single", "lm.py:tiny,lora", overrides)
-  two = run_two_processes(tmp_path / "two", overrides, "lm.py:tiny,lora")
+  two = train_cli.run_processes(tmp_path / "two", "lm.py:tiny,lora", overrides)
   np.testing.assert_allclose(losses(two), losses(single), rtol=2e-5)
   one_params, two_params = final_params(tmp_path / "single"), final_params(tmp_path / "two")
   assert one_params["block_0"]["attn"]["query"]["kernel"].dtype == np.int8

@@ -2,8 +2,12 @@
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+
+import jax
+import orbax.checkpoint as ocp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,51 @@ def run_tool(name: str, *args) -> str:
                           env=env(1), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_processes(workdir, config: str, overrides: dict, count: int = 2,
+                    devices: int = 2) -> list[subprocess.Popen]:
+  """`count` train.py processes of one run on localhost, `devices` CPU devices each; process
+  i's stderr goes to WORKDIR.stderr.i (read it with `stderr`)."""
+  port = free_port()
+  pathlib.Path(workdir).parent.mkdir(parents=True, exist_ok=True)
+  return [subprocess.Popen(
+      command(workdir, config, {**overrides,
+                                "distributed.coordinator_address": f"127.0.0.1:{port}",
+                                "distributed.num_processes": count,
+                                "distributed.process_id": i}),
+      env=env(devices), stdout=subprocess.DEVNULL,
+      stderr=open(f"{workdir}.stderr.{i}", "w"), text=True) for i in range(count)]
+
+
+def stderr(workdir, process: int) -> str:
+  return pathlib.Path(f"{workdir}.stderr.{process}").read_text()
+
+
+def run_processes(workdir, config: str, overrides: dict, count: int = 2,
+                  devices: int = 2) -> list[dict]:
+  """start_processes, each expected to succeed; the run's metrics rows."""
+  processes = start_processes(workdir, config, overrides, count, devices)
+  for i, p in enumerate(processes):
+    p.wait(timeout=600)
+    assert p.returncode == 0, stderr(workdir, i)[-3000:]
+  return read_metrics(workdir)
+
+
+def final_params(workdir) -> dict:
+  """The params of a run's newest checkpoint, on one device."""
+  directory = pathlib.Path(workdir) / "checkpoints"
+  step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  path = directory / str(step) / "state"
+  on_one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckpt:
+    saved = ckpt.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one_device),
+                          saved)
+    return jax.device_get(ckpt.restore(path, target)["params"])
