@@ -35,16 +35,14 @@ GEMMA2 = dict(model_type="gemma2", vocab_size=257216, num_key_value_heads=None, 
               hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
               rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
               attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+GEMMA2_2B = dict(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8,
+                 num_key_value_heads=4, intermediate_size=9216)
+GEMMA2_9B = dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16,
+                 num_key_value_heads=8, intermediate_size=14336)
 PALIGEMMA2 = {  # variant -> (image size, Gemma 2's size)
-    "paligemma2-3b-224": (224, dict(hidden_size=2304, num_hidden_layers=26,
-                                    num_attention_heads=8, num_key_value_heads=4,
-                                    intermediate_size=9216)),
-    "paligemma2-3b-448": (448, dict(hidden_size=2304, num_hidden_layers=26,
-                                    num_attention_heads=8, num_key_value_heads=4,
-                                    intermediate_size=9216)),
-    "paligemma2-10b-224": (224, dict(hidden_size=3584, num_hidden_layers=42,
-                                     num_attention_heads=16, num_key_value_heads=8,
-                                     intermediate_size=14336)),
+    "paligemma2-3b-224": (224, GEMMA2_2B),
+    "paligemma2-3b-448": (448, GEMMA2_2B),
+    "paligemma2-10b-224": (224, GEMMA2_9B),
 }
 PALIGEMMA_STAGES = ("all", "lora")
 PALIGEMMA_TEXT = 64  # text tokens after the image's: a prompt and an answer

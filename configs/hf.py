@@ -44,18 +44,19 @@ def get_config(arg: str) -> ml_collections.ConfigDict:
   config.init_from = os.path.abspath(arg)
   config.optimizer = common.optimizer(learning_rate=1e-4)  # fine-tuning
   model = imported["model"]
+  is_paligemma = imported["family"] == "early_fusion" and paligemma.is_paligemma(model)
   if lora:  # the adapters train; with early fusion the projector too (LLaVA's LoRA recipe)
     common.with_lora(config, "" if imported["family"] == "lm" else "lm/")
     if imported["family"] == "deep_fusion":  # and the cross-attention blocks' projections
       config.optimizer.lora.targets += "|" + common.projections(blocks=r"xattn_\d+")
     config.optimizer.frozen = "^(?!projector/)"
-    if imported["family"] == "early_fusion" and paligemma.is_paligemma(model):
+    if is_paligemma:
       config.optimizer.frozen = "."  # the adapters alone (the Colab recipe; all of it PEFT)
   if imported["family"] == "lm":
     config.data = common.text_data(seq_len=min(128, model["max_len"]))
     return config
   config.data = common.image_data() if imported["family"] == "vit" else common.image_text_data()
   config.data.update(common.pixels(**imported.get("pixels", {})))
-  if imported["family"] == "early_fusion" and paligemma.is_paligemma(model):
+  if is_paligemma:
     config.data.prefix_lm = True  # as PaliGemma was trained: image + prompt both ways
   return config

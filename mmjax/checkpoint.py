@@ -97,6 +97,14 @@ class Checkpointer:
                          "move them away to start afresh")
     return None
 
+  def resume_point(self) -> str:
+    """What the same command run again resumes from, in words."""
+    steps = complete_steps(self.directory)
+    if not steps:
+      return "no checkpoint is complete yet: the same command on every process starts at step 0"
+    return (f"the same command on every process resumes from checkpoint step {steps[0]} "
+            f"({self.directory}/{steps[0]})")
+
   def check_tree(self, step: int, abstract_state):
     """Raises, naming the parameter, when the checkpoint's tree differs from the model's."""
     try:
@@ -131,16 +139,6 @@ def complete_steps(checkpoints: str) -> list[int]:
   return sorted((int(n) for n in names
                  if n.isdigit() and os.path.exists(os.path.join(checkpoints, n, COMMIT_MARKER))),
                 reverse=True)
-
-
-def resume_point(workdir: str) -> str:
-  """What the same command run again resumes from, in words."""
-  checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  steps = complete_steps(checkpoints)
-  if not steps:
-    return "no checkpoint is complete yet: the same command on every process starts at step 0"
-  return (f"the same command on every process resumes from checkpoint step {steps[0]} "
-          f"({checkpoints}/{steps[0]})")
 
 
 def model_files(directory: str) -> tuple[dict, str, str | None, str]:

@@ -25,6 +25,7 @@ import threading
 import time
 
 import jax
+from jax._src import distributed as jax_distributed  # its private coordination client
 import ml_collections
 
 from mmjax import console
@@ -86,7 +87,6 @@ def collective_failed(error: Exception):
   Exits at once: JAX's coordination agent is about to abort the process from C++."""
   first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   first = re.sub(r"(Error dispatching computation: )+", "", first)[:160]
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   try:  # the coordinator answers: another process is lost, and the watchdog will name it
     jax_distributed.global_state.client.key_value_try_get(f"mmjax/pulse/{jax.process_index()}")
     time.sleep(_watch_timeout_s + 2 * PULSE_S)  # it exits the process with its line first
@@ -100,16 +100,15 @@ def collective_failed(error: Exception):
 def preemption_synced() -> bool:
   """Whether JAX's preemption service runs (several processes joined): it takes SIGTERM and
   agrees on a step at which every process stops (multihost_utils.reached_preemption_sync_point)."""
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  return jax.process_count() > 1 and jax_distributed.global_state.preemption_sync_manager is not None
+  return (jax.process_count() > 1
+          and jax_distributed.global_state.preemption_sync_manager is not None)
 
 
 def _watch_peers(config: ml_collections.ConfigDict):
   """Starts this process's pulse and the watchdog over the others' (several processes only)."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  client = jax_distributed.global_state.client  # the coordination service's key-value store
+  client = jax_distributed.global_state.client  # key-value store
   global _watch_timeout_s
   _watch_timeout_s = config.heartbeat_timeout_s
   threading.Thread(target=_pulse_and_watch, daemon=True, name="mmjax-peers", args=(

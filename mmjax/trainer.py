@@ -153,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                            keep_every=config.checkpoint.keep_every,
                                            async_save=config.checkpoint.async_save)
     # A lost process ends every other one with a line saying where a restart resumes.
-    distributed.resume_from(lambda: checkpoint.resume_point(workdir))
+    distributed.resume_from(checkpointer.resume_point)
     restored = checkpointer.restore_latest(run.abstract_state)
     if restored:
       state, data_state, start = restored

@@ -1,14 +1,27 @@
 """Checks shared by the tests that compare an import or export with transformers."""
 import os
 
+import jax
 import numpy as np
 from safetensors.numpy import load_file
+
+from mmjax.interop import hf
 
 
 def relative_error(ours, theirs) -> float:
   """max |ours - theirs| / max |theirs|: errors against the scale of what is compared."""
   theirs = np.asarray(theirs)
   return float(np.abs(np.asarray(ours) - theirs).max() / np.abs(theirs).max())
+
+
+def export_and_reload(model, path, out):
+  """hf.load -> hf.save -> hf.load gives identical params; returns transformers' reload."""
+  config, params = hf.load(path)
+  hf.save(str(out), config, params)
+  again_config, again = hf.load(str(out))
+  assert again_config == config
+  jax.tree.map(np.testing.assert_array_equal, again, params)
+  return type(model).from_pretrained(str(out)).eval()
 
 
 def assert_same_tensors(original_dir: str, exported_dir: str):

@@ -22,6 +22,7 @@ from mmjax import sharding
 from mmjax.data import anyres
 from mmjax.interop import hf
 from mmjax.models import early_fusion
+import hf_parity
 
 RTOL = 1e-4  # max |mmjax - transformers| / max |transformers|
 
@@ -35,16 +36,6 @@ def assert_parity(ours, theirs):
 
 def build(config):
   return models.build(config["family"], config["model"])
-
-
-def export_and_reload(model, path, out):
-  """hf.load -> hf.save -> hf.load gives identical params; returns transformers' reload."""
-  config, params = hf.load(path)
-  hf.save(str(out), config, params)
-  again_config, again = hf.load(str(out))
-  assert again_config == config
-  jax.tree.map(np.testing.assert_array_equal, again, params)
-  return type(model).from_pretrained(str(out)).eval()
 
 
 def saved(tmp_path, model, name="hf"):
@@ -95,7 +86,7 @@ def test_vision_tower_parity(vision):
 
 def test_vision_tower_export_round_trip(vision, tmp_path):
   kind, model, path = vision
-  reloaded = export_and_reload(model, path, tmp_path / "out")
+  reloaded = hf_parity.export_and_reload(model, path, tmp_path / "out")
   assert_parity(vision_outputs(kind, reloaded, IMAGES)[0], vision_outputs(kind, model, IMAGES)[0])
 
 
@@ -157,7 +148,7 @@ def test_lm_greedy_generation_matches_transformers(language_model):
 
 def test_lm_export_round_trip(language_model, tmp_path):
   model, path = language_model
-  reloaded = export_and_reload(model, path, tmp_path / "out")
+  reloaded = hf_parity.export_and_reload(model, path, tmp_path / "out")
   assert_parity(lm_logits(reloaded, TOKENS), lm_logits(model, TOKENS))
 
 
@@ -201,7 +192,7 @@ def test_llava_parity_with_two_images(llava):
 
 def test_llava_export_round_trip(llava, tmp_path):
   model, path = llava
-  reloaded = export_and_reload(model, path, tmp_path / "out")
+  reloaded = hf_parity.export_and_reload(model, path, tmp_path / "out")
   assert reloaded.config.vision_feature_layer == model.config.vision_feature_layer
   tokens, images = llava_inputs()
   with torch.no_grad():
@@ -290,7 +281,7 @@ def test_llava_next_parity_with_two_image_sizes(llava_next):
 
 def test_llava_next_export_round_trip(llava_next, tmp_path):
   model, path = llava_next
-  reloaded = export_and_reload(model, path, tmp_path / "out")
+  reloaded = hf_parity.export_and_reload(model, path, tmp_path / "out")
   assert reloaded.config.image_grid_pinpoints == PINPOINTS
   tokens, sizes, _, _, pixels = llava_next_inputs()
   inputs = dict(input_ids=torch.tensor(tokens), image_sizes=torch.tensor(sizes),

@@ -30,13 +30,6 @@ def straight(tmp_path_factory):
   return workdir, rows
 
 
-def wait_for(path, timeout=300):
-  deadline = time.time() + timeout
-  while not path.exists():
-    assert time.time() < deadline, f"{path} never appeared"
-    time.sleep(0.05)
-
-
 def assert_same_run(workdir, straight):
   straight_dir, straight_rows = straight
   rows = train_cli.read_metrics(workdir)
@@ -49,7 +42,7 @@ def test_a_lost_process_stops_the_other_in_one_line_and_the_run_resumes(tmp_path
                                                                         fault):
   workdir = tmp_path / "run"
   processes = train_cli.start_processes(workdir, "lm.py:tiny", {**RUN, "total_steps": LONG})
-  wait_for(workdir / "checkpoints" / "40" / "commit_success.txt")
+  train_cli.wait_for(workdir / "checkpoints" / "40" / "commit_success.txt")
   victim, survivor = processes[1], processes[0]
   victim.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
   struck = time.time()
@@ -80,7 +73,7 @@ def test_sigterm_on_one_process_stops_both_at_one_step_and_the_run_resumes(tmp_p
   workdir = tmp_path / "run"
   processes = train_cli.start_processes(workdir, "lm.py:tiny",
                                         {**RUN, "total_steps": LONG, "checkpoint_every": 1000})
-  wait_for(workdir / "metrics.jsonl")  # step 10 is done
+  train_cli.wait_for(workdir / "metrics.jsonl")  # step 10 is done
   processes[1].send_signal(signal.SIGTERM)
   sent = time.time()
   for p in processes:

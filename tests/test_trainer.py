@@ -1,7 +1,6 @@
 """Tests of the trainer: learning, sharding presets, accumulation, NaN guard, checkpoints, processes."""
 import importlib
 import json
-import pathlib
 import signal
 import subprocess
 import sys
@@ -286,14 +285,6 @@ def start_train(workdir, overrides):
                           stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(path: pathlib.Path, timeout=300):
-  """Waits until the file exists and has content."""
-  deadline = time.time() + timeout
-  while not (path.exists() and path.stat().st_size):
-    assert time.time() < deadline, f"{path} never appeared"
-    time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, run_train_module):
   """LONG, uninterrupted: what an interrupted and resumed run must end as."""
@@ -303,7 +294,7 @@ def straight_run(tmp_path_factory, run_train_module):
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train, straight_run):
   process = start_train(tmp_path / "killed", LONG)
-  wait_for(tmp_path / "killed" / "checkpoints" / "40" / "commit_success.txt")
+  train_cli.wait_for(tmp_path / "killed" / "checkpoints" / "40" / "commit_success.txt")
   process.kill()
   process.wait()
   assert 300 not in [int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
@@ -322,7 +313,7 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, run_train,
        "signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
        *train_cli.command(tmp_path, "lm.py:tiny", {**LONG, "checkpoint_every": 1000})],
       env=train_cli.env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  wait_for(tmp_path / "metrics.jsonl")  # step 10 is done
+  train_cli.wait_for(tmp_path / "metrics.jsonl")  # step 10 is done
   process.send_signal(signal.SIGINT)
   sent = time.time()
   _, stderr = process.communicate(timeout=120)
@@ -363,7 +354,7 @@ def test_total_steps_plans_the_schedule_and_extending_a_run_re_plans_it(tmp_path
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, run_train):
   process = start_train(tmp_path, {**LONG, "checkpoint_every": 1000})
-  wait_for(tmp_path / "metrics.jsonl")
+  train_cli.wait_for(tmp_path / "metrics.jsonl")
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-2000:]

@@ -5,6 +5,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,6 +38,14 @@ def run_tool(name: str, *args) -> str:
                           env=env(1), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
+
+
+def wait_for(path: pathlib.Path, timeout=300):
+  """Waits until the file exists and has content."""
+  deadline = time.time() + timeout
+  while not (path.exists() and path.stat().st_size):
+    assert time.time() < deadline, f"{path} never appeared"
+    time.sleep(0.05)
 
 
 def free_port() -> int:

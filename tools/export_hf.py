@@ -5,11 +5,11 @@
 DIR is a training workdir (its newest checkpoint is used) or a directory from
 tools/import_hf.py. "hf" writes config.json + model.safetensors that
 transformers' from_pretrained loads (ViT, CLIP, SigLIP, GPT-2, Llama, Gemma,
-Gemma 2, LLaVA, PaliGemma 1 and 2, Llama 3.2 Vision, IDEFICS), plus the run's tokenizer: the files of its tokenizer's folder (a
-pretrained tower's or an import's), or for byte-level runs a tokenizer.json with the same
-ids. Other deep-fusion models have no HuggingFace class: OUT/vision and OUT/language get
-their towers,
-and OUT/model.safetensors all its weights named by their mmjax paths
+Gemma 2, LLaVA, PaliGemma 1 and 2, Llama 3.2 Vision, IDEFICS), plus the run's
+tokenizer: the files of its tokenizer's folder (a pretrained tower's or an
+import's), or for byte-level runs a tokenizer.json with the same ids. Other
+deep-fusion models have no HuggingFace class: OUT/vision and OUT/language get
+their towers, and OUT/model.safetensors all its weights named by their mmjax paths
 ("xattn_3/attn/query/kernel", ...). "params" writes mmjax_config.json and an
 Orbax params-only checkpoint. A LoRA run's adapters are merged into their
 kernels for both; "peft" writes them alone (adapter_model.safetensors +

@@ -15,14 +15,14 @@ scenes, LLaVA-1.5's "USER: <image>\n{prompt} ASSISTANT:" for LLaVA data and
 LLaVA imports; a prompt with its own "<image>" markers places its images
 itself. A PaliGemma (an import, or a run with config.data.prefix_lm) reads
 its images, BOS, the prompt and "\n" both ways, as its processor lays them out
-("caption en", "answer en what is on the table?", "detect cat"). Text is tokenized as the model was trained (the run's
-config.data.tokenizer, a pretrained language tower's, an import's) unless
---tokenizer says otherwise; images are read with Pillow, made RGB, resized
-to the model's resolution (or, for a run trained with config.data.max_patches,
-kept at their own size and aspect ratio within that many patches, or for a
-LLaVA-NeXT import cut into AnyRes tiles as its processor does) and normalised
-as in training (config.data.image_mean/std, or an import's preprocessor
-values).
+("caption en", "answer en what is on the table?", "detect cat"). Text is
+tokenized as the model was trained (the run's config.data.tokenizer, a
+pretrained language tower's, an import's) unless --tokenizer says otherwise;
+images are read with Pillow, made RGB, resized to the model's resolution (or,
+for a run trained with config.data.max_patches, kept at their own size and
+aspect ratio within that many patches, or for a LLaVA-NeXT import cut into
+AnyRes tiles as its processor does) and normalised as in training
+(config.data.image_mean/std, or an import's preprocessor values).
 """
 import json
 import os

@@ -141,8 +141,10 @@ def mmjax_config(cfg: dict) -> dict:
     return mllama.mmjax_config(cfg)
   if kind == "idefics":
     return idefics.mmjax_config(cfg)
+  known = [*VISION_TYPES, "gpt2", "llama", *gemma.TYPES, "llava", "llava_next", "paligemma",
+           "mllama", "idefics"]
   raise ValueError(f"config.json field 'model_type'={kind!r} is not supported; mmjax imports "
-                   f"{[*VISION_TYPES, 'gpt2', 'llama', *gemma.TYPES, 'llava', 'llava_next', 'paligemma', 'mllama', 'idefics']}")
+                   f"{known}")
 
 
 # ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ prefix-LM: early fusion's `prefix_len`), then the suffix, causal.
 """
 from mmjax.interop import gemma
 from mmjax.interop.tables import Entry, dense, require
+from mmjax.models import lm
 
 WHAT = "PaliGemma"
 
@@ -30,9 +31,7 @@ def mmjax_config(cfg: dict, vision: dict) -> dict:
 
 def is_paligemma(fields: dict) -> bool:
   """Whether early fusion fields describe a PaliGemma (a Gemma LM)."""
-  lm_fields = fields["lm"]
-  return lm_fields.get("flavour") in gemma.TYPES or str(lm_fields.get("variant", "")).startswith(
-      "gemma")
+  return lm.Model(**fields["lm"]).flavour in gemma.TYPES
 
 
 def table(fields: dict) -> list[Entry]:

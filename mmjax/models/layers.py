@@ -161,6 +161,11 @@ class Scores:
     return (self.query_scalar or head_dim) ** -0.5
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(x / cap): Gemma 2's bound on attention scores and logits; None: x."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 def attention_probs(q: jax.Array, k: jax.Array, mask: Mask, scores: Scores = Scores()
                     ) -> jax.Array:
   """Softmax attention probabilities.
@@ -173,9 +178,7 @@ def attention_probs(q: jax.Array, k: jax.Array, mask: Mask, scores: Scores = Sco
   S, K = k.shape[1], k.shape[2]
   q = q.reshape(B, T, K, N // K, H)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-  logits = logits * scores.scale(H)
-  if scores.soft_cap is not None:
-    logits = scores.soft_cap * jnp.tanh(logits / scores.soft_cap)
+  logits = soft_cap(logits * scores.scale(H), scores.soft_cap)
   allowed = mask.dense(T, S)
   if allowed is None:
     return jax.nn.softmax(logits, axis=-1)
@@ -241,11 +244,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
   """Pallas splash (flash) attention for TPUs: no [B, N, T, S] scores are ever stored.
 
   Shapes as in `xla_attention`. Takes causal, local (a window) or full masks
-  with segment ids and key lengths (`splash_qualifies`), and a soft cap. Lengths are padded to multiples of 128
-  and the padding masked through segment ids that match nothing real. Under a
-  mesh the kernel runs per device (shard_map) over the batch, and over the
-  heads where the rules split them. Off a TPU it runs in Pallas' interpreter:
-  exact, slow, for tests.
+  with segment ids and key lengths (`splash_qualifies`), and a soft cap.
+  Lengths are padded to multiples of 128 and the padding masked through
+  segment ids that match nothing real. Under a mesh the kernel runs per
+  device (shard_map) over the batch, and over the heads where the rules split
+  them. Off a TPU it runs in Pallas' interpreter: exact, slow, for tests.
   """
   # Imported here: only TPU runs (and their tests) need the Pallas kernels.
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top

@@ -259,12 +259,16 @@ class _Model(nn.Module):
   def block_fields(self, layer: int | None = None) -> dict:
     """Block `layer`'s fields; None: every block's, the same for all (a scanned stack:
     the LM's, deep fusion's groups)."""
-    windows = {self.window(i) for i in range(self.depth)}
-    if layer is None and len(windows) > 1:
-      raise ValueError("an LM whose local and global layers alternate (Gemma 2) runs its blocks "
-                       "unrolled: set lm.scan_layers=False")
+    if layer is None:
+      windows = {self.window(i) for i in range(self.depth)}
+      if len(windows) > 1:
+        raise ValueError("an LM whose local and global layers alternate (Gemma 2) runs its "
+                         "blocks unrolled: set lm.scan_layers=False")
+      window = windows.pop()
+    else:
+      window = self.window(layer)
     return dict(
-        window=self.window(layer) if layer is not None else windows.pop(),
+        window=window,
         scores=layers.Scores(self.query_scalar, self.attn_soft_cap),
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, norm=self.norm, norm_eps=self.norm_eps,
@@ -341,9 +345,7 @@ class _Model(nn.Module):
   def logits(self, x: jax.Array) -> jax.Array:
     """x: float[B, T, D] normed hidden states -> float32[B, T, V]."""
     logits = self.embedder.attend(x) if self.tie_embeddings else self.head(x)
-    if self.final_soft_cap is not None:
-      logits = self.final_soft_cap * jnp.tanh(logits / self.final_soft_cap)
-    return logits
+    return layers.soft_cap(logits, self.final_soft_cap)
 
 
 def Model(variant: str | None = None, **overrides) -> _Model:  # pylint: disable=invalid-name
