@@ -4,19 +4,26 @@ A checkpoint holds the train state (params, optimizer state, step, NaN counters)
 data iterator's state and the config, each as an Orbax item. Orbax lists a
 step folder even without its commit marker and raises on a corrupt latest
 step; `Checkpointer.restore_latest` checks and falls back to older steps
-itself, warning with the name of each step it passes over.
+itself, warning with the name of each step it passes over, and moves those
+aside so the run can write them again. A save that fails (a full disk) is an
+error in a line naming the step and the newest complete one, which it leaves
+intact.
 """
+import contextlib
 import functools
 import json
 import logging
 import os
+import re
 
+from etils import epath
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from mmjax import distributed
 from mmjax import lora
 from mmjax import models
 from mmjax import sharding
@@ -25,6 +32,8 @@ from mmjax.data import sources
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"
+# Beside checkpoints/: where the steps a restore passed over go (kept, not deleted).
+SET_ASIDE = "checkpoints.unreadable"
 
 
 def _path(path) -> str:
@@ -52,17 +61,23 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, keep_period=keep_every or None,
             enable_async_checkpointing=async_save, create=False))
+    self.pending = None  # the step of the save that may still be writing
 
   def save(self, step: int, state, data_state: dict, config: dict):
-    """Saves asynchronously; a non-finite state is refused, never written."""
+    """Saves asynchronously; a non-finite state is refused, never written. The previous save's
+    failure, if it failed in the background, is raised here (and by `check` and `close`)."""
     finite = jax.device_get(_finite_leaves(state))  # one transfer of one bool per leaf
     if not all(jax.tree.leaves(finite)):
       bad = [_path(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0] if not ok]
       raise FloatingPointError(f"refusing to save checkpoint step {step}: non-finite values in "
                                f"{bad[:3]}")
-    saved = self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=True)
+    with self._saving(self.pending):
+      self.manager.wait_until_finished()
+    with self._saving(step):
+      saved = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+          config=ocp.args.JsonSave(config)), force=True)
+    self.pending = step
     if not saved and step not in self.manager.all_steps():
       raise RuntimeError(f"Orbax declined to save checkpoint step {step} in {self.directory} "
                          f"(latest is {self.manager.latest_step()})")
@@ -76,21 +91,27 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     for n, step in enumerate(steps):
       step_dir = os.path.join(self.directory, str(step))
+      problem = None
       if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
-        log.warning("checkpoint step %d (%s) is incomplete (no commit marker); "
-                        "falling back to an older step", step, step_dir)
-        continue
-      self.check_tree(step, abstract_state)
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      except Exception as e:  # pylint: disable=broad-except
-        log.warning("checkpoint step %d (%s) is unreadable (%s: %s); falling back to an "
-                        "older step", step, step_dir, type(e).__name__, str(e).splitlines()[0])
+        problem = "incomplete (no commit marker)"
+      else:
+        self.check_tree(step, abstract_state)
+        try:
+          restored = _read_step(step_dir, abstract_state)
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f"unreadable ({_cause(e)})"
+      # Each process reads its own shards: one that cannot must take every process back with it.
+      # (Orbax's own restore ends in a barrier the failing process never reaches, so the read
+      # above is its handlers' alone, and this is the only collective.)
+      failing = distributed.processes_without(problem is None)
+      if failing:
+        log.warning("checkpoint step %d (%s) is %s; falling back to an older step", step,
+                    step_dir, problem or f"unreadable on process {failing[0]} (its log says why)")
         continue
       if n:
-        log.warning("resuming from checkpoint step %d, not the newer %s (unreadable, above)",
-                    step, steps[:n])
+        aside = self._set_aside(steps[:n])
+        log.warning("resuming from checkpoint step %d, not the newer %s (above), which moved "
+                    "to %s so the run can write them again", step, steps[:n], aside)
       return restored["state"], restored["data"], step
     if steps:
       raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {steps}); "
@@ -125,12 +146,75 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
 
+  def check(self):
+    """Raises a background save's failure, if one has failed by now; does not wait."""
+    with self._saving(self.pending):
+      self.manager.check_for_errors()
+
   def close(self):
     """Waits for pending saves; their errors surface here, never swallowed."""
-    self.manager.close()
+    with self._saving(self.pending):
+      self.manager.close()
+
+  @contextlib.contextmanager
+  def _saving(self, step: int | None):
+    """Orbax's failure to write `step` as one line naming the newest complete step, intact."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if step is None:
+        raise
+      complete = complete_steps(self.directory)
+      intact = (f"checkpoint step {complete[0]} ({self.directory}/{complete[0]}) is intact and "
+                "the same command resumes from it" if complete else "no checkpoint is complete")
+      raise OSError(f"saving checkpoint step {step} in {self.directory} failed ({_cause(e)}); "
+                    f"{intact} once the storage is fixed") from None
+
+  def _set_aside(self, steps: list[int]) -> str:
+    """Moves the step folders a restore passed over to checkpoints.unreadable/ (process 0, every
+    process waiting for it) -> that directory."""
+    aside = os.path.join(os.path.dirname(self.directory), SET_ASIDE)
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target, copy = os.path.join(aside, str(step)), 1
+        while os.path.exists(target):  # set aside before: keep both
+          copy += 1
+          target = os.path.join(aside, f"{step}.{copy}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+    distributed.wait_for_everyone("mmjax/set_aside")
+    self.manager.reload()
+    return aside
 
 
 FSDP_OVER_ALL_DEVICES = {"data": 1, "fsdp": -1, "tensor": 1}
+
+
+def _read_step(step_dir: str, abstract_state) -> dict:
+  """A step's train state and data state, read by this process alone (no barrier)."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    state = handler.restore(epath.Path(step_dir) / "state",
+                            args=ocp.args.StandardRestore(abstract_state))
+  finally:
+    handler.close()
+  data = ocp.JsonCheckpointHandler().restore(epath.Path(step_dir) / "data",
+                                             args=ocp.args.JsonRestore())
+  return {"state": state, "data": data}
+
+
+def _cause(error: Exception) -> str:
+  """The part of an Orbax or TensorStore error a person reads: the OS error where there is one
+  (TensorStore appends it to a long spec), else the first line of the first cause, cut short."""
+  while error.__cause__ is not None:  # Orbax wraps TensorStore's error in a vaguer one
+    error = error.__cause__
+  text = str(error).strip()
+  os_error = re.search(r"([^:]+) \[os_error_code='(\d+)'\]", text)
+  if os_error:
+    return f"{os_error.group(1).strip()}, errno {os_error.group(2)}"
+  first = text.splitlines()[0] if text else type(error).__name__
+  first = first.split(" [tensorstore_spec")[0].split(" See full TensorStore details")[0]
+  return first if len(first) <= 240 else first[:240] + "..."
 
 
 def complete_steps(checkpoints: str) -> list[int]:

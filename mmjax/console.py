@@ -38,7 +38,8 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False,
 
 # Exceptions mmjax raises for what it was given; any of them raised by mmjax's own code (the
 # package, the configs, the tools, train.py) is the user's to fix, and said in a line.
-INPUT_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, RuntimeError)
+# What mmjax raises for the user to fix (a config key, a file, a full disk): said in a line.
+INPUT_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OWN_CODE = tuple(str(ROOT / part) for part in ("mmjax", "configs", "tools", "train.py"))
 
@@ -61,12 +62,14 @@ def quiet_libtpu_without_a_tpu():
 
 # Library warnings that are not the user's business, dropped below --log_level=info: Orbax on
 # reading a train state's params (their metadata is the step's, one folder up), tfds on every
-# dataset mmjax builds (its configs are made at run time by design) and on each not built yet.
-NOISE = ("Metadata file does not exist", "Using custom data configuration", "Variant folder ")
+# dataset mmjax builds (its configs are made at run time by design) and on each not built yet;
+# Orbax's stack trace of a background save that failed (mmjax's save raises it again, in a line).
+NOISE = ("Metadata file does not exist", "Using custom data configuration", "Variant folder ",
+         "_SignalingThread.run() raised an exception")
 
 
 def _not_noise(record: logging.LogRecord) -> bool:
-  return not str(record.msg).startswith(NOISE)
+  return not any(noise in str(record.msg) for noise in NOISE)
 
 
 def setup_logging():

@@ -26,7 +26,9 @@ import time
 
 import jax
 from jax._src import distributed as jax_distributed  # its private coordination client
+from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 
 from mmjax import console
 
@@ -95,6 +97,20 @@ def collective_failed(error: Exception):
     who = f"process 0 of {jax.process_count()} (the coordinator) is lost"
   _stop(f"error: a computation across the {jax.process_count()} processes failed, {who} "
         f"({first}); {_resume_point()}")
+
+
+def processes_without(ok: bool) -> list[int]:
+  """Every process says whether something went well for it -> those for which it did not."""
+  if jax.process_count() == 1:
+    return [] if ok else [0]
+  oks = np.asarray(multihost_utils.process_allgather(np.array(ok))).reshape(-1)
+  return [i for i, each in enumerate(oks) if not each]
+
+
+def wait_for_everyone(name: str):
+  """Returns once every process has reached the same call (a no-op for one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def preemption_synced() -> bool:

@@ -11,6 +11,7 @@
 import concurrent.futures
 import logging
 import os
+import re
 import signal
 import time
 
@@ -112,6 +113,10 @@ class Preemption:
 
 def check_workdir(workdir: str):
   """A one-line error for a workdir that is a file or cannot be written; nothing is created."""
+  if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", workdir):  # else it would be a local folder "gs:"
+    raise ValueError(f"--workdir {workdir}: mmjax writes its workdir with local file operations "
+                     "(metrics, the checkpoints' steps); mount the bucket (gcsfuse) or use a file "
+                     "system every host shares, and give its path")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir} is a file, not a directory")
   existing = os.path.abspath(workdir)
@@ -261,6 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               scalars.update(scores)
               writer.write_samples(step, samples)
           _check_finite(state, config.nan_policy)
+          checkpointer.check()  # a save that failed in the background stops the run here
           writer.write(step, scalars)
           progress.log(step, scalars)
           last, tic, steps_since, items = scalars, time.perf_counter(), 0, 0.0

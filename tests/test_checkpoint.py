@@ -106,6 +106,10 @@ def test_broken_newest_step_falls_back_naming_both_steps(tmp_path, caplog, break
   np.testing.assert_array_equal(state["params"]["dense"]["kernel"], float(expected))
   assert f"checkpoint step {newest}" in caplog.text
   assert f"resuming from checkpoint step {expected}, not the newer {[newest]}" in caplog.text
+  # The step passed over is kept aside, and the run can write that step again.
+  assert sorted(os.listdir(tmp_path / checkpoint.SET_ASIDE)) == [str(newest)]
+  saved(tmp_path, [newest])
+  assert restore(tmp_path)[2] == newest
 
 
 def test_missing_tree_metadata_still_restores_exactly(tmp_path):

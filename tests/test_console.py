@@ -187,6 +187,9 @@ MISTAKES = {
     "a workdir that is a file": (
         lambda d, run: train(run / "metrics.jsonl"),
         ["error: --workdir", "metrics.jsonl is a file, not a directory"]),
+    "a bucket as the workdir": (
+        lambda d, run: train("gs://bucket/run"),
+        ["error: --workdir gs://bucket/run: mmjax writes its workdir with local file", "gcsfuse"]),
     "an init_from that does not exist": (
         lambda d, run: train(d, overrides=[f"init_from={d}/nowhere"]),
         ["error: config.init_from=", "nowhere is not a directory"]),

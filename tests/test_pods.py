@@ -1,9 +1,11 @@
-"""A pod losing a host, played by two processes on this machine (jax.distributed on localhost):
-one killed or stalled mid-run, one preempted (SIGTERM). Each case asserts the exit codes, how
-soon every process stops (bounds below), the line it says, and that the same command resumes
+"""A pod losing a host, played by two processes of 4 CPU devices each on this machine
+(jax.distributed on localhost): one killed or stalled mid-run, one preempted (SIGTERM), the run
+coming back on 1 x 8 or 4 x 2, its newest checkpoint broken. Each case asserts the exit codes,
+how soon every process stops (bounds below), the line it says, and that the same command resumes
 to the same final parameters as a run that never stopped.
 """
 import re
+import shutil
 import signal
 import time
 
@@ -20,14 +22,24 @@ RUN = {"log_every": 10, "eval_every": 0, "checkpoint_every": 20, "optimizer.warm
        "optimizer.decay_steps": 60, "distributed.heartbeat_timeout_s": TIMEOUT_S}
 STEPS = 60
 LONG = 100_000  # a run that is still going when the fault comes
+DEVICES = 4  # per process: the run is 2 x 4
+
+
+def start(workdir, overrides):
+  return train_cli.start_processes(workdir, "lm.py:tiny", overrides, devices=DEVICES)
+
+
+def run(workdir, count=2, devices=DEVICES):
+  """The planned run (STEPS) on `count` processes, to its end or from where it stopped."""
+  return train_cli.run_processes(workdir, "lm.py:tiny", {**RUN, "total_steps": STEPS}, count,
+                                 devices)
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
   """Two processes, never interrupted: what every restarted run must end as."""
   workdir = tmp_path_factory.mktemp("straight") / "run"
-  rows = train_cli.run_processes(workdir, "lm.py:tiny", {**RUN, "total_steps": STEPS})
-  return workdir, rows
+  return workdir, run(workdir)
 
 
 def assert_same_run(workdir, straight):
@@ -41,7 +53,7 @@ def assert_same_run(workdir, straight):
 def test_a_lost_process_stops_the_other_in_one_line_and_the_run_resumes(tmp_path, straight,
                                                                         fault):
   workdir = tmp_path / "run"
-  processes = train_cli.start_processes(workdir, "lm.py:tiny", {**RUN, "total_steps": LONG})
+  processes = start(workdir, {**RUN, "total_steps": LONG})
   train_cli.wait_for(workdir / "checkpoints" / "40" / "commit_success.txt")
   victim, survivor = processes[1], processes[0]
   victim.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
@@ -64,15 +76,14 @@ def test_a_lost_process_stops_the_other_in_one_line_and_the_run_resumes(tmp_path
   if fault == "stall":  # noticed as a kill is; the restart below is the same
     return
   # The same command (with the run's planned length) on both processes: back to the same run.
-  train_cli.run_processes(workdir, "lm.py:tiny", {**RUN, "total_steps": STEPS})
+  run(workdir)
   assert f"resumed from checkpoint step {resumed_from}" in train_cli.stderr(workdir, 0)
   assert_same_run(workdir, straight)
 
 
 def test_sigterm_on_one_process_stops_both_at_one_step_and_the_run_resumes(tmp_path, straight):
   workdir = tmp_path / "run"
-  processes = train_cli.start_processes(workdir, "lm.py:tiny",
-                                        {**RUN, "total_steps": LONG, "checkpoint_every": 1000})
+  processes = start(workdir, {**RUN, "total_steps": LONG, "checkpoint_every": 1000})
   train_cli.wait_for(workdir / "metrics.jsonl")  # step 10 is done
   processes[1].send_signal(signal.SIGTERM)
   sent = time.time()
@@ -84,5 +95,59 @@ def test_sigterm_on_one_process_stops_both_at_one_step_and_the_run_resumes(tmp_p
   assert len(saved) == 1 and saved[0] < STEPS, saved  # within a few steps, not the next log
   for i in range(2):
     assert f"stopped at step {saved[0]} after SIGTERM" in train_cli.stderr(workdir, i)
-  train_cli.run_processes(workdir, "lm.py:tiny", {**RUN, "total_steps": STEPS})
+  run(workdir)
+  assert_same_run(workdir, straight)
+
+
+def stopped_at_40(straight, workdir):
+  """The uninterrupted 2 x 4 run as it was at step 40: its checkpoints 20 and 40."""
+  straight_dir, _ = straight
+  shutil.copytree(straight_dir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / str(STEPS))
+  return workdir
+
+
+@pytest.mark.parametrize("count,devices", [(1, 8), (4, 2)], ids=["1x8", "4x2"])
+def test_a_run_of_2x4_resumes_on_another_number_of_processes(tmp_path, straight, count,
+                                                             devices):
+  """Each process reads its rows of the same global batches, whatever their number."""
+  workdir = stopped_at_40(straight, tmp_path / "run")
+  run(workdir, count, devices)
+  for i in range(count):
+    assert "resumed from checkpoint step 40" in train_cli.stderr(workdir, i)
+  assert_same_run(workdir, straight)
+
+
+def truncate_process_1s_largest_file(step_dir):
+  # What process 1 alone reads: process 0 would restore this step, process 1 cannot.
+  largest = max((step_dir / "state" / "ocdbt.process_1" / "d").iterdir(),
+                key=lambda p: p.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:100])
+
+
+def remove_manifests(step_dir):  # OCDBT's index of where each array's bytes are
+  for path in (step_dir / "state").rglob("manifest.ocdbt"):
+    path.unlink()
+
+
+def empty_folder(step_dir):  # a save that died before writing anything
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+@pytest.mark.parametrize("breakage", [truncate_process_1s_largest_file, remove_manifests,
+                                      empty_folder], ids=["truncated", "no_manifest", "empty"])
+def test_every_process_passes_over_a_broken_newest_checkpoint(tmp_path, straight, breakage):
+  """A newest step broken on shared storage: every process resumes from the one before (they
+  agree, though here only process 1 fails to read it), the broken step is kept aside, and the
+  run writes that step again and ends as the uninterrupted one."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight[0], workdir)
+  breakage(workdir / "checkpoints" / str(STEPS))
+  run(workdir)
+  for i in range(2):
+    said = train_cli.stderr(workdir, i)
+    assert f"checkpoint step {STEPS} (" in said and "resumed from checkpoint step 40" in said
+    assert f"resuming from checkpoint step 40, not the newer [{STEPS}]" in said
+  assert [p.name for p in (workdir / "checkpoints.unreadable").iterdir()] == [str(STEPS)]
   assert_same_run(workdir, straight)

@@ -1,6 +1,8 @@
 """Tests of the trainer: learning, sharding presets, accumulation, NaN guard, checkpoints, processes."""
 import importlib
 import json
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -302,6 +304,27 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train, straight_run)
   rows = run_train(tmp_path / "killed", "lm.py:tiny", LONG)
   assert_trees_equal(final_params(tmp_path / "killed"), final_params(straight_run[0]))
   # Rows logged after the last checkpoint, before the kill, are not listed twice.
+  assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
+
+
+def test_a_full_disk_stops_the_run_in_a_line_and_keeps_the_newest_checkpoint(tmp_path, run_train,
+                                                                            straight_run):
+  process = start_train(tmp_path, LONG)
+  train_cli.wait_for(tmp_path / "checkpoints" / "40" / "commit_success.txt")
+  # As on a full disk, from here no file of the run may grow past 64 KiB: a checkpoint's array
+  # file would (626 KB), the metrics and TensorBoard files do not.
+  resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 1, stderr[-2000:]
+  directory = tmp_path / "checkpoints"
+  said = re.search(rf"^error: saving checkpoint step (\d+) in {directory} failed \(File too large, "
+                   rf"errno 27\); checkpoint step (\d+) \({directory}/\d+\) is intact and the "
+                   r"same command resumes from it once the storage is fixed$", stderr, re.M)
+  assert said, stderr[-2000:]
+  failed, intact = int(said.group(1)), int(said.group(2))
+  assert failed > intact >= 40
+  rows = run_train(tmp_path, "lm.py:tiny", LONG)  # the disk has room again
+  assert_trees_equal(final_params(tmp_path), final_params(straight_run[0]))
   assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
 
 
