@@ -352,6 +352,23 @@ def load_params(directory: str, target, unused: tuple[str, ...] = (),
   return _restore_params(os.path.abspath(directory), target, subtree, unused)
 
 
+def load_model_params(directory: str, target, subtree: str | None, family: str,
+                      saved_fields: dict, fields: dict, mesh: jax.sharding.Mesh, rules) -> dict:
+  """load_params of a whole model (config.init_from) saved with `saved_fields` into one with
+  `fields`: where one's LM is scanned and the other's is not, read in the saved layout, sharded
+  by `rules`, then stacked or split into the target's shards (models.relayout)."""
+  if models.scanned(family, saved_fields) == models.scanned(family, fields):
+    return load_params(directory, target, subtree=subtree)
+  boxed = models.abstract_params(family, saved_fields)
+  shardings = sharding.param_shardings(boxed, mesh, rules)
+  saved = load_params(directory, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+      shardings), subtree=subtree)
+  relaid = lambda p: jax.tree.map(lambda x, t: x.astype(t.dtype), models.relayout(
+      family, p, saved_fields, fields), target)
+  return jax.jit(relaid, out_shardings=jax.tree.map(lambda t: t.sharding, target))(saved)
+
+
 def _compare_trees(what: str, saved, target):
   saved_shapes = {_path(p): m.shape for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
   for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:

@@ -173,9 +173,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state = run.init(jax.random.key(config.seed))
       if initial:  # pretrained weights: tools/import_hf.py's output, or another run's workdir
         # (With LoRA the checkpoint holds the base model: the fresh factors stay.)
-        _, params_dir, subtree, _ = initial
-        state["params"] = lora.overlay(state["params"], checkpoint.load_params(
-            params_dir, lora.base(run.abstract_state["params"]), subtree=subtree))
+        # (Saved with its LM scanned and trained unscanned, or the reverse: restacked.)
+        saved, params_dir, subtree, _ = initial
+        state["params"] = lora.overlay(state["params"], checkpoint.load_model_params(
+            params_dir, lora.base(run.abstract_state["params"]), subtree, config.family,
+            saved["model"] if saved["family"] == config.family else config.model.to_dict(),
+            config.model.to_dict(), mesh, run.rules))
         log.info("initialised the parameters from %s", config.init_from)
       pretrained = towers.load(config, lora.base(run.abstract_state["params"])) if config.get(
           "towers") else {}

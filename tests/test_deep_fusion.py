@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import common
+from mmjax import checkpoint
 from mmjax import models
+from mmjax import sharding
 from mmjax import steps
 from mmjax.data import patches as patch_lib
 from mmjax.data import sources
@@ -323,6 +325,36 @@ def test_scanned_lm_gives_the_same_logits_and_gradients(fields, packed):
   decoding, unstack = deep_fusion.for_decoding(scanned)
   assert not decoding.lm["scan_layers"] and deep_fusion.for_decoding(unrolled)[0] is unrolled
   jax.tree.map(np.testing.assert_array_equal, unstack(stacked), params)
+
+
+@pytest.mark.parametrize("saved_scanned", [False, True], ids=["unscanned_to_scanned",
+                                                               "scanned_to_unscanned"])
+def test_a_saved_model_loads_into_the_other_layout(tmp_path, saved_scanned):
+  """config.init_from: a deep-fusion model saved with its LM unscanned loads into the scanned
+  model (cross blocks at 1 of 2: one group) and the reverse, exactly, sharded as the target."""
+  fields = dict(vit=VIT, lm=LM, image_token_id=IMG, cross_layers=(1,))
+  as_saved = dict(fields, lm={**LM, "scan_layers": saved_scanned})
+  wanted = dict(fields, lm={**LM, "scan_layers": not saved_scanned})
+  shapes, tree = jax.tree.flatten(nn.unbox(models.abstract_params("deep_fusion", fields)))
+  unrolled = jax.tree.unflatten(tree, [jax.random.normal(jax.random.key(i), s.shape)
+                                       for i, s in enumerate(shapes)])  # every leaf its own
+  stacked = deep_fusion.stack_layers(unrolled, (1,), 2)
+  saved, expected = (stacked, unrolled) if saved_scanned else (unrolled, stacked)
+  checkpoint.save_params(str(tmp_path / "params"), saved)
+  mesh = sharding.make_mesh(checkpoint.FSDP_OVER_ALL_DEVICES)
+  rules = sharding.rules("fsdp")
+  boxed = models.abstract_params("deep_fusion", wanted)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(boxed), sharding.param_shardings(boxed, mesh, rules))
+  loaded = checkpoint.load_model_params(str(tmp_path / "params"), target, None, "deep_fusion",
+                                        as_saved, wanted, mesh, rules)
+  assert jax.tree.structure(loaded) == jax.tree.structure(expected)
+  jax.tree.map(np.testing.assert_array_equal, loaded, expected)
+  jax.tree.map(lambda x, t: assert_sharded_as(x, t.sharding), loaded, target)
+
+
+def assert_sharded_as(x, want):
+  assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, want)
 
 
 def test_configuration_errors():

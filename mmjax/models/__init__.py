@@ -98,6 +98,28 @@ def language_fields(family: str, fields: Mapping) -> dict:
   return fields if family == "lm" else fields["lm"]
 
 
+def scanned(family: str, fields: Mapping) -> bool:
+  """Whether the model's LM (its own, or its language tower) runs its blocks as one scan."""
+  return family != "vit" and bool(language_fields(family, fields).get("scan_layers"))
+
+
+def relayout(family: str, params: dict, source: Mapping, target: Mapping) -> dict:
+  """Params of a model with fields `source` for the same model with fields `target`, whose LM
+  is scanned where the source's is not, or the reverse: its blocks (and deep fusion's cross
+  blocks) stacked or split. Params of models that agree come back unchanged."""
+  if scanned(family, source) == scanned(family, target):
+    return params
+  depth = lm.Model(**language_fields(family, target)).depth
+  if family == "deep_fusion":
+    module = build(family, target)
+    at = deep_fusion.cross_positions(module.cross_layers, module.cross_every, depth)
+    convert = deep_fusion.stack_layers if scanned(family, target) else deep_fusion.unstack_layers
+    return convert(params, at, depth)
+  convert = lm.stack_layers if scanned(family, target) else lm.unstack_layers
+  return convert(params, depth) if family == "lm" else {**params, "lm": convert(params["lm"],
+                                                                              depth)}
+
+
 def _vision(family: str, fields: Mapping) -> nn.Module:
   fields = _fields(fields)
   if family in IMAGE_TEXT:
