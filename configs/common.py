@@ -25,6 +25,13 @@ BACKBONES = {
                           remat_policy="none"),
                  lm=dict(variant="gpt2-124m", attention_impl="auto", remat_policy="none",
                          scan_layers=False), dtype="bfloat16"),
+    # The pod pair, LLaVA-1.5-7B's towers: ViT-L/14 at 336 px + Llama-7B, global batch 32 of
+    # 2048 tokens, both towers rematerialised in full and the LM scanned: what fits a v5e-16
+    # slice (BENCHMARKS.md, "Early vs deep fusion at Llama-7B + ViT-L/14").
+    "large": dict(vit=dict(variant="L/14", image_size=336, pool="none", attention_impl="auto",
+                           remat_policy="full"),
+                  lm=dict(variant="llama-7b", attention_impl="auto", remat_policy="full",
+                          scan_layers=True), dtype="bfloat16", batch_size=32, seq_len=2048),
     # Two pretrained towers, --config.towers.vision=DIR and --config.towers.language=DIR
     # (mmjax/towers.py): their configs give the shapes; only how they run is set here.
     "pretrained": dict(vit=dict(attention_impl="auto", remat_policy="none"),
@@ -138,6 +145,8 @@ def fusion_config(arg: str, *, family: str, stages: dict[str, str], pretrained_s
       dtype=pair["dtype"],  # compute dtype of every part
   ))
   config.data = image_text_data()
+  config.batch_size = pair.get("batch_size", config.batch_size)
+  config.data.seq_len = pair.get("seq_len", config.data.seq_len)
   if lora:
     with_lora(config, "lm/")
   config.towers = ml_collections.ConfigDict(dict(

@@ -230,10 +230,11 @@ def test_help_and_the_config_listings(tmp_path):
                           capture_output=True, text=True, timeout=300)
   assert listed.returncode == 0
   for file, variants in (("lm.py", "tiny, gpt2-124m, llama-1b, llama-7b"),
-                         ("early_fusion.py", "tiny, base, pretrained, tiny-anyres, "
+                         ("early_fusion.py", "tiny, base, large, pretrained, tiny-anyres, "
                           "paligemma2-3b-224, paligemma2-3b-448, paligemma2-10b-224"),
                          ("deep_fusion.py",
-                          "tiny, base, pretrained, tiny-native, llama-3.2-11b-vision, llama-3.2-90b-vision, idefics-9b")):
+                          "tiny, base, large, pretrained, tiny-native, llama-3.2-11b-vision, "
+                          "llama-3.2-90b-vision, idefics-9b")):
     text = listed.stdout.split(f"configs/{file}:", 1)[1]
     assert text.splitlines()[1] == f"  variants: {variants}"
   printed = subprocess.run(train(tmp_path, "lm.py:tiny", ["total_steps=50"], "--print_config"),
