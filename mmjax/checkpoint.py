@@ -302,14 +302,19 @@ def read_model(directory: str, mesh: jax.sharding.Mesh | None = None,
   mesh = mesh or sharding.make_mesh(FSDP_OVER_ALL_DEVICES)
   optimizer = ml_collections.ConfigDict({"lora": config.get("lora")})
   boxed = lora.add(models.abstract_params(config["family"], config["model"]), optimizer)
-  shardings = sharding.param_shardings(boxed, mesh, sharding.rules("fsdp"))
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.unbox(boxed), shardings)
+  target = _placed(boxed, mesh, sharding.rules("fsdp"))
   params = _restore_params(os.path.abspath(params_dir), target, subtree)
   if merge_adapters and "lora" in config:
     params = jax.jit(functools.partial(lora.merge, optimizer=optimizer))(params)
     del config["lora"]  # what is returned is a plain model
   return config, params, tokenizer
+
+
+def _placed(boxed: dict, mesh: jax.sharding.Mesh, rules) -> dict:
+  """Boxed abstract params -> ShapeDtypeStructs carrying their shardings by `rules`: what a
+  restore reads straight into each device's shards."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.unbox(boxed), sharding.param_shardings(boxed, mesh, rules))
 
 
 def _restore_params(directory: str, target, subtree: str | None, unused: tuple[str, ...] = ()):
@@ -359,11 +364,8 @@ def load_model_params(directory: str, target, subtree: str | None, family: str,
   by `rules`, then stacked or split into the target's shards (models.relayout)."""
   if models.scanned(family, saved_fields) == models.scanned(family, fields):
     return load_params(directory, target, subtree=subtree)
-  boxed = models.abstract_params(family, saved_fields)
-  shardings = sharding.param_shardings(boxed, mesh, rules)
-  saved = load_params(directory, jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
-      shardings), subtree=subtree)
+  saved = load_params(directory, _placed(models.abstract_params(family, saved_fields), mesh,
+                                         rules), subtree=subtree)
   relaid = lambda p: jax.tree.map(lambda x, t: x.astype(t.dtype), models.relayout(
       family, p, saved_fields, fields), target)
   return jax.jit(relaid, out_shardings=jax.tree.map(lambda t: t.sharding, target))(saved)

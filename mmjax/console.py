@@ -36,9 +36,9 @@ _LOG_LEVEL = flags.DEFINE_enum(
 _TRACEBACK = flags.DEFINE_bool("traceback", False,
                                "Show the traceback of errors about the input too.")
 
-# Exceptions mmjax raises for what it was given; any of them raised by mmjax's own code (the
-# package, the configs, the tools, train.py) is the user's to fix, and said in a line.
-# What mmjax raises for the user to fix (a config key, a file, a full disk): said in a line.
+# Exceptions mmjax raises for what it was given or where it runs (a config key, a file, a full
+# disk); any of them raised by mmjax's own code (the package, the configs, the tools, train.py)
+# is the user's to fix, and said in a line.
 INPUT_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OWN_CODE = tuple(str(ROOT / part) for part in ("mmjax", "configs", "tools", "train.py"))

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from test_checkpoint import remove_manifests
 import train_cli
 from train_cli import final_params
 
@@ -123,11 +124,6 @@ def truncate_process_1s_largest_file(step_dir):
   largest = max((step_dir / "state" / "ocdbt.process_1" / "d").iterdir(),
                 key=lambda p: p.stat().st_size)
   largest.write_bytes(largest.read_bytes()[:100])
-
-
-def remove_manifests(step_dir):  # OCDBT's index of where each array's bytes are
-  for path in (step_dir / "state").rglob("manifest.ocdbt"):
-    path.unlink()
 
 
 def empty_folder(step_dir):  # a save that died before writing anything
