@@ -76,6 +76,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.lr_multipliers = (("^(xattn|adapter)", 3.0),)
   if config.model.lm.get("variant") in ("gpt2-124m", "llama-7b"):
     config.model.cross_every = 4  # 3 cross blocks in GPT-2's 12, 8 in Llama-7B's 32
+  if arg.partition(",")[0] == "large":
+    # IDEFICS' places, before blocks 0, 4, ..., 28: each scanned group starts with its cross
+    # block, so a group's 4 blocks stay one slice of the LM's stack (11.96 GiB a chip on
+    # v5e:4x4, against 12.78 before blocks 3, 7, ...: BENCHMARKS.md). One image a text:
+    # "latest" sees what "previous" does, as segment ids that splash reads.
+    config.model.cross_layers = tuple(range(0, 32, 4))
+    config.model.media_attention = "latest"
   if arg.startswith("pretrained"):  # from the LM's depth: every 4th block, as Flamingo
     config.model.cross_every = ml_collections.config_dict.placeholder(int)
   if native:

@@ -116,7 +116,7 @@ def prefill(model: nn.Module, params, tokens: jax.Array, lengths: jax.Array,
     def run(m):
       keys, key_image = m.visual_keys(images, m.encode_images(images))
       is_marker = tokens == m.image_token_id
-      media = deep_fusion.media_mask(is_marker, key_image, m.media_attention)
+      media = deep_fusion.media_attention_mask(is_marker, key_image, m.media_attention)
       logits, aux = m.run_language(tokens, keys, media, positions=positions, mask=mask,
                                    caches=lm_lib.empty_caches(m.language, B, cache_len))
       seen, oldest = deep_fusion.media_window(is_marker, m.media_attention)
@@ -157,7 +157,7 @@ def extend(model: nn.Module, params, token: jax.Array, state: dict) -> tuple[jax
       seen, oldest = deep_fusion.next_window(seen, oldest, after_marker, is_marker,
                                              m.media_attention)
       media = deep_fusion.visible_images(seen, oldest, state["image_of_key"])
-      media = media[:, None]  # [B, 1, I * R]
+      media = layers.Mask(explicit=media[:, None])  # [B, 1, I * R]
       logits, aux = m.run_language(tokens, state["cross"], media, positions=positions,
                                    mask=mask, caches=caches)
       return logits, aux, (seen, oldest, is_marker)

@@ -16,6 +16,7 @@ from mmjax import steps
 from mmjax.data import patches as patch_lib
 from mmjax.data import sources
 from mmjax.models import deep_fusion
+from mmjax.models import layers
 from mmjax.models import lm
 from mmjax.models import vit
 
@@ -100,6 +101,49 @@ def test_media_mask_with_packed_examples():
   mask = deep_fusion.media_mask(is_marker, jnp.arange(2), "previous", segments)
   expected = [[0, 0], [1, 0], [1, 0], [0, 0], [0, 1], [0, 1]]
   np.testing.assert_array_equal(mask[0], np.array(expected, bool))
+
+
+def test_latest_media_as_segment_ids_runs_splash_as_xla():
+  """Under "latest" the media mask is segment ids (a position's image, -1 for none; each key's
+  image), which splash reads: the mask media_mask gives (hand-checked above), and through a
+  cross block the output and gradients of XLA's dense mask (Pallas' interpreter runs the TPU
+  kernel here; rows that see no image are exactly zero either way)."""
+  # Row 0: two packed examples, image 0 marked at 1 (example 1), image 1 at 6 (example 2):
+  # positions 4 and 5 open example 2 before its image and see nothing. Row 1: images 0 and 1
+  # marked side by side. Keys: image 0's, image 1's, a padding slot, an image never marked.
+  is_marker = jnp.array([[0, 1, 0, 0, 0, 0, 1, 0], [0, 0, 1, 1, 0, 0, 0, 0]], bool)
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2], [1] * 8])
+  key_image = jnp.array([[0, 0, 0, 1, 1, vit.PADDING, 2, 2]] * 2)
+  media = deep_fusion.media_attention_mask(is_marker, key_image, "latest", segments)
+  assert media.explicit is None
+  visible = media.dense(8, 8)[:, 0]
+  np.testing.assert_array_equal(
+      visible, deep_fusion.media_mask(is_marker, key_image, "latest", segments))
+  np.testing.assert_array_equal(visible[0, :, :3].any(-1), [0, 1, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(visible[1, :, 3:5].any(-1), [0, 0, 0, 1, 1, 1, 1, 1])
+
+  def block(impl):
+    return deep_fusion.GatedCrossAttention(
+        num_heads=4, num_kv_heads=2, mlp_dim=32, norm="rmsnorm", norm_eps=1e-6,
+        mlp_activation="swiglu", qk_norm=False, gate="channel", dtype=jnp.float32,
+        media_free_rows="mlp_only", attention_impl=impl)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  visual = jax.random.normal(jax.random.key(1), (2, 8, 16))
+  params = nn.unbox(block("xla").init(jax.random.key(2), x, visual, media))["params"]
+  params = open_gates(params, 0.5)
+  weights = jax.random.normal(jax.random.key(3), x.shape)
+
+  def loss(impl, params, x, visual):
+    return jnp.sum(block(impl).apply({"params": params}, x, visual, media)[0] * weights)
+
+  want, want_grads = jax.value_and_grad(functools.partial(loss, "xla"), (0, 1, 2))(
+      params, x, visual)
+  got, got_grads = jax.value_and_grad(functools.partial(loss, "splash"), (0, 1, 2))(
+      params, x, visual)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5 * float(jnp.abs(w).max()))
+  assert float(jnp.abs(want_grads[2]).max()) > 0  # the image keys and values were read
 
 
 def test_unknown_media_rule():
@@ -268,13 +312,14 @@ def test_attention_sink_lets_the_output_count_matching_keys(sink):
       attention_sink=sink)
   x = jax.random.normal(jax.random.key(0), (1, 3, 8))
   visual = jax.random.normal(jax.random.key(1), (1, 4, 8))
-  media = jnp.array([[[False] * 4, [True] * 4, [True] * 4]])  # row 0 sees no image
+  seen = jnp.array([[[False] * 4, [True] * 4, [True] * 4]])  # row 0 sees no image
+  media = layers.Mask(explicit=seen)
   params = nn.unbox(block.init(jax.random.key(2), x, visual, media))["params"]
   params = {**params, "attn_gate": jnp.array(1.0), "mlp_gate": jnp.array(0.0)}
   assert ("sink" in params) == sink
   once, aux = block.apply({"params": params}, x, visual, media)
   twice, _ = block.apply({"params": params}, x, jnp.concatenate([visual, visual], axis=1),
-                         jnp.concatenate([media, media], axis=-1))
+                         layers.Mask(explicit=jnp.concatenate([seen, seen], axis=-1)))
   branch = np.abs(np.asarray(once - x))[0, 1:].max()  # the gated attention's contribution
   moved = np.abs(np.asarray(twice - once))[0, 1:].max() / branch
   assert (moved > 1e-3) if sink else (moved < 1e-6), moved

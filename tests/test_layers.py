@@ -143,6 +143,9 @@ class TestKernels:
       ("tpu", jnp.float32, dict(causal=True, segments=True), 512, 512, 8, "splash"),
       ("tpu", jnp.bfloat16, dict(kv_lengths=True), 512, 512, 8, "splash"),
       ("tpu", jnp.bfloat16, dict(), 7, 512, 8, "splash"),  # full attention, unequal lengths
+      # deep fusion's "latest" media: a text position's image against each key's
+      ("tpu", jnp.bfloat16, dict(segments=True, kv_segments=True), 7, 512, 8, "splash"),
+      ("tpu", jnp.bfloat16, dict(segments=True, kv_segments=True), 7, 256, 8, "xla"),
       ("tpu", jnp.bfloat16, dict(causal=True), 256, 256, 8, "xla"),  # short: XLA keeps less
       ("tpu", jnp.bfloat16, dict(causal=True, prefix=True), 512, 512, 8, "xla"),
       ("tpu", jnp.bfloat16, dict(explicit=True), 512, 512, 8, "xla"),
@@ -157,6 +160,7 @@ class TestKernels:
     mask = layers.Mask(
         causal=mask.get("causal", False), window=mask.get("window"),
         segment_ids=jnp.ones((2, T), jnp.int32) if mask.get("segments") else None,
+        kv_segment_ids=jnp.ones((2, S), jnp.int32) if mask.get("kv_segments") else None,
         kv_lengths=jnp.array([S, 4]) if mask.get("kv_lengths") else None,
         prefix_len=jnp.array([2, 3]) if mask.get("prefix") else None,
         explicit=jnp.ones((2, T, S), bool) if mask.get("explicit") else None)

@@ -21,7 +21,8 @@ first image, samples without images) get exactly zero (`has_media`); with
 media_free_rows="all_keys" they attend to every key and only their MLP branch
 is zeroed, as transformers' Llama 3.2 Vision does; with "mlp_only" their
 attention branch is zeroed and their MLP branch kept, as IDEFICS does. Image
-resolution changes R, never the text length.
+resolution changes R, never the text length. Under "latest" the mask is segment
+ids (a position's image against each key's), which splash runs on TPUs.
 
 IDEFICS (the open Flamingo) is this model with adapter_layers=0 (its cross
 blocks project keys and values from the ViT width), the CLIP tower's last
@@ -55,6 +56,10 @@ from mmjax.models import tiled_vit
 from mmjax.models import vit as vit_lib
 
 MEDIA_ATTENTION = ("previous", "latest", "latest_run")
+# Rules whose mask is one id per text position equal to one per key (segment ids), so fused
+# kernels (splash) run them: under "latest" a position sees exactly one image. "previous" and
+# "latest_run" give a position a range of images, which only a dense mask holds.
+SEGMENT_RULES = ("latest",)
 MEDIA_FREE_ROWS = ("zero", "all_keys", "mlp_only")
 GATES = ("scalar", "channel")
 VISION_TOWERS = {"vit": vit_lib.Model, "tiled": tiled_vit.Model}
@@ -117,11 +122,13 @@ class GatedCrossAttention(nn.Module):
   dtype: jnp.dtype
   media_free_rows: str = "zero"  # or "all_keys", "mlp_only"; see the module docstring
   attention_sink: bool = False  # a learned key every row that sees an image may attend to
+  attention_impl: str = "xla"  # as layers.Attention's; splash needs a media mask of segment ids
 
   @nn.compact
   def __call__(self, x: jax.Array, visual: jax.Array | layers.KVCache,
-               media: jax.Array) -> tuple[jax.Array, dict]:
-    """x: float[B, T, D]; visual: float[B, S, D]; media: bool[B, T, S] -> (float[B, T, D], aux).
+               media: layers.Mask) -> tuple[jax.Array, dict]:
+    """x: float[B, T, D]; visual: float[B, S, D]; media: which keys each position sees
+    (`media_attention_mask`) -> (float[B, T, D], aux).
 
     visual may also be aux["cache"] of an earlier call: the visual keys and
     values, projected once per image when decoding (with the sink's first).
@@ -138,7 +145,11 @@ class GatedCrossAttention(nn.Module):
         nn.initializers.zeros, gate_axes), gate_shape))
     mlp_gate = jnp.tanh(self.param("mlp_gate", layers.partitioned(
         nn.initializers.zeros, gate_axes), gate_shape))
-    has_media = jnp.any(media, axis=-1, keepdims=True)  # [B, T, 1]
+    visible = media.explicit if media.explicit is not None else (  # bool[B, T, S]
+        media.segment_ids[:, :, None] == media.kv_segment_ids[:, None, :])
+    has_media = jnp.any(visible, axis=-1, keepdims=True)  # [B, T, 1]
+    if self.attention_sink or self.media_free_rows == "all_keys":  # not one id per key
+      media = layers.Mask(explicit=visible)
     if self.attention_sink:
       # Without it the softmax runs over the image keys alone and averages them: three matching
       # shapes read as one. A key to put the rest of the attention on keeps how much matched.
@@ -148,18 +159,19 @@ class GatedCrossAttention(nn.Module):
         visual = jnp.concatenate(
             [jnp.broadcast_to(sink.astype(visual.dtype), (visual.shape[0], *sink.shape)),
              visual], axis=1)
-      media = jnp.concatenate([has_media, media], axis=-1)  # [B, T, 1 + S]
+      media = layers.Mask(explicit=jnp.concatenate([has_media, media.explicit], axis=-1))
     attn_rows = mlp_rows = has_media.astype(x.dtype)
     if self.media_free_rows == "all_keys":
-      media, attn_rows = media | ~has_media, 1.0
+      media, attn_rows = layers.Mask(explicit=media.explicit | ~has_media), 1.0
     elif self.media_free_rows == "mlp_only":
       mlp_rows = 1.0
 
     y = layers.Norm(self.norm, self.norm_eps, name="attn_norm")(x)
     y, cache = layers.Attention(
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
-        qk_norm_eps=self.norm_eps, kernel_init=nn.initializers.normal(0.02), dtype=self.dtype,
-        name="attn")(y, visual, mask=layers.Mask(explicit=media))
+        qk_norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+        kernel_init=nn.initializers.normal(0.02), dtype=self.dtype, name="attn")(y, visual,
+                                                                                mask=media)
     x = x + (attn_gate * y * attn_rows).astype(x.dtype)
     y = layers.Norm(self.norm, self.norm_eps, name="mlp_norm")(x)
     y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, use_bias=False,
@@ -229,7 +241,10 @@ class Model(nn.Module):
                 mlp_dim=self.language.mlp_dim, norm=self.language.norm,
                 norm_eps=self.language.norm_eps, mlp_activation=self.language.mlp_activation,
                 qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype,
-                media_free_rows=self.media_free_rows, attention_sink=self.attention_sink)
+                media_free_rows=self.media_free_rows, attention_sink=self.attention_sink,
+                # A kernel named for the LM's self-attention may not take a media mask: "auto"
+                # picks per mask (splash for SEGMENT_RULES on TPUs, else XLA).
+                attention_impl="xla" if self.language.attention_impl == "xla" else "auto")
 
   def __call__(self, tokens: jax.Array,
                images: jax.Array | vit_lib.Patches | tiled_vit.Tiles | None, *,
@@ -244,8 +259,8 @@ class Model(nn.Module):
       return self.language(tokens, positions=positions, segment_ids=segment_ids)
     visual = self.encode_images(images)
     keys, key_image = self.visual_keys(images, visual)
-    media = media_mask(tokens == self.image_token_id, key_image, self.media_attention,
-                       segment_ids)
+    media = media_attention_mask(tokens == self.image_token_id, key_image, self.media_attention,
+                                 segment_ids)
     logits, aux = self.run_language(tokens, keys, media, positions=positions,
                                     segment_ids=segment_ids)
     return logits, {"img/features": visual, **aux}
@@ -308,12 +323,12 @@ class Model(nn.Module):
     return visual, jnp.where(images.is_cls, vit_lib.PADDING, images.image_index())
 
   def run_language(self, tokens: jax.Array, visual: jax.Array | list[layers.KVCache],
-                   media: jax.Array, *, positions: jax.Array | None = None,
+                   media: layers.Mask, *, positions: jax.Array | None = None,
                    segment_ids: jax.Array | None = None, mask: layers.Mask | None = None,
                    caches: list[layers.KVCache] | None = None) -> tuple[jax.Array, dict]:
     """The LM over the text, its cross blocks reading the images.
 
-    tokens int[B, T]; visual float[B, S, D]; media bool[B, T, S]. Decoding
+    tokens int[B, T]; visual float[B, S, D]; media: media_attention_mask's. Decoding
     passes `caches` (lm.empty_caches) with a `mask` over their slots, and after
     the first call `visual` = aux["cross_caches"]: one KVCache per cross block,
     so the image keys and values are projected once.
@@ -342,7 +357,7 @@ class Model(nn.Module):
     return logits, {**aux, **lm_aux, "cross_caches": cross_caches}
 
 
-  def run_scanned(self, x: jax.Array, visual: jax.Array, media: jax.Array, mask: layers.Mask,
+  def run_scanned(self, x: jax.Array, visual: jax.Array, media: layers.Mask, mask: layers.Mask,
                   positions: jax.Array | None) -> tuple[jax.Array, dict]:
     """run_language with the LM scanned: one loop over groups of [k LM blocks with a cross
     block before the one at cross_offset], the blocks of a group in loops of their own (so a
@@ -434,6 +449,24 @@ def unstack_layers(params: dict, cross_at: tuple[int, ...], depth: int) -> dict:
   for g, i in enumerate(cross_at):
     params[f"xattn_{i}"] = jax.tree.map(lambda x, g=g: x[g], cross)
   return params
+
+
+def media_attention_mask(is_marker: jax.Array, key_image: jax.Array, rule: str,
+                         segment_ids: jax.Array | None = None) -> layers.Mask:
+  """`media_mask` as the cross-attention's mask: for SEGMENT_RULES as segment ids (a position's
+  image, -1 for none; each key's image), which splash reads, else the dense bool[B, T, S]."""
+  if rule not in SEGMENT_RULES:
+    return layers.Mask(explicit=media_mask(is_marker, key_image, rule, segment_ids))
+  seen, _ = media_window(is_marker, rule)
+  first = seen > 0
+  if segment_ids is not None:  # the latest image must be marked inside the position's example
+    starts = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], ((0, 0), (1, 0)),
+                     constant_values=True)
+    before = jax.lax.cummax(jnp.where(starts, seen - is_marker, 0), axis=1)
+    first = seen > before
+  B = is_marker.shape[0]
+  return layers.Mask(segment_ids=jnp.where(first, seen - 1, -1),
+                     kv_segment_ids=jnp.broadcast_to(key_image, (B, key_image.shape[-1])))
 
 
 def media_mask(is_marker: jax.Array, key_image: jax.Array, rule: str,
