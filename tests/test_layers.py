@@ -147,7 +147,7 @@ class TestKernels:
       ("tpu", jnp.bfloat16, dict(segments=True, kv_segments=True), 7, 512, 8, "splash"),
       ("tpu", jnp.bfloat16, dict(segments=True, kv_segments=True), 7, 256, 8, "xla"),
       ("tpu", jnp.bfloat16, dict(causal=True), 256, 256, 8, "xla"),  # short: XLA keeps less
-      ("tpu", jnp.bfloat16, dict(causal=True, prefix=True), 512, 512, 8, "xla"),
+      ("tpu", jnp.bfloat16, dict(causal=True, prefix=True), 512, 512, 8, "splash"),
       ("tpu", jnp.bfloat16, dict(explicit=True), 512, 512, 8, "xla"),
       ("tpu", jnp.bfloat16, dict(causal=True), 7, 512, 8, "xla"),
       ("tpu", jnp.bfloat16, dict(causal=True, window=128, soft_cap=True), 512, 512, 8, "splash"),
@@ -184,6 +184,11 @@ class TestKernels:
       (dict(kv_lengths=[150, 70]), 70, 150, layers.Scores()),
       # Gemma 2's local layers: a window inside a block of 128, its scale and soft cap.
       (dict(causal=True, window=50), 200, 200, layers.Scores(query_scalar=24, soft_cap=0.5)),
+      # PaliGemma 2's: a prefix (the image and prompt) both ways beyond the window, and two
+      # packed examples in the second row (a prefix, as its mask, per row).
+      (dict(causal=True, window=50, prefix_len=[120, 70],
+            segment_ids=[[1] * 200, [1] * 90 + [2] * 110]), 200, 200,
+       layers.Scores(soft_cap=0.5)),
   ])
   def test_splash_matches_xla_with_gradients(self, mask_kwargs, T, S, scores):
     # Pallas' interpreter runs the TPU kernel here: padding to 128, segment ids (0 = packing

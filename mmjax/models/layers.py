@@ -244,7 +244,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
   """Pallas splash (flash) attention for TPUs: no [B, N, T, S] scores are ever stored.
 
   Shapes as in `xla_attention`. Takes causal, local (a window) or full masks
-  with segment ids and key lengths (`splash_qualifies`), and a soft cap.
+  with segment ids and key lengths (`splash_qualifies`), a prefix-LM's prefix
+  (two kernels, see below) and a soft cap.
   Lengths are padded to multiples of 128 and the padding masked through
   segment ids that match nothing real. Under a mesh the kernel runs per
   device (shard_map) over the batch, and over the heads where the rules split
@@ -258,6 +259,19 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
   G = N // K
   if mask.causal and T != S:
     raise ValueError(f"splash causal attention needs equal lengths, got T={T}, S={S}")
+  if mask.prefix_len is not None:
+    # A row inside the prefix sees the whole prefix (which holds its causal keys), a row after
+    # it its causal (or local) keys: a full kernel over the prefix's keys for the first rows, the
+    # causal one for the others. Per-row prefixes are no static mask, so each kernel runs on
+    # every row and each row keeps one result (twice the kernel's work, no [T, S] scores).
+    in_prefix = jnp.arange(T) < mask.prefix_len[:, None]  # [B, T], and as keys (T = S)
+    q_ids = jnp.ones((B, T), jnp.int32) if mask.segment_ids is None else mask.segment_ids
+    kv_ids = q_ids if mask.kv_segment_ids is None else mask.kv_segment_ids
+    prefix = Mask(segment_ids=jnp.where(in_prefix, q_ids, -1),
+                  kv_segment_ids=jnp.where(in_prefix, kv_ids, -3), kv_lengths=mask.kv_lengths)
+    rows = splash_attention(q, k, v, prefix, scores)
+    rest = splash_attention(q, k, v, mask.replace(prefix_len=None), scores)
+    return jnp.where(in_prefix[:, :, None, None], rows, rest)
   Tp, Sp = (-(-n // SPLASH_LENGTH_MULTIPLE) * SPLASH_LENGTH_MULTIPLE for n in (T, S))
   # Segment ids carry every mask but the causal one: packed examples, key lengths, padding.
   q_ids = jnp.ones((B, T), jnp.int32) if mask.segment_ids is None else mask.segment_ids
@@ -330,9 +344,9 @@ def cudnn_qualifies(q: jax.Array, mask: Mask, platform: str, scores: Scores = Sc
 
 
 def splash_qualifies(q: jax.Array, k: jax.Array, mask: Mask) -> bool:
-  """Whether splash attention computes this exactly: causal, local or full, with segment ids and
-  key lengths (a prefix-LM or explicit mask needs the XLA kernel)."""
-  return (mask.prefix_len is None and mask.explicit is None and mask.q_offset is None
+  """Whether splash attention computes this exactly: causal, local or full, with segment ids, key
+  lengths and a prefix (an explicit mask or a decoding step's needs the XLA kernel)."""
+  return (mask.explicit is None and mask.q_offset is None
           and not (mask.causal and q.shape[1] != k.shape[1]))
 
 
@@ -354,7 +368,7 @@ def choose_attention(impl: str, q: jax.Array, k: jax.Array, mask: Mask,
         f"{platform}, {q.dtype}, head dim {q.shape[-1]}. Use 'auto'.")
   if impl == "splash" and not splash_qualifies(q, k, mask):
     raise ValueError("attention_impl='splash' takes causal or full masks with segment ids and "
-                     "key lengths, not a prefix-LM or explicit mask. Use 'auto'.")
+                     "key lengths and a prefix, not an explicit mask. Use 'auto'.")
   if impl != "auto":
     return impl
   if cudnn_qualifies(q, mask, platform, scores) and (not mask.causal
