@@ -259,24 +259,22 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask,
   G = N // K
   if mask.causal and T != S:
     raise ValueError(f"splash causal attention needs equal lengths, got T={T}, S={S}")
+  # Segment ids carry every mask but the causal one: packed examples, key lengths, padding.
+  q_ids = jnp.ones((B, T), jnp.int32) if mask.segment_ids is None else mask.segment_ids
+  kv_ids = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.segment_ids
+  kv_ids = jnp.ones((B, S), jnp.int32) if kv_ids is None else kv_ids
   if mask.prefix_len is not None:
     # A row inside the prefix sees the whole prefix (which holds its causal keys), a row after
     # it its causal (or local) keys: a full kernel over the prefix's keys for the first rows, the
     # causal one for the others. Per-row prefixes are no static mask, so each kernel runs on
     # every row and each row keeps one result (twice the kernel's work, no [T, S] scores).
     in_prefix = jnp.arange(T) < mask.prefix_len[:, None]  # [B, T], and as keys (T = S)
-    q_ids = jnp.ones((B, T), jnp.int32) if mask.segment_ids is None else mask.segment_ids
-    kv_ids = q_ids if mask.kv_segment_ids is None else mask.kv_segment_ids
     prefix = Mask(segment_ids=jnp.where(in_prefix, q_ids, -1),
                   kv_segment_ids=jnp.where(in_prefix, kv_ids, -3), kv_lengths=mask.kv_lengths)
     rows = splash_attention(q, k, v, prefix, scores)
     rest = splash_attention(q, k, v, mask.replace(prefix_len=None), scores)
     return jnp.where(in_prefix[:, :, None, None], rows, rest)
   Tp, Sp = (-(-n // SPLASH_LENGTH_MULTIPLE) * SPLASH_LENGTH_MULTIPLE for n in (T, S))
-  # Segment ids carry every mask but the causal one: packed examples, key lengths, padding.
-  q_ids = jnp.ones((B, T), jnp.int32) if mask.segment_ids is None else mask.segment_ids
-  kv_ids = mask.kv_segment_ids if mask.kv_segment_ids is not None else mask.segment_ids
-  kv_ids = jnp.ones((B, S), jnp.int32) if kv_ids is None else kv_ids
   if mask.kv_lengths is not None:
     kv_ids = jnp.where(jnp.arange(S) < mask.kv_lengths[:, None], kv_ids, -2)
   q_ids = jnp.pad(q_ids.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
