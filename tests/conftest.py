@@ -4,9 +4,6 @@ import os
 import shutil
 import tempfile
 
-# Must be set before jax initialises its backends, i.e. before any test imports jax.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile for TPU slices (no TPU is used) in both workers: libtpu may be loaded twice.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -27,7 +24,9 @@ import subprocess
 
 import pytest
 
-import train_cli
+import train_cli  # imports jax: it reads the settings above now, XLA_FLAGS when it starts
+
+os.environ["XLA_FLAGS"] = train_cli.xla_flags(devices=8)
 
 
 def _run_train(workdir, config: str, overrides: dict, devices: int = 1):

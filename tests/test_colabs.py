@@ -20,9 +20,10 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   code = [cell for cell in notebook.cells if cell.cell_type == "code"]
   assert not any(cell.outputs for cell in code), f"{path.name} is committed with outputs"
   assert "colab-badge.svg" in notebook.cells[0].source
-  # The kernel is a fresh process: one CPU device unless the notebook asks for more, and its
-  # workdirs (under tempfile.gettempdir()) in this test's directory.
-  monkeypatch.setenv("XLA_FLAGS", "")
+  # The kernel is a fresh process: this checkout's mmjax, one CPU device unless the notebook
+  # asks for more, and its workdirs (under tempfile.gettempdir()) in this test's directory.
+  monkeypatch.setenv("PYTHONPATH", train_cli.env(1)["PYTHONPATH"])
+  monkeypatch.setenv("XLA_FLAGS", train_cli.xla_flags(devices=None))
   monkeypatch.setenv("TMPDIR", str(tmp_path))
   nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(path.parent)}}).execute()

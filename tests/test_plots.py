@@ -22,7 +22,8 @@ from test_tools import run_tool
 
 @pytest.fixture(scope="module")
 def deep_run(tmp_path_factory):
-  """A short deep-fusion run on in-memory scenes, with held-out evaluation."""
+  """A short deep-fusion run on in-memory scenes, with held-out evaluation (made once: its
+  tests share a group, which one worker of `pytest -n` runs under --dist loadgroup)."""
   workdir = tmp_path_factory.mktemp("deep")
   config = deep_config.get_config("tiny")
   config.update_from_flattened_dict({
@@ -32,6 +33,7 @@ def deep_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.xdist_group("deep_run")
 def test_gates_are_logged_and_open_from_zero(deep_run):
   rows = plots.read_metrics(deep_run)
   _, params, _ = checkpoint.read_model(str(deep_run))
@@ -45,6 +47,7 @@ def test_gates_are_logged_and_open_from_zero(deep_run):
     assert all(0 < v < 1 for v in values) and len(set(values)) == len(values)  # moving off 0
 
 
+@pytest.mark.xdist_group("deep_run")
 def test_plot_tool_writes_a_chart_of_runs(deep_run, tmp_path):
   out = tmp_path / "runs.png"
   run_tool("plot.py", f"--workdir={deep_run}", f"--workdir={deep_run}", f"--out={out}")
@@ -158,6 +161,7 @@ def test_attention_maps_over_images_at_their_own_sizes():
     np.testing.assert_allclose(maps[b], alone[0], atol=1e-5)
 
 
+@pytest.mark.xdist_group("deep_run")
 def test_plot_tool_draws_attention_over_an_image(deep_run, tmp_path):
   image = tmp_path / "scene.png"
   config = deep_config.get_config("tiny")

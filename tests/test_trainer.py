@@ -294,6 +294,7 @@ def straight_run(tmp_path_factory, run_train_module):
   return workdir, run_train_module(workdir, "lm.py:tiny", LONG)
 
 
+@pytest.mark.xdist_group("straight_run")
 def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train, straight_run):
   process = start_train(tmp_path / "killed", LONG)
   train_cli.wait_for(tmp_path / "killed" / "checkpoints" / "40" / "commit_success.txt")
@@ -307,6 +308,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train, straight_run)
   assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
 
 
+@pytest.mark.xdist_group("straight_run")
 def test_a_full_disk_stops_the_run_in_a_line_and_keeps_the_newest_checkpoint(tmp_path, run_train,
                                                                             straight_run):
   process = start_train(tmp_path, LONG)
@@ -330,6 +332,7 @@ def test_a_full_disk_stops_the_run_in_a_line_and_keeps_the_newest_checkpoint(tmp
   assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
 
 
+@pytest.mark.xdist_group("straight_run")
 def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, run_train, straight_run):
   # A shell starting a job in the background leaves it SIGINT ignored, a terminal does not:
   # the child takes SIGINT's default before it becomes train.py (an exec keeps it).
