@@ -39,11 +39,12 @@ def test_a_log_file_gets_plain_lines_and_the_summary(tmp_path):
 
 def test_a_fusion_run_is_quiet_and_its_generate_line_runs(tmp_path):
   # A dataset built on first use says so in one line (tfds would say "Downloading" and draw
-  # progress bars into the log); the summary's generate command asks about a held-out image.
-  result = subprocess.run(train_cli.command(tmp_path, "early_fusion.py:tiny", {
+  # progress bars into the log): built in this test's own data_dir, whichever tests ran before;
+  # the summary's generate command asks about a held-out image.
+  result = subprocess.run(train_cli.command(tmp_path / "run", "early_fusion.py:tiny", {
       "total_steps": 4, "log_every": 2, "eval_every": 4, "eval_steps": 1,
-      "data.train_size": 64, "data.eval_size": 16}), env=train_cli.env(1),
-                          capture_output=True, text=True, timeout=600)
+      "data.train_size": 64, "data.eval_size": 16, "data.data_dir": tmp_path / "tfds"}),
+                          env=train_cli.env(1), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = (result.stdout + result.stderr).strip().splitlines()
   assert len(lines) <= 14, lines
@@ -51,7 +52,7 @@ def test_a_fusion_run_is_quiet_and_its_generate_line_runs(tmp_path):
   assert not any(w in result.stdout + result.stderr for w in (
       "Downloading", "Using custom data", "\x1b[", "\r", "Metadata file", "W1", "I1")), lines
   generate = next(line for line in lines if line.startswith("  generate: "))
-  assert f"--image {tmp_path / 'example.png'} --prompt " in generate
+  assert f"--image {tmp_path / 'run' / 'example.png'} --prompt " in generate
   answered = subprocess.run(generate.removeprefix("  generate: "), shell=True,
                             cwd=train_cli.ROOT, env=train_cli.env(1), capture_output=True,
                             text=True, timeout=300)
