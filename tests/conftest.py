@@ -29,11 +29,12 @@ import train_cli  # imports jax: it reads the settings above now, XLA_FLAGS when
 os.environ["XLA_FLAGS"] = train_cli.xla_flags(devices=8)
 
 
-def _run_train(workdir, config: str, overrides: dict, devices: int = 1):
+def _run_train(workdir, config: str, overrides: dict, devices: int = 1,
+               fast_compile: bool = True):
   """Runs train.py in a fresh process with `devices` CPU devices; returns its metrics rows."""
   result = subprocess.run(train_cli.command(workdir, config, overrides),
-                          env=train_cli.env(devices), cwd=train_cli.ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          env=train_cli.env(devices, fast_compile), cwd=train_cli.ROOT,
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return train_cli.read_metrics(workdir)
 

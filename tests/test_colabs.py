@@ -22,8 +22,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
   assert "colab-badge.svg" in notebook.cells[0].source
   # The kernel is a fresh process: this checkout's mmjax, one CPU device unless the notebook
   # asks for more, and its workdirs (under tempfile.gettempdir()) in this test's directory.
+  # Notebooks train for hundreds of steps: their code is optimised (train_cli.FAST_COMPILE).
   monkeypatch.setenv("PYTHONPATH", train_cli.env(1)["PYTHONPATH"])
-  monkeypatch.setenv("XLA_FLAGS", train_cli.xla_flags(devices=None))
+  monkeypatch.setenv("XLA_FLAGS", train_cli.xla_flags(devices=None, fast_compile=False))
   monkeypatch.setenv("TMPDIR", str(tmp_path))
   nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(path.parent)}}).execute()

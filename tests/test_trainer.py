@@ -99,7 +99,8 @@ def test_tiny_lm_trains(tmp_path, run_train):
 def test_fusion_models_learn_from_the_image(tmp_path, run_train, name):
   rows = run_train(tmp_path, f"{name}.py:tiny", {
       "total_steps": 400, "log_every": 50, "eval_every": 400, "optimizer.decay_steps": 400,
-      "data.max_shapes": 1, "data.name": "shapes"})  # in memory: no 50k-scene build for this
+      "data.max_shapes": 1, "data.name": "shapes"},  # in memory: no 50k-scene build for this
+                   fast_compile=False)
   # Greedy answers to 128 held-out questions about one-shape scenes. The question alone leaves
   # colour and place at 1/4 and the count ("how many squares?": zero or one) at 1/2.
   last = rows[-1]
@@ -279,11 +280,13 @@ def test_bad_config_on_the_command_line(tmp_path):
 # ----------------------------------------------------------------------------
 
 LONG = {"total_steps": 300, "log_every": 10, "eval_every": 0, "checkpoint_every": 20}
+# Every run of LONG steps (and each run one is compared with) runs optimised code.
+OPTIMISED = {"fast_compile": False}
 
 
 def start_train(workdir, overrides):
   return subprocess.Popen(train_cli.command(workdir, "lm.py:tiny", overrides),
-                          env=train_cli.env(1), stdout=subprocess.DEVNULL,
+                          env=train_cli.env(1, **OPTIMISED), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -291,7 +294,7 @@ def start_train(workdir, overrides):
 def straight_run(tmp_path_factory, run_train_module):
   """LONG, uninterrupted: what an interrupted and resumed run must end as."""
   workdir = tmp_path_factory.mktemp("straight")
-  return workdir, run_train_module(workdir, "lm.py:tiny", LONG)
+  return workdir, run_train_module(workdir, "lm.py:tiny", LONG, **OPTIMISED)
 
 
 @pytest.mark.xdist_group("straight_run")
@@ -302,7 +305,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train, straight_run)
   process.wait()
   assert 300 not in [int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
                      if p.name.isdigit()], "the run finished before it was killed"
-  rows = run_train(tmp_path / "killed", "lm.py:tiny", LONG)
+  rows = run_train(tmp_path / "killed", "lm.py:tiny", LONG, **OPTIMISED)
   assert_trees_equal(final_params(tmp_path / "killed"), final_params(straight_run[0]))
   # Rows logged after the last checkpoint, before the kill, are not listed twice.
   assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
@@ -327,7 +330,7 @@ def test_a_full_disk_stops_the_run_in_a_line_and_keeps_the_newest_checkpoint(tmp
                          if line.startswith(("error", "mmjax"))) + "\n..." + stderr[-1000:]
   failed, intact = int(said.group(1)), int(said.group(2))
   assert failed > intact >= 40
-  rows = run_train(tmp_path, "lm.py:tiny", LONG)  # the disk has room again
+  rows = run_train(tmp_path, "lm.py:tiny", LONG, **OPTIMISED)  # the disk has room again
   assert_trees_equal(final_params(tmp_path), final_params(straight_run[0]))
   assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
 
@@ -340,7 +343,8 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, run_train,
       [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, "
        "signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
        *train_cli.command(tmp_path, "lm.py:tiny", {**LONG, "checkpoint_every": 1000})],
-      env=train_cli.env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      env=train_cli.env(1, **OPTIMISED), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
   train_cli.wait_for(tmp_path / "metrics.jsonl")  # step 10 is done
   process.send_signal(signal.SIGINT)
   sent = time.time()
@@ -351,7 +355,7 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, run_train,
   assert len(saved) == 1 and 10 <= saved[0] < 300, saved
   assert f"stopped by Ctrl-C: step {saved[0]} of 300" in stderr
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
-  rows = run_train(tmp_path, "lm.py:tiny", {**LONG, "checkpoint_every": 1000})
+  rows = run_train(tmp_path, "lm.py:tiny", {**LONG, "checkpoint_every": 1000}, **OPTIMISED)
   assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
   assert rows[-1]["loss"] == straight_run[1][-1]["loss"]
   assert_trees_equal(final_params(tmp_path), final_params(straight_run[0]))
@@ -389,7 +393,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, run_train):
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
   assert len(steps) == 1 and 10 <= steps[0] < 300
   assert "stopped at step" in stderr
-  rows = run_train(tmp_path, "lm.py:tiny", LONG)  # resumes from the preemption checkpoint
+  # Resumes from the preemption checkpoint.
+  rows = run_train(tmp_path, "lm.py:tiny", LONG, **OPTIMISED)
   logged = [r["step"] for r in rows]
   assert logged == sorted(set(logged)) and logged[-1] == 300  # continued, not restarted
 

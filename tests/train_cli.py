@@ -20,28 +20,31 @@ def command(workdir, config: str, overrides: dict) -> list[str]:
           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-# The tests' models are tiny: compiling is most of their time, and LLVM's optimisation passes
-# cost more than the code they speed up (a quarter less CPU time for the same tests).
+# Most tests' models are tiny and run a few steps: compiling is most of their time, and LLVM's
+# optimisation passes cost more than the code they speed up (a quarter less CPU time for the
+# suite). Runs of hundreds of steps are the other way round (1000 steps of lm.py:tiny take 186 s
+# instead of 85): they ask for fast_compile=False.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
-def xla_flags(devices: int | None) -> str:
+def xla_flags(devices: int | None, fast_compile: bool = True) -> str:
   """This session's XLA_FLAGS with `devices` fake CPU devices (None: as many as the process
   asks for itself)."""
-  flags = DEVICE_COUNT.sub("", os.environ.get("XLA_FLAGS", ""))
-  if FAST_COMPILE not in flags:
+  flags = DEVICE_COUNT.sub("", os.environ.get("XLA_FLAGS", "")).replace(FAST_COMPILE, "")
+  if fast_compile:
     flags += " " + FAST_COMPILE
   if devices is not None:
     flags += f" --xla_force_host_platform_device_count={devices}"
   return " ".join(flags.split())
 
 
-def env(devices: int) -> dict:
+def env(devices: int, fast_compile: bool = True) -> dict:
   """The environment for a CPU process with `devices` fake devices."""
   # This checkout's mmjax, whichever one pip installed.
   path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path, XLA_FLAGS=xla_flags(devices))
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
+              XLA_FLAGS=xla_flags(devices, fast_compile))
 
 
 def read_metrics(workdir) -> list[dict]:
