@@ -64,6 +64,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       resampler_latents=ml_collections.config_dict.placeholder(int),  # 64: Flamingo resampler
       media_attention="previous",  # or "latest"
       gate="scalar",  # or "channel"
+      gate_init=0.0,  # gates start at tanh(gate_init): closed; open for an LM trained from scratch
       qk_norm=False,  # RMS-normed cross-attention queries and keys (Llama-3.2-Vision's)
       attention_sink=False,  # a learned null key in each cross block (see README, Counting)
   ))

@@ -62,6 +62,21 @@ def test_closed_gates_give_exactly_the_lm(model_and_params):
     assert float(aux["xattn/gate_0"]) == 0.0 and float(aux["xattn/gate_1"]) == 0.0
 
 
+def test_gate_init_starts_the_gates_open():
+  """gate_init=a: the gates start at tanh(a), the rest of the model as with closed gates."""
+  tokens, images = jnp.array([[1, IMG, 5, 6, IMG, 7]]), random_images(jax.random.key(1), 1, 2)
+  closed, opened = make(gate="channel"), make(gate="channel", gate_init=0.5)
+  closed_params = nn.unbox(closed.init(jax.random.key(0), tokens, images))["params"]
+  params = nn.unbox(opened.init(jax.random.key(0), tokens, images))["params"]
+  is_gate = lambda path: jax.tree_util.keystr(path).endswith(("['attn_gate']", "['mlp_gate']"))
+  jax.tree_util.tree_map_with_path(
+      lambda path, x, y: np.testing.assert_array_equal(x, 0.5 if is_gate(path) else y),
+      params, closed_params)
+  logits, aux = opened.apply({"params": params}, tokens, images)
+  np.testing.assert_allclose(aux["xattn/gate_0"], np.tanh(0.5), rtol=1e-6)
+  assert not np.allclose(logits, closed.apply({"params": closed_params}, tokens, images)[0])
+
+
 def test_all_text_batches_match_the_lm_even_with_open_gates(model_and_params):
   model, params = model_and_params
   params = open_gates(params)

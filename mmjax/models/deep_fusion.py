@@ -109,7 +109,7 @@ class PerceiverResampler(nn.Module):
 
 
 class GatedCrossAttention(nn.Module):
-  """Text queries attend to visual keys/values; tanh gates start closed."""
+  """Text queries attend to visual keys/values; tanh gates start closed (by default)."""
 
   num_heads: int
   num_kv_heads: int | None
@@ -120,6 +120,7 @@ class GatedCrossAttention(nn.Module):
   qk_norm: bool
   gate: str  # "scalar" or "channel"
   dtype: jnp.dtype
+  gate_init: float = 0.0  # the gates start at tanh(gate_init): 0, closed, keeps the LM's output
   media_free_rows: str = "zero"  # or "all_keys", "mlp_only"; see the module docstring
   attention_sink: bool = False  # a learned key every row that sees an image may attend to
   attention_impl: str = "xla"  # as layers.Attention's; splash needs a media mask of segment ids
@@ -141,10 +142,11 @@ class GatedCrossAttention(nn.Module):
     D = x.shape[-1]
     gate_shape = () if self.gate == "scalar" else (D,)
     gate_axes = () if self.gate == "scalar" else ("embed",)
-    attn_gate = jnp.tanh(self.param("attn_gate", layers.partitioned(
-        nn.initializers.zeros, gate_axes), gate_shape))
-    mlp_gate = jnp.tanh(self.param("mlp_gate", layers.partitioned(
-        nn.initializers.zeros, gate_axes), gate_shape))
+    gate_init = nn.initializers.constant(self.gate_init)
+    attn_gate = jnp.tanh(self.param("attn_gate", layers.partitioned(gate_init, gate_axes),
+                                    gate_shape))
+    mlp_gate = jnp.tanh(self.param("mlp_gate", layers.partitioned(gate_init, gate_axes),
+                                   gate_shape))
     visible = media.explicit if media.explicit is not None else (  # bool[B, T, S]
         media.segment_ids[:, :, None] == media.kv_segment_ids[:, None, :])
     has_media = jnp.any(visible, axis=-1, keepdims=True)  # [B, T, 1]
@@ -198,6 +200,9 @@ class Model(nn.Module):
   media_free_rows: str = "zero"  # or "all_keys" (HF Llama 3.2 Vision), "mlp_only" (IDEFICS)
   vision_tower: str = "vit"  # or "tiled": tiled_vit.Model (Llama 3.2 Vision's)
   gate: str = "scalar"  # or "channel": one tanh gate per width channel
+  # The gates start at tanh(gate_init). Closed (0) keeps a pretrained LM's output exactly; an
+  # LM trained with the cross blocks can start them open (counting: README).
+  gate_init: float = 0.0
   qk_norm: bool = False
   attention_sink: bool = False  # a learned null key in every cross block (counting)
   cross_kv_heads: int | None = None  # None: the LM's num_kv_heads
@@ -240,7 +245,7 @@ class Model(nn.Module):
                 num_kv_heads=self.cross_kv_heads or self.language.num_kv_heads,
                 mlp_dim=self.language.mlp_dim, norm=self.language.norm,
                 norm_eps=self.language.norm_eps, mlp_activation=self.language.mlp_activation,
-                qk_norm=self.qk_norm, gate=self.gate, dtype=self.dtype,
+                qk_norm=self.qk_norm, gate=self.gate, gate_init=self.gate_init, dtype=self.dtype,
                 media_free_rows=self.media_free_rows, attention_sink=self.attention_sink,
                 # A kernel named for the LM's self-attention may not take a media mask: "auto"
                 # picks per mask (splash for SEGMENT_RULES on TPUs, else XLA).
