@@ -16,6 +16,7 @@ newest complete checkpoint when a peer's count has not moved for that long.
 JAX's own heartbeat check, which aborts from C++ with a stack trace, is set
 HEARTBEAT_MARGIN_S later, so the line comes first.
 """
+import atexit
 from collections.abc import Callable
 import logging
 import os
@@ -127,21 +128,39 @@ def _watch_peers(config: ml_collections.ConfigDict):
   client = jax_distributed.global_state.client  # key-value store
   global _watch_timeout_s
   _watch_timeout_s = config.heartbeat_timeout_s
-  threading.Thread(target=_pulse_and_watch, daemon=True, name="mmjax-peers", args=(
-      client, jax.process_index(), jax.process_count(), config.heartbeat_timeout_s)).start()
+  atexit.register(watch(client, jax.process_index(), jax.process_count(),
+                        config.heartbeat_timeout_s))
 
 
-def _pulse_and_watch(client, me: int, count: int, timeout_s: float):
+def watch(client, me: int, count: int, timeout_s: float) -> Callable[[], None]:
+  """Starts the pulse-and-watchdog thread; returns what stops it and waits for it to end.
+
+  A process must stop it before it exits: Python ends daemon threads at exit wherever they are,
+  and one ended inside a call into the coordination client aborts the process ("FATAL: exception
+  not rethrown") after the run has ended well."""
+  stopping = threading.Event()
+  thread = threading.Thread(target=_pulse_and_watch, daemon=True, name="mmjax-peers",
+                            args=(client, me, count, timeout_s, stopping))
+  thread.start()
+
+  def stop():
+    stopping.set()
+    thread.join()
+  return stop
+
+
+def _pulse_and_watch(client, me: int, count: int, timeout_s: float,
+                     stopping: threading.Event):
   # peer -> (its last count, when it last moved, by this process's clock); None: no pulse yet
   seen = {peer: (None, time.monotonic()) for peer in range(count) if peer != me}
   beat = 0
-  while True:
+  while not stopping.is_set():
     beat += 1
     try:
       client.key_value_set(f"mmjax/pulse/{me}", str(beat), allow_overwrite=True)
       counts = {peer: _read(client, f"mmjax/pulse/{peer}") for peer in range(count) if peer != me}
     except Exception as e:  # pylint: disable=broad-except  # the coordinator itself is gone
-      if me != 0:
+      if me != 0 and not stopping.is_set():
         _lost(0, count, f"(the coordinator) stopped answering ({type(e).__name__})")
       counts = {}
     now = time.monotonic()
@@ -151,7 +170,7 @@ def _pulse_and_watch(client, me: int, count: int, timeout_s: float):
       elif now - seen[peer][1] > timeout_s:
         _lost(peer, count, f"sent no pulse for {timeout_s:g} s (killed, its host lost, or "
               "stalled)")
-    time.sleep(PULSE_S)
+    stopping.wait(PULSE_S)
 
 
 def _read(client, key: str) -> str | None:
