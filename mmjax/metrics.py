@@ -4,6 +4,7 @@ Only process 0 writes; the others get a writer that does nothing.
 """
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,21 @@ def _open_after(path: str, step: int):
   return open(path, "a")
 
 
+def _summary_writer(logdir: str):
+  """tensorboardX's SummaryWriter, without the import of torch it makes where torch is installed
+  (4 s of every run's start here) only to accept torch tensors: mmjax writes numpy."""
+  # Imported here: tools/bench.py needs only peak_tflops, on GPU images without tensorboardX.
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  else:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    finally:
+      del sys.modules["torch"]
+  return SummaryWriter(logdir)
+
+
 class Writer:
   """Writes scalars to metrics.jsonl (one object per line with "step") and TensorBoard."""
 
@@ -135,9 +151,7 @@ class Writer:
     os.makedirs(workdir, exist_ok=True)
     self.jsonl = _open_after(os.path.join(workdir, "metrics.jsonl"), after_step)
     self.samples = _open_after(os.path.join(workdir, "samples.jsonl"), after_step)
-    # Imported here: tools/bench.py needs only peak_tflops, on GPU images without tensorboardX.
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.tensorboard = _summary_writer(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:

@@ -4,6 +4,7 @@ import json
 import re
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -92,7 +93,26 @@ def test_tiny_lm_trains(tmp_path, run_train):
   assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
   assert rows[-1]["eval_loss"] < 2.0 and rows[-1]["eval_accuracy"] > 0.3
   assert rows[-1]["eval_perplexity"] == pytest.approx(np.exp(rows[-1]["eval_loss"]), rel=1e-6)
-  assert list((tmp_path / "tensorboard").iterdir())  # event files
+  logged = tensorboard_scalars(tmp_path / "tensorboard")
+  for name in ("loss", "learning_rate", "eval_loss"):
+    expected = [(r["step"], r[name]) for r in rows if name in r]
+    assert [step for step, _ in logged[name]] == [step for step, _ in expected], name
+    np.testing.assert_allclose([v for _, v in logged[name]], [v for _, v in expected], rtol=1e-6)
+
+
+def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+  """tag -> (step, value) from TensorBoard's event files (TFRecords of Event protos)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  scalars = {}
+  for path in sorted(logdir.iterdir()):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):  # [length: u64][its crc: u32][event][its crc: u32]
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
 
 
 @pytest.mark.parametrize("name", ["early_fusion", "deep_fusion"])
