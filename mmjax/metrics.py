@@ -124,9 +124,10 @@ def _open_after(path: str, step: int):
   return open(path, "a")
 
 
-def _summary_writer(logdir: str):
+def _summary_writer(logdir: str, purge_step: int):
   """tensorboardX's SummaryWriter, without the import of torch it makes where torch is installed
-  (4 s of every run's start here) only to accept torch tensors: mmjax writes numpy."""
+  (4 s of every run's start here) only to accept torch tensors: mmjax writes numpy. TensorBoard
+  hides the events of earlier files from purge_step on."""
   # Imported here: tools/bench.py needs only peak_tflops, on GPU images without tensorboardX.
   if "torch" in sys.modules:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -136,7 +137,7 @@ def _summary_writer(logdir: str):
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     finally:
       del sys.modules["torch"]
-  return SummaryWriter(logdir)
+  return SummaryWriter(logdir, purge_step=purge_step)
 
 
 class Writer:
@@ -144,14 +145,15 @@ class Writer:
 
   def __init__(self, workdir: str, after_step: int = 0):
     """after_step: the step training resumes from; rows of later steps, written by a run that
-    stopped before saving them, are dropped, so no step is listed twice."""
+    stopped before saving them, are dropped (and hidden in TensorBoard), so no step is listed
+    twice."""
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     self.jsonl = _open_after(os.path.join(workdir, "metrics.jsonl"), after_step)
     self.samples = _open_after(os.path.join(workdir, "samples.jsonl"), after_step)
-    self.tensorboard = _summary_writer(os.path.join(workdir, "tensorboard"))
+    self.tensorboard = _summary_writer(os.path.join(workdir, "tensorboard"), after_step + 1)
 
   def write(self, step: int, scalars: dict[str, float]):
     if not self.enabled:

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from mmjax import metrics
 from mmjax import sharding
 from mmjax import steps
 from mmjax import trainer
@@ -100,8 +101,25 @@ def test_tiny_lm_trains(tmp_path, run_train):
     np.testing.assert_allclose([v for _, v in logged[name]], [v for _, v in expected], rtol=1e-6)
 
 
+def test_a_resumed_run_lists_each_step_once_in_metrics_and_tensorboard(tmp_path):
+  first = metrics.Writer(str(tmp_path))
+  for step in (10, 20, 30):
+    first.write(step, {"loss": float(step)})
+  first.close()  # it stopped after saving step 20: the resumed run logs step 30 again
+  time.sleep(1.1)  # event files are named by the second they were opened in
+  second = metrics.Writer(str(tmp_path), after_step=20)
+  second.write(30, {"loss": 3.0})
+  second.write(40, {"loss": 4.0})
+  second.close()
+  expected = [(10, 10.0), (20, 20.0), (30, 3.0), (40, 4.0)]
+  assert [(r["step"], r["loss"]) for r in train_cli.read_metrics(tmp_path)] == expected
+  assert tensorboard_scalars(tmp_path / "tensorboard")["loss"] == expected
+
+
 def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
-  """tag -> (step, value) from TensorBoard's event files (TFRecords of Event protos)."""
+  """tag -> (step, value) as TensorBoard shows them, from its event files (TFRecords of Event
+  protos, named by their start time): a session's START event at step s hides the earlier
+  events of steps >= s."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   scalars = {}
   for path in sorted(logdir.iterdir()):
@@ -110,6 +128,9 @@ def tensorboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
       (length,) = struct.unpack("<Q", data[offset:offset + 8])
       event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 12 + length + 4
+      if event.session_log.status == event_pb2.SessionLog.START:
+        scalars = {tag: [(step, v) for step, v in rows if step < event.step]
+                   for tag, rows in scalars.items()}
       for value in event.summary.value:
         scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
   return scalars
