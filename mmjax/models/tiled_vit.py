@@ -57,19 +57,10 @@ def aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
 class GatedBlock(vit.Block):
   """vit.Block whose attention and MLP branches are scaled by tanh gates (the global layers)."""
 
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: layers.Mask) -> jax.Array:
-    """x: float[B, P, D] -> float[B, P, D]."""
-    gate = lambda name: jnp.tanh(self.param(name, layers.partitioned(
+  def join(self, x: jax.Array, y: jax.Array, branch: str) -> jax.Array:
+    gate = jnp.tanh(self.param(f"{branch}_gate", layers.partitioned(
         nn.initializers.constant(math.pi / 4), (None,)), (1,)))
-    y = layers.Norm("layernorm", self.norm_eps, name="attn_norm")(x)
-    y, _ = layers.Attention(
-        num_heads=self.num_heads, use_bias=self.attn_bias, attention_impl=self.attention_impl,
-        dtype=self.dtype, name="attn")(y, mask=mask)
-    x = layers.constrain(x + (gate("attn_gate") * y).astype(x.dtype))
-    y = layers.Norm("layernorm", self.norm_eps, name="mlp_norm")(x)
-    y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, dtype=self.dtype, name="mlp")(y)
-    return layers.constrain(x + (gate("mlp_gate") * y).astype(x.dtype))
+    return super().join(x, gate * y, branch)
 
 
 class Model(nn.Module):

@@ -103,9 +103,14 @@ class Block(nn.Module):
     y, _ = layers.Attention(
         num_heads=self.num_heads, use_bias=self.attn_bias, attention_impl=self.attention_impl,
         dtype=self.dtype, name="attn")(y, mask=mask)
-    x = layers.constrain(x + y.astype(x.dtype))
+    x = self.join(x, y, "attn")
     y = layers.Norm("layernorm", self.norm_eps, name="mlp_norm")(x)
     y = layers.Mlp(self.mlp_dim, activation=self.mlp_activation, dtype=self.dtype, name="mlp")(y)
+    return self.join(x, y, "mlp")
+
+  def join(self, x: jax.Array, y: jax.Array, branch: str) -> jax.Array:
+    """The residual stream x plus the output y of its "attn" or "mlp" branch."""
+    del branch
     return layers.constrain(x + y.astype(x.dtype))
 
 
