@@ -34,11 +34,14 @@ def random_images(key, B, I, size=16):
   return jax.random.normal(key, (B, I, size, size, 3))
 
 
+GATES = ("attn_gate", "mlp_gate")  # a cross block's tanh gates' parameters
+
+
 def open_gates(params, value=1.0):
-  """Sets every tanh gate's alpha to `value` (they start at 0)."""
+  """Sets every cross block's tanh gate alphas to `value` (they start at 0); the SwiGLU MLPs'
+  `gate` kernels are left as they are."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.full_like(x, value) if "gate" in jax.tree_util.keystr(path) else x,
-      params)
+      lambda path, x: jnp.full_like(x, value) if path[-1].key in GATES else x, params)
 
 
 @pytest.fixture(scope="module")
