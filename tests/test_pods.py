@@ -24,8 +24,8 @@ pytestmark = pytest.mark.xdist_group("pods")
 TIMEOUT_S = 8  # config.distributed.heartbeat_timeout_s in these runs
 # One learning-rate schedule for every run below, however many steps it was started for.
 RUN = {"log_every": 5, "eval_every": 0, "checkpoint_every": 10, "optimizer.warmup_steps": 3,
-       "optimizer.decay_steps": 30, "distributed.heartbeat_timeout_s": TIMEOUT_S}
-STEPS = 30  # lm.py:tiny on 2 shared cores: ~4,400 tokens/s for 2 x 2 devices, ~15,000 for 1 x 1
+       "optimizer.decay_steps": 20, "distributed.heartbeat_timeout_s": TIMEOUT_S}
+STEPS = 20  # lm.py:tiny on 2 shared cores: ~4,400 tokens/s for 2 x 2 devices, ~15,000 for 1 x 1
 LONG = 100_000  # a run that is still going when the fault comes
 DEVICES = 2  # per process: the run is 2 x 2 (2 x 4: ~1,900 tokens/s)
 
@@ -59,7 +59,7 @@ def test_a_lost_process_stops_the_other_in_one_line_and_the_run_resumes(tmp_path
                                                                         fault):
   workdir = tmp_path / "run"
   processes = start(workdir, {**RUN, "total_steps": LONG})
-  train_cli.wait_for(workdir / "checkpoints" / "20" / "commit_success.txt")
+  train_cli.wait_for(workdir / "checkpoints" / "10" / "commit_success.txt")
   victim, survivor = processes[1], processes[0]
   victim.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
   struck = time.time()
@@ -77,7 +77,7 @@ def test_a_lost_process_stops_the_other_in_one_line_and_the_run_resumes(tmp_path
   assert match, said[-3:]
   assert not any("Traceback" in line or "Check failure" in line for line in said)
   resumed_from = int(match.group(1))
-  assert resumed_from >= 20
+  assert resumed_from >= 10
   if fault == "stall":  # noticed as a kill is; the restart below is the same
     return
   # The same command (with the run's planned length) on both processes: back to the same run.
@@ -104,8 +104,8 @@ def test_sigterm_on_one_process_stops_both_at_one_step_and_the_run_resumes(tmp_p
   assert_same_run(workdir, straight)
 
 
-def stopped_at_20(straight, workdir):
-  """The uninterrupted 2 x 2 run as it was at step 20: its checkpoints 10 and 20."""
+def stopped_at_10(straight, workdir):
+  """The uninterrupted 2 x 2 run as it was at step 10: its checkpoint 10."""
   straight_dir, _ = straight
   shutil.copytree(straight_dir, workdir)
   shutil.rmtree(workdir / "checkpoints" / str(STEPS))
@@ -116,10 +116,10 @@ def stopped_at_20(straight, workdir):
 def test_a_run_of_2x2_resumes_on_another_number_of_processes(tmp_path, straight, count,
                                                              devices):
   """Each process reads its rows of the same global batches, whatever their number."""
-  workdir = stopped_at_20(straight, tmp_path / "run")
+  workdir = stopped_at_10(straight, tmp_path / "run")
   run(workdir, count, devices)
   for i in range(count):
-    assert "resumed from checkpoint step 20" in train_cli.stderr(workdir, i)
+    assert "resumed from checkpoint step 10" in train_cli.stderr(workdir, i)
   assert_same_run(workdir, straight)
 
 
@@ -141,8 +141,8 @@ def test_every_process_passes_over_a_broken_newest_checkpoint(tmp_path, straight
   run(workdir)
   for i in range(2):
     said = train_cli.stderr(workdir, i)
-    assert f"checkpoint step {STEPS} (" in said and "resumed from checkpoint step 20" in said
-    assert f"resuming from checkpoint step 20, not the newer [{STEPS}]" in said
+    assert f"checkpoint step {STEPS} (" in said and "resumed from checkpoint step 10" in said
+    assert f"resuming from checkpoint step 10, not the newer [{STEPS}]" in said
   assert [p.name for p in (workdir / "checkpoints.unreadable").iterdir()] == [str(STEPS)]
   assert_same_run(workdir, straight)
 

@@ -320,7 +320,7 @@ def test_bad_config_on_the_command_line(tmp_path):
 # Resume, preemption, determinism, several processes.
 # ----------------------------------------------------------------------------
 
-LONG = {"total_steps": 300, "log_every": 10, "eval_every": 0, "checkpoint_every": 20}
+LONG = {"total_steps": 120, "log_every": 10, "eval_every": 0, "checkpoint_every": 20}
 # Every run of LONG steps (and each run one is compared with) runs optimised code.
 OPTIMISED = {"fast_compile": False}
 
@@ -344,7 +344,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, run_train, straight_run)
   train_cli.wait_for(tmp_path / "killed" / "checkpoints" / "40" / "commit_success.txt")
   process.kill()
   process.wait()
-  assert 300 not in [int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
+  assert 120 not in [int(p.name) for p in (tmp_path / "killed" / "checkpoints").iterdir()
                      if p.name.isdigit()], "the run finished before it was killed"
   rows = run_train(tmp_path / "killed", "lm.py:tiny", LONG, **OPTIMISED)
   assert_trees_equal(final_params(tmp_path / "killed"), final_params(straight_run[0]))
@@ -393,8 +393,8 @@ def test_ctrl_c_saves_the_step_and_the_same_command_resumes(tmp_path, run_train,
   assert time.time() - sent < 30, "Ctrl-C took more than a few steps to stop the run"
   assert process.returncode == 130, stderr[-2000:]
   saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-  assert len(saved) == 1 and 10 <= saved[0] < 300, saved
-  assert f"stopped by Ctrl-C: step {saved[0]} of 300" in stderr
+  assert len(saved) == 1 and 10 <= saved[0] < 120, saved
+  assert f"stopped by Ctrl-C: step {saved[0]} of 120" in stderr
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
   rows = run_train(tmp_path, "lm.py:tiny", {**LONG, "checkpoint_every": 1000}, **OPTIMISED)
   assert [r["step"] for r in rows] == [r["step"] for r in straight_run[1]]
@@ -432,12 +432,12 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, run_train):
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-2000:]
   steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
-  assert len(steps) == 1 and 10 <= steps[0] < 300
+  assert len(steps) == 1 and 10 <= steps[0] < 120
   assert "stopped at step" in stderr
   # Resumes from the preemption checkpoint.
   rows = run_train(tmp_path, "lm.py:tiny", LONG, **OPTIMISED)
   logged = [r["step"] for r in rows]
-  assert logged == sorted(set(logged)) and logged[-1] == 300  # continued, not restarted
+  assert logged == sorted(set(logged)) and logged[-1] == 120  # continued, not restarted
 
 
 def test_a_missing_process_is_a_line_within_the_join_timeout(tmp_path):
@@ -456,15 +456,13 @@ def test_a_missing_process_is_a_line_within_the_join_timeout(tmp_path):
   assert not tmp_path.joinpath("checkpoints").exists()
 
 
-def test_two_processes_match_one_and_resume(tmp_path, run_train):
-  # One schedule for all three runs (unset, it would follow each run's total_steps).
-  short = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint_every": 10,
-           "optimizer.warmup_steps": 3, "optimizer.decay_steps": 30}
-  single = run_train(tmp_path / "single", "lm.py:tiny", {**short, "total_steps": 30})
-  train_cli.run_processes(tmp_path / "two", "lm.py:tiny", short)
-  # Resume the two-process run from its step-20 checkpoint and go on to 30.
-  two = train_cli.run_processes(tmp_path / "two", "lm.py:tiny", {**short, "total_steps": 30})
-  assert [r["step"] for r in two] == [5, 10, 15, 20, 25, 30]
+def test_two_processes_match_one(tmp_path, run_train):
+  # (Two-process runs that stop, on a fault or a signal, and resume on 1, 2 or 4 processes are
+  # tests/test_pods.py's: they end bit-identical to a two-process run that never stopped.)
+  run = {"total_steps": 20, "log_every": 5, "eval_every": 0, "checkpoint_every": 10}
+  single = run_train(tmp_path / "single", "lm.py:tiny", run)
+  two = train_cli.run_processes(tmp_path / "two", "lm.py:tiny", run)
+  assert [r["step"] for r in two] == [5, 10, 15, 20]
   np.testing.assert_allclose(losses(two), losses(single), rtol=2e-5)
   # Adam divides by sqrt(v): near-zero gradients turn summation-order noise into ~1e-6 moves.
   assert_trees_close(final_params(tmp_path / "two"), final_params(tmp_path / "single"),
