@@ -145,7 +145,7 @@ def watch(client, me: int, count: int, timeout_s: float) -> Callable[[], None]:
 
   def stop():
     stopping.set()
-    thread.join()
+    thread.join(timeout=5 * PULSE_S)  # a call that hangs (its coordinator gone) does not hang exit
   return stop
 
 
