@@ -126,7 +126,7 @@ def _open_after(path: str, step: int):
 
 def _summary_writer(logdir: str, purge_step: int):
   """tensorboardX's SummaryWriter, without the import of torch it makes where torch is installed
-  (4 s of every run's start here) only to accept torch tensors: mmjax writes numpy. TensorBoard
+  (3 s of every run's start here) only to accept torch tensors: mmjax writes numpy. TensorBoard
   hides the events of earlier files from purge_step on."""
   # Imported here: tools/bench.py needs only peak_tflops, on GPU images without tensorboardX.
   if "torch" in sys.modules:
