@@ -22,10 +22,10 @@ from train_cli import final_params
 pytestmark = pytest.mark.xdist_group("pods")
 
 TIMEOUT_S = 8  # config.distributed.heartbeat_timeout_s in these runs
+STEPS = 20  # lm.py:tiny on 2 shared cores: ~4,400 tokens/s for 2 x 2 devices, ~15,000 for 1 x 1
 # One learning-rate schedule for every run below, however many steps it was started for.
 RUN = {"log_every": 5, "eval_every": 0, "checkpoint_every": 10, "optimizer.warmup_steps": 3,
-       "optimizer.decay_steps": 20, "distributed.heartbeat_timeout_s": TIMEOUT_S}
-STEPS = 20  # lm.py:tiny on 2 shared cores: ~4,400 tokens/s for 2 x 2 devices, ~15,000 for 1 x 1
+       "optimizer.decay_steps": STEPS, "distributed.heartbeat_timeout_s": TIMEOUT_S}
 LONG = 100_000  # a run that is still going when the fault comes
 DEVICES = 2  # per process: the run is 2 x 2 (2 x 4: ~1,900 tokens/s)
 
